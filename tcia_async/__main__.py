@@ -1,0 +1,3 @@
+from tcia_async.cli import main
+
+raise SystemExit(main())
