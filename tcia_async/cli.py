@@ -2,13 +2,18 @@
 
 Exit codes: 0 done, 1 internal error, 2 usage or configuration error, 3 stopped early on quota/auth (state kept;
 rerun the same command to continue), 130 interrupted (Ctrl-C; rerun to continue).
+
+Only the chosen subcommand's module is imported (its flags live beside its flow), so `tcia-async generate`
+does not pay for importing the simulator or the task database at start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from tcia_async import __version__
 
@@ -18,71 +23,102 @@ EXIT_STOPPED = 3
 EXIT_INTERRUPTED = 130
 
 
-def _add_sim(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "sim",
-        help="run the OpenAI-compatible simulator on 127.0.0.1 (tests, benchmarks, offline demo)",
-        description="An OpenAI-compatible server on loopback with a latency model, rate limits, fault injection "
-        "and a ledger of every request (GET /sim/stats). Every answer it gives is simulated.",
-    )
-    p.set_defaults(handler="tcia_async.sim.cli:run")
-    # The simulator owns its own flags (it imports nothing of ours); see tcia_async/sim/cli.py.
-    from tcia_async.sim.cli import add_arguments
-
-    add_arguments(p)
+class _Command(NamedTuple):
+    help: str
+    description: str
+    module: str  # defines add_arguments(parser)
+    handler: str | None  # the module's function to run; None when its sub-actions set their own `handler`
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate",
-        help="send an OpenAI Batch-format JSONL file of requests, write one result per custom_id",
-        description="Bulk requests to any OpenAI-compatible API as fast as its rate limits allow. Input and output "
-        "are the OpenAI Batch formats. Answers are cached by content: rerunning the same command after a crash or "
-        "Ctrl-C sends only what was never answered.",
-    )
-    p.set_defaults(handler="tcia_async.flows.generate:run_cli")
-    from tcia_async.flows.generate import add_arguments
+COMMANDS: dict[str, _Command] = {
+    "demo": _Command(
+        "run the engine end to end against a local simulator (no API key, no network)",
+        "Start the OpenAI-compatible simulator on loopback, send a sample request file through `generate` under a "
+        "rate limit, rerun it to show that a resumed run pays nothing twice, and query the shipped task database.",
+        "tcia_async.flows.demo",
+        "run",
+    ),
+    "generate": _Command(
+        "send an OpenAI Batch-format JSONL file of requests, write one result per custom_id",
+        "Bulk requests to any OpenAI-compatible API as fast as its rate limits allow. Input and output are the "
+        "OpenAI Batch formats. Answers are cached by content: rerunning the same command after a crash or Ctrl-C "
+        "sends only what was never answered.",
+        "tcia_async.flows.generate",
+        "run_cli",
+    ),
+    "db": _Command(
+        "build and query the task database (decomposed instructions, task-type clusters, HNSW indexes)",
+        "The task database that TCIA retrieves constraints from.",
+        "tcia_async.flows.taskdb",
+        None,
+    ),
+    "sim": _Command(
+        "run the OpenAI-compatible simulator on 127.0.0.1 (tests, benchmarks, offline demo)",
+        "An OpenAI-compatible server on loopback with a latency model, rate limits, fault injection and a ledger "
+        "of every request (GET /sim/stats). Every answer it gives is simulated.",
+        "tcia_async.sim.cli",
+        "run",
+    ),
+}
 
-    add_arguments(p)
+
+def start_simulator(**settings):
+    """A simulator in a background thread (a context manager with `.base_url`), zero latency unless told.
+
+    Flows may not import the simulator; the commands that need one (`demo`, `db query` on a database built with
+    it) receive this function as `args.start_simulator`.
+    """
+    from tcia_async.sim import SimConfig, SimThread
+
+    settings.setdefault("latency_ms", 0)
+    return SimThread(SimConfig(**settings))
 
 
-def _add_db(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "db",
-        help="build and query the task database (decomposed instructions, task-type clusters, HNSW indexes)",
-        description="The task database that TCIA retrieves constraints from.",
-    )
-    from tcia_async.flows.taskdb import add_arguments
-
-    add_arguments(p)
+def _chosen(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in `argv` gets its flags (and its module imported)."""
     parser = argparse.ArgumentParser(
         prog="tcia-async",
         description="Generate on-task instruction-tuning data with TCIA against OpenAI-compatible APIs, at the "
-        "speed of the provider's rate limit, resumable without paying twice.",
+        "speed of the provider's rate limit, resumable without paying twice. Run `tcia-async COMMAND --help` for "
+        "a command's flags.",
     )
     parser.add_argument("--version", action="version", version=f"tcia-async {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_sim(sub)
-    _add_generate(sub)
-    _add_db(sub)
+    chosen = _chosen(argv)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description)
+        if name == chosen:
+            p.set_defaults(start_simulator=start_simulator)
+            if cmd.handler:
+                p.set_defaults(handler=f"{cmd.module}:{cmd.handler}")
+            importlib.import_module(cmd.module).add_arguments(p)
     return parser
 
 
 def _resolve(handler: str):
-    import importlib
-
     module, _, func = handler.partition(":")
     return getattr(importlib.import_module(module), func)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:
-        parser.print_help(sys.stderr)
+        # A command with sub-actions (db) given none, or no command at all.
+        target = parser
+        if args.command:
+            target = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+                args.command
+            ]
+        target.print_help(sys.stderr)
         return EXIT_USAGE
     return int(_resolve(handler)(args) or 0)

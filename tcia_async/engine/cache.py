@@ -1,0 +1,187 @@
+"""Content-addressed response cache: SQLite in WAL mode, one row per answered request. Resume lives here.
+
+Identity (DESIGN.md): a request's key is a 16-byte BLAKE2b digest of the provider of its base URL (the host name),
+its URL path, an explicit sample index and its canonical body (JSON with sorted keys). Nothing else goes in: no
+API key, no header, no run fingerprint. Editing one input line changes one key.
+
+Guarantees:
+- `put` never blocks on disk: rows wait in memory and are written by `flush`, one transaction per batch
+  (`executemany`), when `batch_rows` are waiting or `flush_interval` seconds after the first waiting row
+  (the engine owns the task that calls `run_flusher`) and on close.
+- A key is stored at most once per answer; should two rows ever hold one key, either answer is valid.
+- A waiting row is already visible to `get`/`get_many`, so a rerun inside one process never sends twice.
+- WAL with synchronous=NORMAL: a committed batch survives the process being killed (kill -9) at any moment;
+  a kill loses at most the rows not yet committed (answers in flight or received in the last interval), and never
+  corrupts the file. Only successful (HTTP 200) answers are stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import anyio
+
+# Rows are appended in rowid order and found through an index on the key's first 8 bytes: an append touches the
+# last pages only, where a table clustered on a random key rewrites a page per row (4 KB of WAL per answer).
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    id INTEGER PRIMARY KEY,
+    h INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    body BLOB NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS responses_h ON responses(h);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_VERSION = "2"
+_from_bytes = int.from_bytes
+
+
+def _h(key: bytes) -> int:
+    return _from_bytes(key[:8], "little", signed=True)
+
+
+def key_prefix(provider: str, path: str) -> bytes:
+    """The part of every key shared by all requests to one (provider, URL path); compute it once."""
+    return f"{provider}\n{path}\n".encode()
+
+
+def request_key(prefix: bytes, sample: int, canonical_body: bytes) -> bytes:
+    """The cache key of one request. `canonical_body` is `orjson.dumps(body, option=OPT_SORT_KEYS)`."""
+    h = hashlib.blake2b(prefix, digest_size=16)
+    if sample:
+        h.update(b"%d\n" % sample)
+    else:
+        h.update(b"0\n")
+    h.update(canonical_body)
+    return h.digest()
+
+
+class CacheError(Exception):
+    pass
+
+
+class ResponseCache:
+    """See the module docstring."""
+
+    def __init__(self, path: str | os.PathLike[str], batch_rows: int = 512, flush_interval: float = 0.05) -> None:
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # The engine calls this from one thread at a time (the event loop's, or a worker thread at close).
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE name='version'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('version', ?)", (_VERSION,))
+            elif row[0] != _VERSION:
+                raise CacheError(f"{self.path}: cache format {row[0]}, this version reads {_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise CacheError(f"{self.path}: not a usable cache database ({exc})") from None
+        self._pending: dict[bytes, tuple[bytes, str]] = {}
+        self._batch_rows = batch_rows
+        self.flush_interval = flush_interval
+        self._signal: anyio.Event | None = None  # set when a row starts waiting; owned by run_flusher
+        self._closed = False
+        self.writes = 0
+
+    # -- reads ----------------------------------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> tuple[bytes, str] | None:
+        """(body, request_id) stored for `key`, or None."""
+        hit = self._pending.get(key)
+        if hit is not None:
+            return hit
+        for k, body, rid in self._db.execute("SELECT key, body, request_id FROM responses WHERE h=?", (_h(key),)):
+            if k == key:
+                return body, rid
+        return None
+
+    def get_many(self, keys: list[bytes]) -> dict[bytes, tuple[bytes, str]]:
+        """The stored answers among `keys` (one query per up to 500 keys)."""
+        found: dict[bytes, tuple[bytes, str]] = {}
+        pending = self._pending
+        ask = []
+        for k in keys:
+            hit = pending.get(k)
+            if hit is not None:
+                found[k] = hit
+            else:
+                ask.append(k)
+        if not ask:
+            return found
+        wanted = set(ask)
+        for i in range(0, len(ask), 500):
+            chunk = [_h(k) for k in ask[i:i + 500]]
+            sql = "SELECT key, body, request_id FROM responses WHERE h IN (%s)" % ",".join("?" * len(chunk))
+            for k, body, rid in self._db.execute(sql, chunk):
+                if k in wanted:
+                    found[k] = (body, rid)
+        return found
+
+    # -- writes ---------------------------------------------------------------------------------------------------
+
+    def put(self, key: bytes, body: bytes, request_id: str = "") -> None:
+        """Store a successful answer (written with the next batch)."""
+        pending = self._pending
+        pending[key] = (body, request_id)
+        if len(pending) == 1:
+            if self._signal is not None:
+                self._signal.set()
+        elif len(pending) >= self._batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every waiting row in one transaction."""
+        if not self._pending or self._closed:
+            return
+        now = time.time()
+        rows = [(_h(k), k, b, r, now) for k, (b, r) in self._pending.items()]
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany("INSERT INTO responses (h, key, body, request_id, created) VALUES (?,?,?,?,?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.writes += len(rows)
+        self._pending.clear()
+
+    async def run_flusher(self) -> None:
+        """Flush `flush_interval` seconds after a row starts waiting; runs until cancelled (then flushes)."""
+        try:
+            while True:
+                self._signal = signal = anyio.Event()
+                if not self._pending:
+                    await signal.wait()
+                await anyio.sleep(self.flush_interval)  # gather a batch: one transaction per interval
+                self.flush()
+        finally:
+            with anyio.CancelScope(shield=True):
+                self.flush()
+
+    def keys(self) -> Iterable[bytes]:
+        for (k,) in self._db.execute("SELECT key FROM responses"):
+            yield k
+
+    def __len__(self) -> int:
+        self.flush()
+        return self._db.execute("SELECT count(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        self._db.close()

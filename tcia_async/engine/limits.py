@@ -1,0 +1,319 @@
+"""Rate budgets per (provider, model): requests and tokens per minute and per second.
+
+A `Budget` holds one rolling window per configured limit (rpm, rps for requests; tpm, tps for tokens).
+Guarantees:
+
+- Over any `period` (60 s or 1 s), what a window admits never exceeds its limit. A fresh window is full (the whole
+  limit can go at once) and capacity comes back continuously as admissions age out of the window. Rolling
+  windows are used instead of a linearly refilling bucket because a bucket that starts full and refills admits up
+  to twice the limit within one window; a provider that counts rolling windows (our simulator, and any counting
+  by the minute) answers 429 to that excess. Against a provider that uses a bucket the rate is the same.
+- `acquire` pays one request and its token reservation to every window at once, or waits: first come, first
+  served; a waiter sleeps until the computed moment its payment fits (or until the budget grows), never polls.
+- A payment larger than a window's whole limit raises `BudgetTooSmall` at once instead of waiting forever.
+- `settle(ticket, reserved, used)` corrects the token windows by the real usage of that request.
+- `cooldown(seconds)` blocks every acquire of the budget until then (a 429 rate_limit_exceeded).
+- `sync_headers` learns limits the configuration left open from `x-ratelimit-limit-*` (or Anthropic's) and, when
+  the provider reports more use than we know of (`limit - remaining` above our count: another client on the same
+  key, different counting), adds the difference until the provider's `reset`. It never lowers our count:
+  answers arrive out of order and ours already includes requests the provider has not seen yet.
+
+With no limit configured and none learned, `acquire` returns at once and costs a few attribute reads.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from datetime import datetime
+from typing import Any
+
+import anyio
+
+from tcia_async.config import Limits
+
+_monotonic = time.monotonic
+
+
+class BudgetTooSmall(Exception):
+    """One request needs more than a window's whole limit; it can never be sent under this limit."""
+
+
+class _Window:
+    """Amounts admitted during the last `period` seconds. Admissions within `period/1000` of each other share one
+    entry that leaves the window `period` after the latest of them (this only delays expiry: still safe)."""
+
+    __slots__ = ("name", "limit", "period", "merge", "entries", "used", "learned")
+
+    def __init__(self, name: str, limit: float, period: float, learned: bool = False) -> None:
+        self.name = name
+        self.limit = float(limit)
+        self.period = period
+        self.merge = period / 1000.0
+        self.entries: deque[list[float]] = deque()  # [first admission, expiry, amount]
+        self.used = 0.0
+        self.learned = learned
+
+    def expire(self, now: float) -> None:
+        entries = self.entries
+        while entries and entries[0][1] <= now:
+            self.used -= entries.popleft()[2]
+        if not entries:
+            self.used = 0.0  # no float drift across a long run
+
+    def add(self, amount: float, now: float) -> list[float]:
+        entries = self.entries
+        if entries:
+            last = entries[-1]
+            if now - last[0] < self.merge:
+                last[1] = now + self.period
+                last[2] += amount
+                self.used += amount
+                return last
+        entry = [now, now + self.period, amount]
+        entries.append(entry)
+        self.used += amount
+        return entry
+
+    def wait_for(self, amount: float, now: float) -> float:
+        excess = self.used + amount - self.limit
+        if excess <= 0:
+            return 0.0
+        freed = 0.0
+        expiry = now
+        for e in self.entries:
+            freed += e[2]
+            if e[1] > expiry:
+                expiry = e[1]
+            if freed >= excess - 1e-9:
+                return expiry - now
+        return self.period
+
+
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|h|m|s)")
+
+
+def parse_go_duration(text: str) -> float | None:
+    """Seconds in a Go duration string (`1s`, `6m0s`, `12ms`, `1m30.5s`, `1h2m`); a bare number is seconds."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos = 0
+    total = 0.0
+    for m in _GO_PART.finditer(text):
+        if m.start() != pos:
+            return None
+        total += float(m.group(1)) * _GO_UNITS[m.group(2)]
+        pos = m.end()
+    return total if pos == len(text) and pos > 0 else None
+
+
+def parse_reset(text: str) -> float | None:
+    """Seconds until a reset given as a Go duration (OpenAI) or an RFC 3339 time (Anthropic)."""
+    secs = parse_go_duration(text)
+    if secs is not None:
+        return secs
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _num(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+class Budget:
+    """The rate budget of one (provider, model). See the module docstring for what it guarantees."""
+
+    def __init__(self, limits: Limits, learn: bool = True) -> None:
+        self.requests: list[_Window] = []
+        self.tokens: list[_Window] = []
+        if limits.rpm:
+            self.requests.append(_Window("rpm", limits.rpm, 60.0))
+        if limits.rps:
+            self.requests.append(_Window("rps", limits.rps, 1.0))
+        if limits.tpm:
+            self.tokens.append(_Window("tpm", limits.tpm, 60.0))
+        if limits.tps:
+            self.tokens.append(_Window("tps", limits.tps, 1.0))
+        self.learn = learn
+        self.cooldown_until = 0.0
+        self.counts_tokens = bool(self.tokens)
+        self._limited = bool(self.requests or self.tokens)
+        self._queued = 0
+        self._lock: anyio.Lock | None = None
+        self._changed: anyio.Event | None = None
+
+    # -- paying -------------------------------------------------------------------------------------------------
+
+    def _try_pay(self, tokens: float) -> tuple[float, Any]:
+        """Pay now and return (0.0, ticket), or pay nothing and return (seconds until the payment fits, None)."""
+        now = _monotonic()
+        if now < self.cooldown_until:
+            return self.cooldown_until - now, None
+        wait = 0.0
+        for w in self.requests:
+            if w.limit < 1.0:
+                raise BudgetTooSmall(f"{w.name} limit {w.limit:g} is below one request")
+            w.expire(now)
+            if w.used + 1.0 > w.limit:
+                wait = max(wait, w.wait_for(1.0, now))
+        for w in self.tokens:
+            if tokens > w.limit:
+                raise BudgetTooSmall(
+                    f"request needs about {int(tokens)} tokens, more than the whole {w.name} limit of {w.limit:g}")
+            w.expire(now)
+            if w.used + tokens > w.limit:
+                wait = max(wait, w.wait_for(tokens, now))
+        if wait > 0.0:
+            return wait, None
+        for w in self.requests:
+            w.add(1.0, now)
+        if not self.tokens:
+            return 0.0, None
+        return 0.0, [w.add(tokens, now) for w in self.tokens]
+
+    async def acquire(self, tokens: float = 0.0) -> Any:
+        """Pay one request and `tokens` to every window, waiting (first come, first served) until it fits.
+
+        Returns a ticket for `settle`.
+        """
+        if self._queued == 0:
+            if not self._limited:
+                return None
+            wait, ticket = self._try_pay(tokens)
+            if wait == 0.0:
+                return ticket
+        if self._lock is None:
+            self._lock = anyio.Lock()
+        self._queued += 1
+        try:
+            async with self._lock:
+                while True:
+                    wait, ticket = self._try_pay(tokens)
+                    if wait == 0.0:
+                        return ticket
+                    self._changed = changed = anyio.Event()
+                    with anyio.move_on_after(wait):
+                        await changed.wait()
+        finally:
+            self._queued -= 1
+
+    def settle(self, ticket: Any, reserved: float, used: float) -> None:
+        """Correct the token windows by the difference between a reservation and the real usage."""
+        if not ticket or used == reserved:
+            return
+        delta = used - reserved
+        now = _monotonic()
+        for w, entry in zip(self.tokens, ticket):
+            if entry[1] > now:  # still in the window
+                if entry[2] + delta < 0.0:
+                    delta = -entry[2]
+                entry[2] += delta
+                w.used += delta
+        if delta < 0 and self._queued:
+            self._wake()
+
+    def cooldown(self, seconds: float) -> None:
+        """Block every acquire until `seconds` from now (extends, never shortens, a running cooldown)."""
+        until = _monotonic() + max(0.0, seconds)
+        if until > self.cooldown_until:
+            self.cooldown_until = until
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    # -- header sync ----------------------------------------------------------------------------------------------
+
+    def sync_headers(self, headers: Any) -> None:
+        """Adopt the provider's view from OpenAI `x-ratelimit-*` or Anthropic `anthropic-ratelimit-*` headers."""
+        rem = headers.get("x-ratelimit-remaining-requests")
+        rem_t = headers.get("x-ratelimit-remaining-tokens")
+        if rem is not None or rem_t is not None:
+            if rem is not None:
+                self._sync(False, _num(rem), _num(headers.get("x-ratelimit-limit-requests")),
+                           headers.get("x-ratelimit-reset-requests"))
+            if rem_t is not None:
+                self._sync(True, _num(rem_t), _num(headers.get("x-ratelimit-limit-tokens")),
+                           headers.get("x-ratelimit-reset-tokens"))
+            return
+        rem = headers.get("anthropic-ratelimit-requests-remaining")
+        rem_t = headers.get("anthropic-ratelimit-tokens-remaining")
+        if rem is not None:
+            self._sync(False, _num(rem), _num(headers.get("anthropic-ratelimit-requests-limit")),
+                       headers.get("anthropic-ratelimit-requests-reset"))
+        if rem_t is not None:
+            self._sync(True, _num(rem_t), _num(headers.get("anthropic-ratelimit-tokens-limit")),
+                       headers.get("anthropic-ratelimit-tokens-reset"))
+
+    def _sync(self, tokens: bool, remaining: float | None, limit: float | None, reset: str | None) -> None:
+        if remaining is None:
+            return
+        windows = self.tokens if tokens else self.requests
+        minute = None
+        for w in windows:
+            if w.period == 60.0:
+                minute = w
+                break
+        if minute is None:
+            if not (self.learn and limit):
+                return
+            minute = _Window("tpm" if tokens else "rpm", limit, 60.0, learned=True)
+            windows.append(minute)
+            self._limited = True
+            if tokens:
+                self.counts_tokens = True
+        elif minute.learned and limit and limit != minute.limit:
+            minute.limit = limit
+        if limit is None:
+            limit = minute.limit
+        now = _monotonic()
+        minute.expire(now)
+        extra = (limit - remaining) - minute.used
+        if extra >= 1.0:
+            secs = parse_reset(reset) if reset else None
+            ttl = minute.period if secs is None else min(secs, minute.period)
+            entries = minute.entries
+            entry = [now, now + ttl, extra]
+            # Keep entries ordered by expiry (wait_for walks them in order).
+            if entries and entries[-1][1] > entry[1]:
+                i = len(entries)
+                while i > 0 and entries[i - 1][1] > entry[1]:
+                    i -= 1
+                entries.insert(i, entry)
+            else:
+                entries.append(entry)
+            minute.used += extra
+
+
+class Limiter:
+    """All budgets of an engine, one per (provider, model), created on first use from the configured limits."""
+
+    def __init__(self, default: Limits, per_model: dict[str, Limits] | None = None, learn: bool = True) -> None:
+        self.default = default
+        self.per_model = per_model or {}
+        self.learn = learn
+        self._budgets: dict[tuple[str, str], Budget] = {}
+
+    def budget(self, provider: str, model: str) -> Budget:
+        key = (provider, model)
+        b = self._budgets.get(key)
+        if b is None:
+            b = self._budgets[key] = Budget(self.per_model.get(model, self.default), self.learn)
+        return b
+

@@ -1,0 +1,449 @@
+"""`generate`: Batch-format requests in, one result per custom_id out, through cache, limits and retries.
+
+Shape (no task and no record per input line):
+- a source reads requests lazily in chunks of 256, turns bad ones into error results at once (naming the line),
+  computes cache keys, and looks each chunk up in the cache with one query; cached answers go straight out;
+- a feeder keeps a bounded queue of the rest (at most 2 x concurrency waiting) filled;
+- a fixed pool of `concurrency` worker tasks takes requests from the queue and sends them (engine.core);
+- results go to a sink as they complete: a file (the CLI) or a bounded queue read by `Engine.generate`.
+
+`Run.drain()` stops taking new requests and lets the ones in flight finish; `Run.abandon()` cancels them.
+Duplicate custom_ids are found with a private temporary SQLite table, so memory stays flat in the number of lines.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import deque
+from collections.abc import AsyncIterable, Iterable
+from typing import Any
+
+import anyio
+import orjson
+
+from tcia_async.engine.cache import request_key
+from tcia_async.engine.core import CHAT, SUPPORTED_URLS, Engine
+from tcia_async.engine.errors import RequestFailed, RunStopped
+from tcia_async.io import BadLine, iter_jsonl
+from tcia_async.records import BatchRequest, BatchResult, ErrorOut, ResponseOut
+
+CHUNK = 256
+_dumps = orjson.dumps
+_loads = orjson.loads
+_SORT = orjson.OPT_SORT_KEYS
+
+
+class WorkItem:
+    """One request ready to send: its body as canonical JSON bytes and its cache key."""
+
+    __slots__ = ("custom_id", "path", "body", "data", "key", "line")
+
+    def __init__(self, custom_id: str, path: str, body: dict[str, Any], data: bytes, key: bytes, line: int) -> None:
+        self.custom_id = custom_id
+        self.path = path
+        self.body = body
+        self.data = data
+        self.key = key
+        self.line = line
+
+
+def check_request(value: Any) -> tuple[str | None, str, dict[str, Any] | None, str | None]:
+    """(custom_id, url, body, problem) of one parsed input line; `problem` is None when it can be sent."""
+    if not isinstance(value, dict):
+        return None, "", None, "line is not a JSON object"
+    cid = value.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return None, "", None, "missing or empty custom_id (a string)"
+    url = value.get("url", CHAT)
+    body = value.get("body")
+    if not isinstance(body, dict):
+        return cid, url, None, "missing body (a JSON object)"
+    if url not in SUPPORTED_URLS:
+        return cid, url, None, f"unsupported url {url!r} (supported: {', '.join(SUPPORTED_URLS)})"
+    method = value.get("method", "POST")
+    if method != "POST":
+        return cid, url, None, f"unsupported method {method!r} (only POST)"
+    return cid, url, body, None
+
+
+class Dedup:
+    """Remembers custom_ids (and their line) in a private temporary on-disk SQLite database."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("")  # "" = private temporary database, deleted on close; pages spill to disk
+        self._db.execute("CREATE TABLE seen (cid TEXT PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID")
+
+    def check(self, entries: list[tuple[str, int]]) -> dict[int, int]:
+        """Record `(custom_id, line)` pairs in order; return {index in entries: first line} for repeats."""
+        first: dict[str, int] = {}
+        repeats: dict[int, int] = {}
+        for i, (cid, line) in enumerate(entries):
+            seen = first.get(cid)
+            if seen is None:
+                first[cid] = line
+            else:
+                repeats[i] = seen
+        if first:
+            names = list(first)
+            earlier: dict[str, int] = {}
+            for j in range(0, len(names), 500):
+                part = names[j:j + 500]
+                q = "SELECT cid, line FROM seen WHERE cid IN (%s)" % ",".join("?" * len(part))
+                earlier.update(self._db.execute(q, part))
+            if earlier:
+                for i, (cid, line) in enumerate(entries):
+                    old = earlier.get(cid)
+                    if old is not None and i not in repeats:
+                        repeats[i] = old
+                        first.pop(cid, None)
+            self._db.executemany("INSERT INTO seen VALUES (?,?)", first.items())
+        return repeats
+
+    def close(self) -> None:
+        self._db.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sinks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def result_id(key: bytes) -> str:
+    return "batch_req_" + key.hex()[:24]
+
+
+class QueueSink:
+    """Results as BatchResult Structs in a bounded queue, for `Engine.generate`."""
+
+    def __init__(self, limit: int) -> None:
+        self.items: deque[BatchResult] = deque()
+        self.limit = limit
+        self.full = False
+        self.finished = False
+        self.error: BaseException | None = None
+        self._ready: anyio.Event | None = None
+        self._space: anyio.Event | None = None
+
+    def _put(self, res: BatchResult) -> None:
+        self.items.append(res)
+        if len(self.items) >= self.limit:
+            self.full = True
+        if self._ready is not None:
+            self._ready.set()
+            self._ready = None
+
+    def ok(self, item: WorkItem, raw: bytes, parsed: Any, rid: str, cached: bool) -> None:
+        body = parsed if parsed is not None else _loads(raw)
+        self._put(BatchResult(id=result_id(item.key), custom_id=item.custom_id,
+                              response=ResponseOut(status_code=200, request_id=rid, body=body)))
+
+    def fail(self, item: WorkItem, error: ErrorOut) -> None:
+        self._put(BatchResult(id=result_id(item.key), custom_id=item.custom_id, error=error))
+
+    def bad(self, custom_id: str | None, line: int, error: ErrorOut) -> None:
+        self._put(BatchResult(id=f"batch_req_line{line}", custom_id=custom_id or "", error=error))
+
+    def pop(self) -> BatchResult:
+        res = self.items.popleft()
+        if self.full and len(self.items) <= self.limit // 2:
+            self.full = False
+            if self._space is not None:
+                self._space.set()
+                self._space = None
+        return res
+
+    async def wait_space(self) -> None:
+        while self.full:
+            if self._space is None:
+                self._space = anyio.Event()
+            await self._space.wait()
+
+    async def wait(self) -> None:
+        if self.items or self.finished:
+            return
+        if self._ready is None:
+            self._ready = anyio.Event()
+        await self._ready.wait()
+
+    def wake(self) -> None:
+        if self._ready is not None:
+            self._ready.set()
+            self._ready = None
+
+
+class FileSink:
+    """Results as Batch output lines appended to a binary file (the CLI). Counts what it wrote."""
+
+    full = False
+
+    def __init__(self, fh: Any) -> None:
+        self._write = fh.write
+        self.written = 0
+        self.failed = 0
+
+    def ok(self, item: WorkItem, raw: bytes, parsed: Any, rid: str, cached: bool) -> None:
+        self._write(b'{"id":"batch_req_%s","custom_id":%s,"response":{"status_code":200,"request_id":%s,"body":%s},'
+                    b'"error":null}\n' % (item.key.hex()[:24].encode(), _dumps(item.custom_id), _dumps(rid), raw))
+        self.written += 1
+
+    def fail(self, item: WorkItem, error: ErrorOut) -> None:
+        self._line(result_id(item.key), item.custom_id, error)
+
+    def bad(self, custom_id: str | None, line: int, error: ErrorOut) -> None:
+        self._line(f"batch_req_line{line}", custom_id, error)
+
+    def _line(self, rid: str, custom_id: str | None, error: ErrorOut) -> None:
+        err = {"code": error.code, "message": error.message, "status": error.status, "attempts": error.attempts}
+        if error.line is not None:
+            err["line"] = error.line
+        self._write(_dumps({"id": rid, "custom_id": custom_id, "response": None, "error": err}) + b"\n")
+        self.written += 1
+        self.failed += 1
+
+    async def wait_space(self) -> None:  # pragma: no cover - a file is never full
+        return
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Source:
+    def __init__(self, engine: Engine, sink: Any, name: str) -> None:
+        self._engine = engine
+        self._sink = sink
+        self._name = name
+        self._dedup = Dedup()
+        self.lines = 0  # input lines seen (requests and bad lines)
+        ep_chat = engine._chat_ep
+        ep_embed = engine._embed_ep
+        self._prefixes = {CHAT: ep_chat.prefixes[CHAT], "/v1/embeddings": ep_embed.prefixes["/v1/embeddings"]}
+
+    def _bad(self, custom_id: str | None, line: int, code: str, reason: str) -> None:
+        self._engine.stats.failed += 1
+        self._sink.bad(custom_id, line, ErrorOut(code=code, message=f"{self._name}:{line}: {reason}", line=line))
+
+    def _finish(self, pending: list[tuple[str, str, dict[str, Any], int]]) -> list[WorkItem]:
+        """Turn checked lines into work items, reporting repeated custom_ids."""
+        repeats = self._dedup.check([(cid, line) for cid, _, _, line in pending])
+        items: list[WorkItem] = []
+        prefixes = self._prefixes
+        for i, (cid, url, body, line) in enumerate(pending):
+            first = repeats.get(i)
+            if first is not None:
+                self._bad(cid, line, "duplicate_custom_id", f"custom_id {cid!r} already used on line {first}")
+                continue
+            try:
+                data = _dumps(body, option=_SORT)
+            except TypeError as exc:
+                self._bad(cid, line, "bad_input", f"body cannot be encoded as JSON ({exc})")
+                continue
+            items.append(WorkItem(cid, url, body, data, request_key(prefixes[url], 0, data), line))
+        return items
+
+    def close(self) -> None:
+        self._dedup.close()
+
+
+class FileSource(_Source):
+    """Batch-format lines from a JSONL file, read lazily."""
+
+    def __init__(self, engine: Engine, path: str, sink: Any) -> None:
+        super().__init__(engine, sink, str(path))
+        self._it = iter_jsonl(path)
+
+    async def next_chunk(self) -> list[WorkItem] | None:
+        pending: list[tuple[str, str, dict[str, Any], int]] = []
+        n = 0
+        for entry in self._it:
+            n += 1
+            if isinstance(entry, BadLine):
+                code = "line_too_long" if "longer than" in entry.reason else "bad_input"
+                self._bad(None, entry.line, code, entry.reason)
+            else:
+                cid, url, body, problem = check_request(entry.value)
+                if problem is not None:
+                    self._bad(cid, entry.line, "bad_input", problem)
+                else:
+                    pending.append((cid, url, body, entry.line))  # type: ignore[arg-type]
+            if n >= CHUNK:
+                break
+        self.lines += n
+        if n == 0:
+            return None
+        return self._finish(pending)
+
+
+class RequestSource(_Source):
+    """BatchRequest Structs (or dicts of the same shape) from a sync or async iterable."""
+
+    def __init__(self, engine: Engine, requests: Iterable[Any] | AsyncIterable[Any], sink: Any) -> None:
+        super().__init__(engine, sink, "<requests>")
+        if hasattr(requests, "__aiter__"):
+            self._ait = requests.__aiter__()  # type: ignore[union-attr]
+            self._it = None
+        else:
+            self._ait = None
+            self._it = iter(requests)  # type: ignore[arg-type]
+
+    async def next_chunk(self) -> list[WorkItem] | None:
+        pending: list[tuple[str, str, dict[str, Any], int]] = []
+        n = 0
+        while n < CHUNK:
+            if self._it is not None:
+                req = next(self._it, None)
+                if req is None:
+                    break
+            else:
+                try:
+                    req = await self._ait.__anext__()  # type: ignore[union-attr]
+                except StopAsyncIteration:
+                    break
+            n += 1
+            line = self.lines + n
+            value = {"custom_id": req.custom_id, "url": req.url, "body": req.body, "method": req.method} \
+                if isinstance(req, BatchRequest) else req
+            cid, url, body, problem = check_request(value)
+            if problem is not None:
+                self._bad(cid, line, "bad_input", problem)
+            else:
+                pending.append((cid, url, body, line))  # type: ignore[arg-type]
+        self.lines += n
+        if n == 0:
+            return None
+        return self._finish(pending)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Run:
+    """One pass over a source with a fixed pool of workers. See the module docstring."""
+
+    def __init__(self, engine: Engine, source: Any, sink: Any, workers: int | None = None) -> None:
+        self.engine = engine
+        self.source = source
+        self.sink = sink
+        self.workers = max(1, workers or engine.config.concurrency)
+        self.stopped: str | None = None  # RunStopped message
+        self.draining = False
+        self.in_flight = 0
+        self._queue: deque[WorkItem] = deque()
+        self._high = max(2 * self.workers, CHUNK)
+        self._low = self.workers
+        self._feeding = True
+        self._work_ready: anyio.Event | None = None  # set when the queue gets items or feeding ends
+        self._need_more: anyio.Event | None = None  # set when the queue runs low
+        self._scope: anyio.CancelScope | None = None
+
+    async def run(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                self._scope = tg.cancel_scope
+                tg.start_soon(self._feed)
+                for _ in range(self.workers):
+                    tg.start_soon(self._work)
+        finally:
+            self.source.close()
+
+    def drain(self) -> None:
+        """Take no new requests; requests in flight finish (their results are written)."""
+        self.draining = True
+        self._queue.clear()
+        self._wake_workers()
+        if self._need_more is not None:
+            self._need_more.set()
+
+    def abandon(self) -> None:
+        """Cancel everything now (requests in flight get no result; a rerun sends them)."""
+        self.drain()
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def _wake_workers(self) -> None:
+        ev = self._work_ready
+        if ev is not None:
+            self._work_ready = None
+            ev.set()
+
+    async def _feed(self) -> None:
+        engine = self.engine
+        stats = engine.stats
+        sink = self.sink
+        queue = self._queue
+        next_chunk = self.source.next_chunk
+        try:
+            while not self.draining:
+                while len(queue) >= self._high and not self.draining:
+                    ev = self._need_more = anyio.Event()
+                    await ev.wait()
+                if self.draining:
+                    break
+                chunk = await next_chunk()
+                if chunk is None:
+                    break
+                cache = engine.cache
+                hits = cache.get_many([it.key for it in chunk]) if (cache is not None and chunk) else {}
+                for it in chunk:
+                    hit = hits.get(it.key)
+                    if hit is not None:
+                        stats.ok += 1
+                        stats.cached += 1
+                        sink.ok(it, hit[0], None, hit[1], True)
+                    else:
+                        queue.append(it)
+                if queue:
+                    self._wake_workers()
+                if sink.full:
+                    await sink.wait_space()
+                # Let workers and answers in: a fully cached rerun must not hold the loop for the whole file.
+                await anyio.lowlevel.checkpoint()
+        finally:
+            self._feeding = False
+            self._wake_workers()
+
+    async def _work(self) -> None:
+        queue = self._queue
+        engine = self.engine
+        stats = engine.stats
+        sink = self.sink
+        run_item = engine._run_item
+        while True:
+            if not queue:
+                if not self._feeding or self.draining:
+                    return
+                if self._need_more is not None:
+                    self._need_more.set()
+                    self._need_more = None
+                ev = self._work_ready
+                if ev is None:
+                    ev = self._work_ready = anyio.Event()
+                await ev.wait()
+                continue
+            item = queue.popleft()
+            if len(queue) < self._low and self._need_more is not None:
+                self._need_more.set()
+                self._need_more = None
+            self.in_flight += 1
+            try:
+                raw, parsed, rid, shared = await run_item(item)
+            except RequestFailed as exc:
+                stats.failed += 1
+                sink.fail(item, exc.error)
+            except RunStopped as exc:
+                if self.stopped is None:
+                    self.stopped = exc.message
+                self.drain()
+                return
+            else:
+                stats.ok += 1
+                if shared:
+                    stats.cached += 1
+                sink.ok(item, raw, parsed, rid, shared)
+            finally:
+                self.in_flight -= 1
+            if sink.full:
+                await sink.wait_space()

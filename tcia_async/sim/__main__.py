@@ -1,0 +1,5 @@
+import sys
+
+from tcia_async.sim.cli import main
+
+sys.exit(main())

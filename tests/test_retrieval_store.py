@@ -1,0 +1,199 @@
+"""The HNSW index wrapper and the task DB store: determinism, round trips, clear errors on mismatched vectors."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tcia_async.records import Constraint, Decomposition, Task
+from tcia_async.retrieval import (
+    BuildParams,
+    RetrievalError,
+    TaskDB,
+    TaskDBBuilder,
+    VectorIndex,
+)
+
+DIM = 64
+
+
+def embed(texts: list[str], dim: int = DIM) -> np.ndarray:
+    """A toy embedding: hashed words, so texts sharing words are near in cosine."""
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    for i, t in enumerate(texts):
+        for w in t.lower().replace(".", "").split():
+            h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=4).digest(), "little")
+            out[i, h % dim] += 1.0 if (h >> 20) & 1 else -1.0
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+    return out
+
+
+def decomp(task_type: str, base: str, *cons: tuple[str, str]) -> Decomposition:
+    return Decomposition(complex=bool(cons), language=["en"], tasks=[Task(
+        task_type=task_type, base_query=base,
+        constraints=[Constraint(category=cat, constraint=text) for cat, text in cons])] if cons else [])
+
+
+CORPUS = [
+    decomp("Meeting Summarization", "Summarize the meeting transcript.", ("Numerical", "Use at most 120 words."),
+           ("Style/Tone", "Use a neutral tone.")),
+    decomp("Meeting Summarization", "Summarize the meeting notes.", ("Format", "Use bullet points."),
+           ("Style/Tone", "use a neutral tone")),
+    decomp("meeting summarization", "Summarize the call.", ("Content", "List every action item with an owner.")),
+    decomp("Code Generation", "Write a Python function that reverses a list.", ("Content", "Include a docstring."),
+           ("Format", "Return only the code block.")),
+    decomp("Python Code Generation", "Write a function that sorts numbers.", ("Content", "Add type hints.")),
+    decomp("Translation", "Translate the paragraph.", ("Language", "Translate into French."),
+           ("Style/Tone", "Keep the formal register.")),
+    decomp("Email Writing", "Write an email to a client.", ("Numerical", "Keep it under 150 words.")),
+    decomp("Summarize", "Summarize it."),  # non-complex: no tasks
+]
+
+
+def build(corpus=CORPUS, dim: int = DIM, **kw) -> TaskDB:
+    b = TaskDBBuilder()
+    for d in corpus:
+        b.add(d)
+    return TaskDB.build(b, embed(b.type_texts(), dim), embed(b.constraint_texts(), dim),
+                        embedding_model="toy-embed", params=BuildParams(eps=0.35, min_samples=2), **kw)
+
+
+def test_index_is_deterministic_batched_and_round_trips(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 32)).astype(np.float32)
+    index = VectorIndex.build(x)
+    labels, dists = index.query(x[:50], 10)
+    for _ in range(3):
+        l2, d2 = index.query(x[:50], 10)
+        np.testing.assert_array_equal(l2, labels)
+        np.testing.assert_array_equal(d2, dists)
+    # One query at a time gives what the batch gave.
+    for i in range(0, 50, 7):
+        li, di = index.query(x[i], 10)
+        np.testing.assert_array_equal(li[0], labels[i])
+    assert (labels[:, 0] == np.arange(50)).all() and np.allclose(dists[:, 0], 0, atol=1e-5)
+    assert (np.diff(dists, axis=1) >= 0).all()
+    # A rebuild with the same params gives the same graph, and so the same answers.
+    np.testing.assert_array_equal(VectorIndex.build(x).query(x[:50], 10)[0], labels)
+    index.save(tmp_path / "x.hnsw")
+    loaded = VectorIndex.load(tmp_path / "x.hnsw")
+    assert (loaded.dim, loaded.count, loaded.params) == (32, 500, index.params)
+    np.testing.assert_array_equal(loaded.query(x[:50], 10)[0], labels)
+    # k beyond the size: every vector, no error.
+    small = VectorIndex.build(x[:3])
+    assert small.query(x[0], 10)[0].shape == (1, 3)
+    with pytest.raises(RetrievalError, match="dimension 16"):
+        index.query(np.zeros((1, 16), np.float32), 3)
+    with pytest.raises(RetrievalError, match="not found"):
+        VectorIndex.load(tmp_path / "missing.hnsw")
+
+
+def test_build_groups_types_and_pools_constraints() -> None:
+    db = build()
+    c = db.manifest.counts
+    assert (c.records, c.non_complex, c.tasks) == (8, 1, 7)
+    # "Meeting Summarization" spelled two ways is one type; "use a neutral tone" and "Use a neutral tone." one
+    # constraint counted twice.
+    texts = [t.text for t in db.types]
+    assert texts.count("Meeting Summarization") == 1 and "meeting summarization" not in texts
+    neutral = db.constraint_id("USE A NEUTRAL TONE")
+    assert neutral is not None and db.constraints[neutral].count == 2
+    # Every constraint lands in the pool of its task type's cluster.
+    meeting = db.nearest_task_types(embed(["Meeting Summarization"]), 1)[0][0]
+    assert meeting.name == "Meeting Summarization" and meeting.distance < 1e-5
+    pool = {p.text for p in db.constraint_pool(meeting.cluster)}
+    assert {"Use at most 120 words.", "Use bullet points.", "List every action item with an owner."} <= pool
+    assert "Translate into French." not in pool
+    # The two code-generation strings share a word: DBSCAN puts them in one cluster whose pool holds both.
+    code = db.nearest_task_types(embed(["Code Generation"]), 1)[0][0]
+    cl = db.cluster(code.cluster)
+    assert {db.types[i].text for i in cl.types} == {"Code Generation", "Python Code Generation"}
+    assert {"Include a docstring.", "Add type hints."} <= {p.text for p in db.constraint_pool(code.cluster)}
+    # Every type is in exactly one cluster; noise types are singletons.
+    assert sorted(i for cl in db.clusters for i in cl.types) == list(range(len(db.types)))
+    assert c.clusters == len(db.clusters) and c.singleton_clusters >= 1
+
+
+def test_queries_exclude_and_k() -> None:
+    db = build()
+    hits = db.nearest_task_types(embed(["Meeting Summarization", "Email Writing"]), k=3)
+    assert [len(h) for h in hits] == [3, 3]
+    assert len({h.cluster for h in hits[0]}) == 3
+    assert [h.distance for h in hits[0]] == sorted(h.distance for h in hits[0])
+    q = embed(["Use bullet points."])
+    top = db.nearest_constraints(q, k=3)[0]
+    assert top[0].text == "Use bullet points." and len(top) == 3
+    skipped = db.nearest_constraints(q, k=3, exclude=["use bullet points"])[0]
+    assert "Use bullet points." not in [h.text for h in skipped] and len(skipped) == 3
+    assert db.nearest_constraints(q, k=3, exclude=[top[0].id])[0] == skipped
+    # In-pool search is limited to the cluster's constraints.
+    meeting = db.nearest_task_types(embed(["Meeting Summarization"]), 1)[0][0].cluster
+    pool_ids = set(db.cluster(meeting).constraints)
+    in_pool = db.nearest_in_pool(meeting, embed(["Use a friendly tone."]), k=10)[0]
+    assert {h.id for h in in_pool} == pool_ids
+    assert in_pool[0].text == "Use a neutral tone."
+    # Same answers every call.
+    assert db.nearest_constraints(q, k=5) == db.nearest_constraints(q, k=5)
+
+
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    db = build(corpus_hash="abc", simulated=True, decompose_model="m")
+    db.save(tmp_path / "db")
+    back = TaskDB.load(tmp_path / "db")
+    assert back.manifest == db.manifest
+    assert back.types == db.types and back.clusters == db.clusters and back.constraints == db.constraints
+    q = embed(["Summarize the transcript in bullet points", "Translate into German"])
+    assert back.nearest_task_types(q, 2) == db.nearest_task_types(q, 2)
+    assert back.nearest_constraints(q, 4) == db.nearest_constraints(q, 4)
+    assert back.stats() == db.stats()
+
+
+def test_order_of_arrival_does_not_change_the_db(tmp_path: Path) -> None:
+    shuffled = CORPUS[:]
+    random.Random(4).shuffle(shuffled)
+    a, b = build(), build(shuffled)
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    for name in ("manifest.json", "types.jsonl", "clusters.jsonl", "constraints.jsonl", "types.hnsw",
+                 "constraints.hnsw"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_wrong_dimension_or_model_is_a_clear_error(tmp_path: Path) -> None:
+    db = build()
+    db.save(tmp_path / "db")
+    db = TaskDB.load(tmp_path / "db")
+    with pytest.raises(RetrievalError, match=r"dimension 32.*64-d vectors of 'toy-embed'"):
+        db.nearest_task_types(embed(["Translation"], 32), 1)
+    with pytest.raises(RetrievalError, match=r"dimension 32"):
+        db.nearest_constraints(embed(["Translation"], 32), 1)
+    with pytest.raises(RetrievalError, match=r"embedded with 'toy-embed'.*'text-embedding-3-large'"):
+        db.nearest_constraints(embed(["x"]), 1, embedding_model="text-embedding-3-large")
+    db.nearest_constraints(embed(["x"]), 1, embedding_model="toy-embed")  # the right model is fine
+    with pytest.raises(RetrievalError, match="not a task database"):
+        TaskDB.load(tmp_path)
+    (tmp_path / "db" / "clusters.jsonl").write_text('{"id": 0}\n')
+    with pytest.raises(RetrievalError, match=r"clusters.jsonl:1"):
+        TaskDB.load(tmp_path / "db")
+
+
+def test_stats() -> None:
+    s = build().stats()
+    assert s["non_complex_share"] == pytest.approx(1 / 8, abs=1e-4)
+    assert s["top_task_types"][0]["task_type"] == "Meeting Summarization"
+    top = s["top_task_types"][0]
+    assert (top["queries"], top["unique_base_queries"]) == (3, 3)
+    assert top["unique_constraints"] == 4 and top["constraints_per_base_query"] == pytest.approx(4 / 3, abs=1e-3)
+    mix = s["category_mix"]
+    assert sum(v["mentions"] for v in mix.values()) == s["constraint_mentions"] == 11
+    assert mix["Style/Tone"]["mentions"] == 3 and mix["Style/Tone"]["unique"] == 2
+
+
+def test_empty_builder() -> None:
+    db = TaskDB.build(TaskDBBuilder(), np.empty((0, 8)), np.empty((0, 8)), embedding_model="e")
+    assert db.nearest_task_types(np.ones(8), 3) == [[]]
+    assert db.nearest_constraints(np.ones(8), 3) == [[]]
