@@ -41,7 +41,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
     "quick": {
         "throughput": {"n": 5000, "c": 256, "rounds": 3, "sdk_n": 5000},
-        "latency_bound": {"n": 4096, "c": 1024, "latency_ms": 500, "sdk": True},
+        "latency_bound": {"n": 8192, "c": 1024, "latency_ms": 500, "sdk": True, "sdk_n": 2048},
         "rate_limited": {"n": 1500, "c": 256, "latency_ms": 200, "rps": 100, "sdk": True},
         "resume": {"n": 5000, "c": 256, "latency_ms": 200, "poll_ms": 20},
         "memory": {"n": 100_000, "n_small": 10_000, "c": 256},
@@ -49,7 +49,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
     "full": {
         "throughput": {"n": 20_000, "c": 256, "rounds": 3, "sdk_n": 20_000},
-        "latency_bound": {"n": 20_480, "c": 1024, "latency_ms": 500, "sdk": True},
+        "latency_bound": {"n": 20_480, "c": 1024, "latency_ms": 500, "sdk": True, "sdk_n": 4096},
         "rate_limited": {"n": 12_000, "c": 256, "latency_ms": 200, "rpm": 6000, "tpm": 1_000_000, "sdk": True},
         "resume": {"n": 20_000, "c": 256, "latency_ms": 200, "poll_ms": 20},
         "memory": {"n": 1_000_000, "n_small": 100_000, "c": 256},

@@ -210,8 +210,8 @@ def _offline_tiktoken_cache(where: Path) -> None:
 def run_curator(args: argparse.Namespace) -> None:
     """Curator runs its own event loop and takes a list of prompts; its cache goes to a fresh directory so
     every request is sent. Its own rate limiter is given limits far above what the run can reach. Note: Curator
-    counts an answer that stopped at max_tokens (finish_reason "length") as a failure and retries it; the
-    simulator gives some answers exactly max_tokens, so Curator sends more requests than N and fails some."""
+    counts an answer that stopped at max_tokens (finish_reason "length") as a failure and retries it, so where
+    the simulator's answer fills max_tokens Curator sends more requests than N (seen in a small trial run)."""
     os.environ.setdefault("CURATOR_CACHE_DIR", str(Path(args.output).parent / "curator-cache"))
     os.environ.setdefault("CURATOR_DISABLE_RICH_DISPLAY", "1")
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

@@ -25,6 +25,9 @@ import orjson
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
+# The harness checks for the project's modules the way its children import them (from this checkout).
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 DUMMY_KEY = "sk-bench-not-a-real-key"
 MODEL = "gpt-4o-mini"
 

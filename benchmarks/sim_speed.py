@@ -55,7 +55,7 @@ def serve_minimal() -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - only way to read a port-0 bind
+        port = site._server.sockets[0].getsockname()[1]
         print(f"listening on http://127.0.0.1:{port}/v1", flush=True)
         await asyncio.Event().wait()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcia_async.sim import SimConfig, Simulator, SimThread
+from tcia_async.sim import SimConfig, SimThread, Simulator
 
 
 @pytest.fixture(scope="session")

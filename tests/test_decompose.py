@@ -29,11 +29,6 @@ from tcia_async.tcia.schema import response_format_for, strict_schema
 DATA = Path(__file__).resolve().parent.parent / "tcia_async" / "data"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def _c(category: str, text: str, simplified: str = "") -> Constraint:
     return Constraint(category=category, constraint=text, simplified_query=simplified)
 
@@ -332,15 +327,14 @@ def test_seeds_and_contexts_are_shipped() -> None:
 
 
 @pytest.fixture
-async def sim_engine(tmp_path: Path):
+async def sim_engine(sim, tmp_path: Path):
+    """The conftest simulator (zero latency, no limits, no faults) and a real Engine with an on-disk cache."""
     from tcia_async.config import EngineConfig
     from tcia_async.engine import Engine
-    from tcia_async.sim import SimConfig, Simulator
 
-    async with Simulator(SimConfig(latency_ms=0, seed=0)) as sim:
-        config = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "cache.db"), concurrency=64)
-        async with Engine(config) as engine:
-            yield sim, engine
+    config = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "cache.db"), concurrency=64)
+    async with Engine(config) as engine:
+        yield sim, engine
 
 
 @pytest.mark.anyio

@@ -9,7 +9,7 @@ import numpy as np
 import openai
 import pytest
 
-from tcia_async.sim import SimConfig, Simulator, SimThread
+from tcia_async.sim import SimConfig, SimThread, Simulator
 from tcia_async.sim import tokens as sim_tokens
 
 pytestmark = pytest.mark.anyio
@@ -53,9 +53,11 @@ async def test_answers_are_deterministic_in_body_and_seed(sim):
 
 async def test_plain_length_follows_max_tokens(sim):
     async with client(sim) as c:
-        for max_tokens in (8, 64, 300):
+        for max_tokens in (1, 2, 3, 8, 64, 300):
             r = await c.chat.completions.create(model="m", messages=MSG, max_tokens=max_tokens)
             assert max_tokens // 2 <= r.usage.completion_tokens <= max_tokens
+            assert r.usage.completion_tokens == sim_tokens.count(r.choices[0].message.content)
+            assert r.choices[0].message.content.startswith("[s")  # "[simulated]", cut short below 4 tokens
             assert (r.choices[0].finish_reason == "length") == (r.usage.completion_tokens == max_tokens)
 
 
@@ -194,6 +196,11 @@ def test_sim_thread_serves_sync_clients():
         assert sim.stats()["ok"] == 1
         sim.reset()
         assert sim.stats()["ok"] == 0
+        sim.wait_requests(0)
+        with pytest.raises(TimeoutError):
+            sim.wait_requests(1, timeout=0.05)
+        c.models.list()
+        sim.wait_requests(1, timeout=5)
     with pytest.raises(openai.APIConnectionError):  # stopped: nothing listens any more
         openai.OpenAI(base_url=sim.base_url, api_key="k", max_retries=0, timeout=2).models.list()
 
@@ -236,7 +243,5 @@ async def test_shutdown_cancels_requests_in_flight(anyio_backend):
 
 
 def test_sim_thread_reports_a_bind_failure():
-    with SimThread(SimConfig()) as first:
-        with pytest.raises(OSError):
-            with SimThread(SimConfig(port=first.sim.port)):
-                pass
+    with SimThread(SimConfig()) as first, pytest.raises(OSError), SimThread(SimConfig(port=first.sim.port)):
+        pass

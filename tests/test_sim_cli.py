@@ -15,8 +15,8 @@ import pytest
 from tcia_async.sim.cli import add_arguments, config_from_args
 
 
-def start(*flags: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "tcia_async.sim", "--port", "0", *flags],
+def start(*flags: str, entry: tuple[str, ...] = ("tcia_async.sim",)) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", *entry, "--port", "0", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stdout.readline()
     assert first.startswith("listening on http://127.0.0.1:") and first.rstrip().endswith("/v1"), first
@@ -34,9 +34,10 @@ def chat(base_url: str, i: int) -> tuple[int, dict, dict]:
         return e.code, dict(e.headers), json.loads(e.read())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_cli_serves_applies_flags_and_stops_cleanly(sig):
-    proc, base_url = start("--rpm", "2", "--seed", "5")
+@pytest.mark.parametrize(("sig", "entry"), [(signal.SIGTERM, ("tcia_async", "sim")),  # = `tcia-async sim`
+                                           (signal.SIGINT, ("tcia_async.sim",))])
+def test_cli_serves_applies_flags_and_stops_cleanly(sig, entry):
+    proc, base_url = start("--rpm", "2", "--seed", "5", entry=entry)
     try:
         assert chat(base_url, 0)[0] == 200
         status, headers, _ = chat(base_url, 1)

@@ -22,7 +22,7 @@ async def send(sim, timeout: float = 5.0, body: dict = BODY):
         try:
             async with s.post(sim.base_url + "/chat/completions", json=body) as r:
                 return r.status, r.content_type, await r.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             return e
 
 

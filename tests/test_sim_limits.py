@@ -181,3 +181,37 @@ def test_limits_admit_reports_the_binding_window():
     v = lim.admit(90, 1.5)
     assert not v.ok and v.kind == "tokens" and abs(v.retry_after - 58.5) < 1e-9
     assert lim.admit(500, 2.0).too_large
+
+
+def test_bucket_mode_bursts_to_the_limit_then_refills_steadily():
+    lim = Limits(rpm=60, tpm=None, rps=None, mode="bucket")
+    t0 = 1000.0
+    assert all(lim.admit(1, t0).ok for _ in range(60))  # starts full
+    v = lim.admit(1, t0)
+    assert not v.ok and abs(v.retry_after - 1.0) < 1e-9  # one request refills per second
+    assert not lim.admit(1, t0 + 0.99).ok
+    assert lim.admit(1, t0 + 1.0).ok
+    # Steady state: exactly the refill rate gets through, never more.
+    admitted = sum(lim.admit(1, t0 + 1.0 + k * 0.25).ok for k in range(1, 401))
+    assert admitted == 100
+
+
+async def test_bucket_mode_headers_and_429(anyio_backend):
+    async with Simulator(SimConfig(rpm=3, limit_mode="bucket")) as sim, aiohttp.ClientSession() as s:
+        for i in range(3):
+            status, h, _ = await post(s, sim, body(i))
+            assert status == 200 and int(h["x-ratelimit-remaining-requests"]) == 2 - i
+        status, h, b = await post(s, sim, body(3))
+        assert status == 429 and b["error"]["type"] == "requests"
+        assert 19_000 <= int(h["retry-after-ms"]) <= 20_000  # 60 s / 3 per request
+
+
+async def test_each_model_has_its_own_limits(anyio_backend):
+    async with Simulator(SimConfig(rpm=1)) as sim, aiohttp.ClientSession() as s:
+        assert (await post(s, sim, {**body(0), "model": "a"}))[0] == 200
+        assert (await post(s, sim, {**body(1), "model": "b"}))[0] == 200
+        assert (await post(s, sim, {**body(2), "model": "a"}))[0] == 429
+        async with s.post(sim.base_url + "/embeddings", json={"model": "e", "input": "x"}) as r:
+            assert r.status == 200
+        sim.reset()  # clears the windows too
+        assert (await post(s, sim, {**body(3), "model": "a"}))[0] == 200

@@ -30,10 +30,11 @@ from tcia_async.config import EngineConfig
 from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
 from tcia_async.engine.client import Transport
 from tcia_async.engine.errors import EngineStats, RequestFailed, RunStopped
-from tcia_async.engine.limits import Budget, BudgetTooSmall, Limiter
+from tcia_async.engine.limits import WAIT, Budget, BudgetTooSmall, Limiter
 from tcia_async.engine.packing import Packer, PackResult
 from tcia_async.engine.retry import COOLDOWN, FAIL, STOP, backoff, classify_status, invalid_body_verdict
-from tcia_async.engine.tokens import OutputEstimator, count_chat_prompt, count_embedding_input
+from tcia_async.engine.tokens import (OutputEstimator, chat_prompt_upper_bound, count_chat_prompt,
+                                      count_embedding_input)
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut
 
 CHAT = "/v1/chat/completions"
@@ -74,7 +75,7 @@ class Engine:
         self.config = config
         self.stats = EngineStats()
         self._stopped: str | None = None
-        self._inflight: dict[bytes, asyncio.Future] = {}
+        self._inflight: dict[bytes, list[asyncio.Future] | None] = {}
         self._estimator = OutputEstimator()
         self._limiter = Limiter(config.limits, config.model_limits, config.learn_limits_from_headers)
         self._packers: dict[tuple[int, bytes], Packer] = {}
@@ -100,7 +101,9 @@ class Engine:
         self._embed_ep = self._chat_ep if embed_t is chat_t else _Endpoint(embed_t)
         self._slots = asyncio.Semaphore(max(1, cfg.concurrency))
         if cfg.cache_path:
-            self._cache = ResponseCache(cfg.cache_path)
+            # Answers received but not yet committed are what a kill -9 makes us pay for again: keep them under a
+            # quarter of the concurrency (and 50 ms), so a resumed run repeats fewer calls than one round in flight.
+            self._cache = ResponseCache(cfg.cache_path, batch_rows=max(8, min(512, cfg.concurrency // 4)))
         await chat_t.open()
         if embed_t is not chat_t:
             await embed_t.open()
@@ -160,7 +163,11 @@ class Engine:
         n = body.get("n") or 1
         n = n if isinstance(n, int) and n > 0 else 1
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        prompt = count_chat_prompt(body)
+        # Far from the limit the exact prompt count changes no decision: reserve a tokenizer-free upper bound
+        # (settlement puts the provider's real count in its place). Near the limit, count exactly.
+        prompt = chat_prompt_upper_bound(body)
+        if prompt * 2 + (cap * n if isinstance(cap, int) else 0) > budget.token_headroom():
+            prompt = count_chat_prompt(body)
         if isinstance(cap, int) and cap > 0:
             return float(prompt + cap * n), float(cap * n)
         return float(prompt + self._estimator.estimate(model, None) * n), -1.0
@@ -177,7 +184,9 @@ class Engine:
                 raise RunStopped(self._stopped)
             attempt += 1
             try:
-                ticket = await budget.acquire(tokens)
+                ticket = budget.pay_now(tokens)
+                if ticket is WAIT:
+                    ticket = await budget.acquire(tokens)
             except BudgetTooSmall as exc:
                 raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
             stats.sent += 1
@@ -189,7 +198,7 @@ class Engine:
                     verdict = invalid_body_verdict(200, "truncated or non-JSON body")
                 else:
                     if type(parsed) is dict and (("choices" in parsed) if chat else ("data" in parsed)):
-                        if budget.learn or budget.tokens:
+                        if budget.silent < 64:
                             budget.sync_headers(headers)
                         usage = parsed.get("usage")
                         if usage:
@@ -226,12 +235,14 @@ class Engine:
                                          verdict.status, attempt, retryable=True)
             stats.retries += 1
             if kind == COOLDOWN:
-                # Every request of this budget waits, not just this one: the provider said the budget is spent.
-                budget.cooldown(verdict.wait if verdict.wait is not None
-                                else min(cfg.backoff_cap, cfg.backoff_base * 2 ** (attempt - 1)))
-            else:
-                await anyio.sleep(verdict.wait if verdict.wait is not None
-                                  else backoff(attempt, cfg.backoff_base, cfg.backoff_cap))
+                if budget.requests or budget.tokens:
+                    budget.widen_margins()
+                if verdict.wait is not None:
+                    # The provider said when: every request of this budget waits, not just this one.
+                    budget.cooldown(verdict.wait)
+                    continue
+            await anyio.sleep(verdict.wait if verdict.wait is not None
+                              else backoff(attempt, cfg.backoff_base, cfg.backoff_cap))
 
     def _stop(self, code: str, status: int | None, message: str) -> None:
         if self._stopped is not None:
@@ -247,24 +258,32 @@ class Engine:
 
     async def _cached_call(self, ep: _Endpoint, path: str, key: bytes, data: bytes, body: dict[str, Any],
                            use_slots: bool, check_cache: bool = True) -> tuple[bytes, dict[str, Any] | None, str, bool]:
-        """(raw, parsed or None, request id, from_cache) of one chat request, through the cache and the network."""
+        """(raw, parsed or None, request id, shared) of one chat request, through the cache and the network.
+
+        `shared` is True when the answer came from the cache or from an identical request in flight.
+        """
         cache = self._cache
+        inflight = self._inflight
         while True:
             if cache is not None and check_cache:
                 hit = cache.get(key)
                 if hit is not None:
                     return hit[0], None, hit[1], True
-            fut = self._inflight.get(key)
-            if fut is None:
+            if key not in inflight:
                 break
+            # An identical request is in flight: wait for its answer instead of paying twice.
+            waiters = inflight[key]
+            if waiters is None:
+                waiters = inflight[key] = []
+            fut = asyncio.get_running_loop().create_future()
+            waiters.append(fut)
             try:
-                raw = await asyncio.shield(fut)
+                raw = await fut
             except _Abandoned:
                 check_cache = True
                 continue
             return raw, None, "", True
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
+        inflight[key] = None  # a list of waiting futures once someone waits
         try:
             model = body.get("model") or ""
             budget = self._limiter.budget(ep.provider, model)
@@ -279,14 +298,20 @@ class Engine:
                 raw = _dumps(parsed)
             if cache is not None:
                 cache.put(key, raw, rid)
-            fut.set_result(raw)
-            return raw, parsed, rid, False
         except BaseException as exc:
-            fut.set_exception(exc if isinstance(exc, (RequestFailed, RunStopped)) else _Abandoned())
-            fut.exception()  # retrieved: no "never retrieved" warning when nobody shared it
+            waiters = inflight.pop(key, None)
+            if waiters:
+                err = exc if isinstance(exc, (RequestFailed, RunStopped)) else _Abandoned()
+                for f in waiters:
+                    if not f.done():
+                        f.set_exception(err)
             raise
-        finally:
-            del self._inflight[key]
+        waiters = inflight.pop(key, None)
+        if waiters:
+            for f in waiters:
+                if not f.done():
+                    f.set_result(raw)
+        return raw, parsed, rid, False
 
     # -- public API -----------------------------------------------------------------------------------------------
 

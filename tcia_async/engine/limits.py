@@ -36,21 +36,30 @@ from tcia_async.config import Limits
 _monotonic = time.monotonic
 
 
+WAIT = object()  # pay_now: the payment does not fit now
+
+
 class BudgetTooSmall(Exception):
     """One request needs more than a window's whole limit; it can never be sent under this limit."""
 
 
 class _Window:
     """Amounts admitted during the last `period` seconds. Admissions within `period/1000` of each other share one
-    entry that leaves the window `period` after the latest of them (this only delays expiry: still safe)."""
+    entry that leaves the window `period + margin` after the latest of them (this only delays expiry: still safe).
 
-    __slots__ = ("name", "limit", "period", "merge", "entries", "used", "learned")
+    The margin covers the time between our admission and the provider's (the request still has to be written
+    and read): 1 % of the period + 20 ms, doubled (up to 10 %) whenever the provider answers 429 to a request this
+    window had admitted.
+    """
+
+    __slots__ = ("name", "limit", "period", "merge", "margin", "entries", "used", "learned")
 
     def __init__(self, name: str, limit: float, period: float, learned: bool = False) -> None:
         self.name = name
         self.limit = float(limit)
         self.period = period
         self.merge = period / 1000.0
+        self.margin = period * 0.01 + 0.02
         self.entries: deque[list[float]] = deque()  # [first admission, expiry, amount]
         self.used = 0.0
         self.learned = learned
@@ -67,11 +76,11 @@ class _Window:
         if entries:
             last = entries[-1]
             if now - last[0] < self.merge:
-                last[1] = now + self.period
+                last[1] = now + self.period + self.margin
                 last[2] += amount
                 self.used += amount
                 return last
-        entry = [now, now + self.period, amount]
+        entry = [now, now + self.period + self.margin, amount]
         entries.append(entry)
         self.used += amount
         return entry
@@ -88,7 +97,7 @@ class _Window:
                 expiry = e[1]
             if freed >= excess - 1e-9:
                 return expiry - now
-        return self.period
+        return self.period + self.margin
 
 
 _GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -150,6 +159,7 @@ class Budget:
         if limits.tps:
             self.tokens.append(_Window("tps", limits.tps, 1.0))
         self.learn = learn
+        self.silent = 0  # answers without rate-limit headers in a row (see sync_headers)
         self.cooldown_until = 0.0
         self.counts_tokens = bool(self.tokens)
         self._limited = bool(self.requests or self.tokens)
@@ -185,6 +195,16 @@ class Budget:
         if not self.tokens:
             return 0.0, None
         return 0.0, [w.add(tokens, now) for w in self.tokens]
+
+    def pay_now(self, tokens: float = 0.0) -> Any:
+        """The fast path of `acquire` without a coroutine: a ticket (None when nothing is limited), or WAIT."""
+        if self._queued == 0:
+            if not self._limited:
+                return None
+            wait, ticket = self._try_pay(tokens)
+            if wait == 0.0:
+                return ticket
+        return WAIT
 
     async def acquire(self, tokens: float = 0.0) -> Any:
         """Pay one request and `tokens` to every window, waiting (first come, first served) until it fits.
@@ -227,11 +247,26 @@ class Budget:
         if delta < 0 and self._queued:
             self._wake()
 
+    def widen_margins(self) -> None:
+        """The provider refused what our windows admitted: allow more time between our clock and theirs."""
+        for w in self.requests + self.tokens:
+            w.margin = min(w.margin * 2.0, w.period * 0.1)
+
+    def token_headroom(self) -> float:
+        """Tokens that fit in every token window right now without waiting (a lower bound: no expiry applied)."""
+        room = float("inf")
+        for w in self.tokens:
+            r = w.limit - w.used
+            if r < room:
+                room = r
+        return room
+
     def cooldown(self, seconds: float) -> None:
         """Block every acquire until `seconds` from now (extends, never shortens, a running cooldown)."""
         until = _monotonic() + max(0.0, seconds)
         if until > self.cooldown_until:
             self.cooldown_until = until
+        self._limited = True  # from now on acquire checks the clock
 
     def _wake(self) -> None:
         if self._changed is not None:
@@ -245,6 +280,7 @@ class Budget:
         rem = headers.get("x-ratelimit-remaining-requests")
         rem_t = headers.get("x-ratelimit-remaining-tokens")
         if rem is not None or rem_t is not None:
+            self.silent = 0
             if rem is not None:
                 self._sync(False, _num(rem), _num(headers.get("x-ratelimit-limit-requests")),
                            headers.get("x-ratelimit-reset-requests"))
@@ -254,6 +290,12 @@ class Budget:
             return
         rem = headers.get("anthropic-ratelimit-requests-remaining")
         rem_t = headers.get("anthropic-ratelimit-tokens-remaining")
+        if rem is None and rem_t is None:
+            # A provider either sends these on every answer or never: after 64 silent answers, stop looking
+            # (a 429 looks again).
+            self.silent += 1
+            return
+        self.silent = 0
         if rem is not None:
             self._sync(False, _num(rem), _num(headers.get("anthropic-ratelimit-requests-limit")),
                        headers.get("anthropic-ratelimit-requests-reset"))

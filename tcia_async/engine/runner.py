@@ -24,10 +24,11 @@ import orjson
 from tcia_async.engine.cache import request_key
 from tcia_async.engine.core import CHAT, SUPPORTED_URLS, Engine
 from tcia_async.engine.errors import RequestFailed, RunStopped
-from tcia_async.io import BadLine, iter_jsonl
+from tcia_async.io import MAX_LINE_BYTES
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut, ResponseOut
 
 CHUNK = 256
+_URLS = {u: u for u in SUPPORTED_URLS}
 _dumps = orjson.dumps
 _loads = orjson.loads
 _SORT = orjson.OPT_SORT_KEYS
@@ -54,7 +55,7 @@ def check_request(value: Any) -> tuple[str | None, str, dict[str, Any] | None, s
     cid = value.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return None, "", None, "missing or empty custom_id (a string)"
-    url = value.get("url", CHAT)
+    url = _URLS.get(value.get("url", CHAT), value.get("url"))  # the module's constants: compared with `is`
     body = value.get("body")
     if not isinstance(body, dict):
         return cid, url, None, "missing body (a JSON object)"
@@ -72,31 +73,38 @@ class Dedup:
     def __init__(self) -> None:
         self._db = sqlite3.connect("")  # "" = private temporary database, deleted on close; pages spill to disk
         self._db.execute("CREATE TABLE seen (cid TEXT PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID")
+        self._sql: dict[int, str] = {}
 
     def check(self, entries: list[tuple[str, int]]) -> dict[int, int]:
         """Record `(custom_id, line)` pairs in order; return {index in entries: first line} for repeats."""
-        first: dict[str, int] = {}
+        if not entries:
+            return {}
+        n = len(entries)
+        sql = self._sql.get(n)
+        if sql is None:
+            # One statement per chunk: the rows it did not insert are the repeats.
+            sql = self._sql[n] = ("INSERT INTO seen VALUES " + ",".join(["(?,?)"] * n) +
+                                  " ON CONFLICT DO NOTHING RETURNING cid")
+        inserted = {row[0] for row in self._db.execute(sql, [x for e in entries for x in e])}
+        if len(inserted) == n:
+            return {}
         repeats: dict[int, int] = {}
+        first_here: dict[str, int] = {}
+        earlier: list[str] = []
         for i, (cid, line) in enumerate(entries):
-            seen = first.get(cid)
-            if seen is None:
-                first[cid] = line
+            if cid in inserted and cid not in first_here:
+                first_here[cid] = line
+            elif cid in first_here:
+                repeats[i] = first_here[cid]
             else:
-                repeats[i] = seen
-        if first:
-            names = list(first)
-            earlier: dict[str, int] = {}
-            for j in range(0, len(names), 500):
-                part = names[j:j + 500]
-                q = "SELECT cid, line FROM seen WHERE cid IN (%s)" % ",".join("?" * len(part))
-                earlier.update(self._db.execute(q, part))
-            if earlier:
-                for i, (cid, line) in enumerate(entries):
-                    old = earlier.get(cid)
-                    if old is not None and i not in repeats:
-                        repeats[i] = old
-                        first.pop(cid, None)
-            self._db.executemany("INSERT INTO seen VALUES (?,?)", first.items())
+                repeats[i] = -1
+                earlier.append(cid)
+        if earlier:
+            q = "SELECT cid, line FROM seen WHERE cid IN (%s)" % ",".join("?" * len(earlier))
+            lines = dict(self._db.execute(q, earlier))
+            for i, first in repeats.items():
+                if first == -1:
+                    repeats[i] = lines.get(entries[i][0], 0)
         return repeats
 
     def close(self) -> None:
@@ -247,32 +255,56 @@ class _Source:
 
 
 class FileSource(_Source):
-    """Batch-format lines from a JSONL file, read lazily."""
+    """Batch-format lines from a JSONL file, read lazily (blank lines are skipped; lines numbered from 1)."""
 
-    def __init__(self, engine: Engine, path: str, sink: Any) -> None:
+    def __init__(self, engine: Engine, path: str, sink: Any, max_line_bytes: int = MAX_LINE_BYTES) -> None:
         super().__init__(engine, sink, str(path))
-        self._it = iter_jsonl(path)
+        self._fh = open(path, "rb")
+        self._lineno = 0
+        self._max = max_line_bytes
 
     async def next_chunk(self) -> list[WorkItem] | None:
         pending: list[tuple[str, str, dict[str, Any], int]] = []
+        readline = self._fh.readline
+        limit = self._max
+        lineno = self._lineno
         n = 0
-        for entry in self._it:
-            n += 1
-            if isinstance(entry, BadLine):
-                code = "line_too_long" if "longer than" in entry.reason else "bad_input"
-                self._bad(None, entry.line, code, entry.reason)
-            else:
-                cid, url, body, problem = check_request(entry.value)
-                if problem is not None:
-                    self._bad(cid, entry.line, "bad_input", problem)
-                else:
-                    pending.append((cid, url, body, entry.line))  # type: ignore[arg-type]
-            if n >= CHUNK:
+        while n < CHUNK:
+            raw = readline(limit + 1)
+            if not raw:
                 break
+            lineno += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                while True:  # swallow the rest of the long line in bounded pieces
+                    more = readline(1 << 20)
+                    if not more or more.endswith(b"\n"):
+                        break
+                n += 1
+                self._bad(None, lineno, "line_too_long", f"line longer than {limit} bytes")
+                continue
+            try:
+                value = _loads(raw)
+            except orjson.JSONDecodeError as exc:
+                if raw.isspace():
+                    continue
+                n += 1
+                self._bad(None, lineno, "bad_input", f"not valid JSON ({exc})")
+                continue
+            n += 1
+            cid, url, body, problem = check_request(value)
+            if problem is not None:
+                self._bad(cid, lineno, "bad_input", problem)
+            else:
+                pending.append((cid, url, body, lineno))  # type: ignore[arg-type]
+        self._lineno = lineno
         self.lines += n
         if n == 0:
             return None
         return self._finish(pending)
+
+    def close(self) -> None:
+        super().close()
+        self._fh.close()
 
 
 class RequestSource(_Source):
@@ -411,6 +443,8 @@ class Run:
         stats = engine.stats
         sink = self.sink
         run_item = engine._run_item
+        cached_call = engine._cached_call
+        chat_ep = engine._chat_ep
         while True:
             if not queue:
                 if not self._feeding or self.draining:
@@ -429,7 +463,12 @@ class Run:
                 self._need_more = None
             self.in_flight += 1
             try:
-                raw, parsed, rid, shared = await run_item(item)
+                if item.path is CHAT:
+                    # The feeder looked the key up in the cache already (in batches).
+                    raw, parsed, rid, shared = await cached_call(chat_ep, CHAT, item.key, item.data, item.body,
+                                                                 False, False)
+                else:
+                    raw, parsed, rid, shared = await run_item(item)
             except RequestFailed as exc:
                 stats.failed += 1
                 sink.fail(item, exc.error)

@@ -110,6 +110,25 @@ def count_chat_prompt(body: dict[str, Any]) -> int:
     return total
 
 
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def chat_prompt_upper_bound(body: dict[str, Any]) -> int:
+    """An upper bound of `count_chat_prompt` that needs no tokenizer: a token is never shorter than one byte."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return _PER_REQUEST
+    total = _PER_REQUEST
+    for m in messages:
+        total += _PER_MESSAGE
+        if isinstance(m, dict):
+            c = m.get("content")
+            if c:
+                total += _utf8_len(c) if isinstance(c, str) else _utf8_len(_content_text(c))
+    return total
+
+
 def count_embedding_input(model: str, inp: Any) -> int:
     """Estimated tokens of an embeddings `input` (a string, a list of strings, or token arrays)."""
     if isinstance(inp, str):

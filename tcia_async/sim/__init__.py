@@ -2,6 +2,6 @@
 but itself. Every answer it gives says it is simulated."""
 
 from tcia_async.sim.config import SimConfig
-from tcia_async.sim.server import Simulator, SimThread
+from tcia_async.sim.server import SimThread, Simulator
 
-__all__ = ["SimConfig", "Simulator", "SimThread"]
+__all__ = ["SimConfig", "SimThread", "Simulator"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 
@@ -41,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rpm", type=_positive_int, help="requests per minute")
     g.add_argument("--tpm", type=_positive_int, help="tokens per minute; a request above it is 'too large'")
     g.add_argument("--rps", type=_positive_int, help="requests per second")
+    g.add_argument("--limit-mode", choices=("window", "bucket"), default="window",
+                   help="window: at most N in any rolling window (default); bucket: N that refill "
+                   "continuously at N per window, starting full")
     g.add_argument("--headers", choices=("openai", "anthropic", "none"), default="openai",
                    help="rate-limit headers: x-ratelimit-* + retry-after-ms (openai, default), "
                    "anthropic-ratelimit-* with RFC 3339 resets, or none at all")
@@ -76,7 +80,8 @@ def config_from_args(args: argparse.Namespace):
     return SimConfig(
         host=args.host, port=args.port, seed=args.seed,
         latency_ms=args.latency_ms, per_token_ms=args.per_token_ms, jitter_ms=args.jitter_ms,
-        rpm=args.rpm, tpm=args.tpm, rps=args.rps, headers=args.headers, quota_after=args.quota_after,
+        rpm=args.rpm, tpm=args.tpm, rps=args.rps, limit_mode=args.limit_mode, headers=args.headers,
+        quota_after=args.quota_after,
         api_key=args.api_key,
         error_rate=args.error_rate, rate_500=args.rate_500, rate_503=args.rate_503, rate_reset=args.rate_reset,
         rate_truncated=args.rate_truncated, rate_non_json=args.rate_non_json, rate_hang=args.rate_hang,
@@ -93,6 +98,9 @@ async def _serve(cfg) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with Simulator(cfg) as sim:
+        # A server process: long-lived objects out of the collector's way, fewer young collections.
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
         print(f"listening on {sim.base_url}", flush=True)
         await stop.wait()
     print("simulator stopped", file=sys.stderr, flush=True)

@@ -10,9 +10,10 @@ import msgspec
 class SimConfig(msgspec.Struct, kw_only=True):
     """What the simulator does. Times in the units their names say; rates are probabilities per request.
 
-    Limits (`rpm`, `tpm`, `rps`) are rolling windows (60 s, 60 s, 1 s); `None` means unlimited. A request
-    costs one request and `prompt tokens + max_tokens` tokens (OpenAI's accounting; without `max_tokens` the
-    simulator charges the completion it is going to produce).
+    Limits (`rpm`, `tpm`, `rps`) are rolling windows (60 s, 60 s, 1 s), one set per model; `None` means
+    unlimited. A chat request costs one request and `prompt tokens + max_tokens` tokens (OpenAI's accounting;
+    without `max_tokens` the simulator charges the completion it is going to produce); an embeddings request
+    costs its input tokens.
     """
 
     host: str = "127.0.0.1"
@@ -28,6 +29,7 @@ class SimConfig(msgspec.Struct, kw_only=True):
     rpm: int | None = None
     tpm: int | None = None
     rps: int | None = None
+    limit_mode: Literal["window", "bucket"] = "window"  # see limits.py
     headers: Literal["openai", "anthropic", "none"] = "openai"
     quota_after: int | None = None  # 429 insufficient_quota once this many requests were answered (0: always)
     api_key: str | None = None  # when set, any other bearer key gets 401

@@ -9,6 +9,7 @@ texts at 1, and the cosine grows with the share of common n-grams.
 
 from __future__ import annotations
 
+import itertools
 import re
 from zlib import crc32
 
@@ -25,7 +26,7 @@ def _grams(item: str | list[int]) -> tuple[list[bytes], int]:
     returns the grams and how many of them are word grams."""
     words = _WORD.findall(item.lower()) if isinstance(item, str) else [str(t) for t in item]
     grams = [w.encode() for w in words]
-    grams += [f"{a} {b}".encode() for a, b in zip(words, words[1:])]
+    grams += [f"{a} {b}".encode() for a, b in itertools.pairwise(words)]
     n_words = len(grams)
     if isinstance(item, str):
         grams += [f"#{w[i:i + 3]}".encode() for w in words if len(w) > 3 for i in range(len(w) - 2)]

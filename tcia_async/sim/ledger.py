@@ -15,7 +15,10 @@ class Ledger:
     - `unique` / `duplicates`: successful answers (online or batch lines) whose body (canonical JSON, sorted
       keys, plus the endpoint) was / was already answered successfully before — the paid calls a resume repeated;
     - `tokens`: prompt and completion tokens of the successful answers (online and batch);
-    - `rate_limited`, `faults`, `batch`: 429s by type, injected faults by kind, batch lines answered.
+    - `rate_limited`: 429s by cause (requests, tokens, too_large, insufficient_quota);
+    - `faults`: injected faults by kind (500, 503, reset, truncated, non_json, hang), plus `client_gone`:
+      answers not delivered because the client had left during the latency (e.g. it timed out);
+    - `batch`: batch lines answered (`lines_ok`) and failed (`lines_failed`).
     """
 
     def __init__(self) -> None:

@@ -9,6 +9,9 @@ Semantics, stated exactly:
 - `remaining` is limit - amount in the window after this request; `reset` is the time until the window is empty
   again ("resets to its initial state", OpenAI's definition); `retry_after` (429 only) is the time until this
   very request would be admitted.
+- `limit_mode="bucket"` replaces each window by a bucket of the same size that refills continuously
+  (limit / window per second) and starts full: bursts are bounded by the limit, then the rate is steady, as
+  providers that "quantise" their limits behave. Headers then report the bucket's level and time to full.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ _MERGE_S = 0.005
 class Window:
     """Amounts admitted during the last `window` seconds, against `limit`."""
 
-    __slots__ = ("limit", "window", "_entries", "used")
+    __slots__ = ("_entries", "limit", "used", "window")
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
@@ -75,10 +78,51 @@ class Window:
         self.used = 0
 
 
+class Bucket:
+    """The continuous-refill alternative to Window (`limit_mode="bucket"`): `limit` units that refill at
+    `limit / window` per second, starting full. `used` is what the bucket lacks to be full (fractional)."""
+
+    __slots__ = ("_level", "_rate", "_t", "limit", "window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._rate = limit / window
+        self._level = float(limit)
+        self._t = 0.0
+
+    @property
+    def used(self) -> int:
+        return self.limit - math.floor(self._level + 1e-9)
+
+    def expire(self, now: float) -> None:
+        if now > self._t:
+            self._level = min(float(self.limit), self._level + (now - self._t) * self._rate)
+            self._t = now
+
+    def fits(self, amount: int) -> bool:
+        return self._level + 1e-9 >= amount
+
+    def add(self, amount: int, now: float) -> None:
+        self.expire(now)
+        self._level -= amount
+
+    def wait_for(self, amount: int, now: float) -> float:
+        if amount > self.limit:
+            return math.inf
+        return max(0.0, (amount - self._level) / self._rate)
+
+    def reset_in(self, now: float) -> float:
+        return max(0.0, (self.limit - self._level) / self._rate)
+
+    def clear(self) -> None:
+        self._level = float(self.limit)
+
+
 class Verdict:
     """The outcome of `Limits.admit` for one request."""
 
-    __slots__ = ("ok", "kind", "retry_after", "too_large", "window")
+    __slots__ = ("kind", "ok", "retry_after", "too_large", "window")
 
     def __init__(self, ok: bool, kind: str = "", retry_after: float = 0.0, too_large: bool = False,
                  window: Window | None = None) -> None:
@@ -93,12 +137,13 @@ _OK = Verdict(True)
 
 
 class Limits:
-    """The RPM / TPM / RPS windows of one simulator (all models share them)."""
+    """The RPM / TPM / RPS windows (or buckets) of one simulator (all models share them)."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, rps: int | None) -> None:
-        self.rpm = Window(rpm, 60.0) if rpm else None
-        self.tpm = Window(tpm, 60.0) if tpm else None
-        self.rps = Window(rps, 1.0) if rps else None
+    def __init__(self, rpm: int | None, tpm: int | None, rps: int | None, mode: str = "window") -> None:
+        kind = Bucket if mode == "bucket" else Window
+        self.rpm = kind(rpm, 60.0) if rpm else None
+        self.tpm = kind(tpm, 60.0) if tpm else None
+        self.rps = kind(rps, 1.0) if rps else None
         self.active = bool(rpm or tpm or rps)
 
     def admit(self, tokens: int, now: float) -> Verdict:

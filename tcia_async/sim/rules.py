@@ -1,6 +1,12 @@
 """What the simulator answers: plain text, generic JSON-schema instances, and rule answers for our stages.
 
 Everything here is a pure function of (request content, seed): no clock, no global random state.
+
+Generic instances honour: type (and type lists), enum, const, properties/required/additionalProperties/
+minProperties, items/prefixItems/minItems/maxItems/uniqueItems, minLength/maxLength, minimum/maximum/exclusive
+bounds (both drafts)/multipleOf, allOf (merged), anyOf, $ref to the same document, and the formats date-time,
+date, time, email, uri, uuid, ipv4. Not honoured: `pattern`, `not`, `if/then/else`, dependent schemas;
+`oneOf` is treated as `anyOf` (fine for discriminated unions, wrong for overlapping branches).
 """
 
 from __future__ import annotations
@@ -15,17 +21,16 @@ from zlib import crc32
 from tcia_async.sim import tokens
 
 PREFIX = "[simulated]"
+_I = re.IGNORECASE
 
 # Words that are one cl100k token each with a leading space, so a text of n words costs exactly n tokens more
 # than its prefix (checked at import: any word that is not one token is dropped).
-_WORDS = [
-    w for w in (
-        "the data model answer result simple clear short summary point note value list table report task "
-        "plan team meeting project example question user system text output input time work first next "
-        "final main key new good small large fast total number case rule step part line group order test"
-    ).split()
-    if tokens.count(" " + w) == 1
-] or ["the"]
+_WORD_LIST = (
+    "the data model answer result simple clear short summary point note value list table report task plan team "
+    "meeting project example question user system text output input time work first next final main key new good "
+    "small large fast total number case rule step part line group order test"
+)
+_WORDS = [w for w in _WORD_LIST.split() if tokens.count(" " + w) == 1] or ["the"]
 _PREFIX_TOKENS = tokens.count(PREFIX)
 
 
@@ -39,10 +44,18 @@ for _w in _pool_list:
     _OFFSETS.append(_OFFSETS[-1] + len(_w) + 1)
 
 
+# Below the prefix's length (max_tokens of 1-3) the answer is the prefix cut short, as a capped model's would be.
+_SHORT = {k: PREFIX[: max(1, round(len(PREFIX) * k / _PREFIX_TOKENS))] for k in range(1, _PREFIX_TOKENS)}
+if tokens.ENCODING != "bytes/4":
+    _SHORT = {k: tokens.decode_prefix(PREFIX, k) for k in range(1, _PREFIX_TOKENS)}
+
+
 def text_of_length(n_tokens: int, h: int) -> str:
-    """`[simulated]` followed by words, `n_tokens` tokens in all (never shorter than the prefix); which words
-    depends on `h`."""
-    n = max(0, n_tokens - _PREFIX_TOKENS)
+    """`[simulated]` followed by words, `n_tokens` tokens in all (the prefix cut short below 4 tokens); which
+    words depends on `h`."""
+    if n_tokens < _PREFIX_TOKENS:
+        return _SHORT[max(1, n_tokens)]
+    n = n_tokens - _PREFIX_TOKENS
     if n > _POOL_WORDS // 2:  # longer than the pool can serve from any offset: draw the words
         return PREFIX + "".join(" " + w for w in random.Random(h).choices(_WORDS, k=n))
     start = h % (_POOL_WORDS - n + 1)
@@ -53,7 +66,7 @@ def text_tokens(n_tokens: int, text: str) -> int:
     """Token count of `text` = text_of_length(n_tokens, ...), without encoding it when the count is known."""
     if tokens.ENCODING == "bytes/4":
         return tokens.count_once(text)
-    return max(n_tokens, _PREFIX_TOKENS)
+    return max(n_tokens, 1)
 
 
 def completion_length(max_tokens: int | None, h: int) -> int:
@@ -71,9 +84,9 @@ def completion_length(max_tokens: int | None, h: int) -> int:
 _SCORE_NAMES = re.compile(
     r"(^|_)(score|rating|validity|consistency|quality|helpfulness|following|honesty|truthfulness|uncertainty)"
     r"(_|$)|self_consistency",
-    re.I,
+    _I,
 )
-_REASON_NAMES = re.compile(r"reason|rationale|explanation|critique|feedback|comment|justification", re.I)
+_REASON_NAMES = re.compile(r"reason|rationale|explanation|critique|feedback|comment|justification", _I)
 
 
 class _Gen:
@@ -373,7 +386,7 @@ def instance(schema: Any, h: int, hint: Any = None, scores: bool = False) -> Any
 # ------------------------------------------------------------------------------------------------------------
 
 def _tagged(text: str, tag: str) -> str | None:
-    m = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.S)
+    m = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL)
     return m.group(1).strip() if m else None
 
 
@@ -392,31 +405,30 @@ def sentences(text: str) -> list[str]:
 
 _CATEGORY_RULES: list[tuple[str, re.Pattern]] = [
     ("Input Placeholder", re.compile(
-        r"\{[a-z_ ]*\}|\[context\]|placeholder|\bbelow\b|the following|provided (text|document|transcript)", re.I)),
+        r"\{[a-z_ ]*\}|\[context\]|placeholder|\bbelow\b|the following|provided (text|document|transcript)", _I)),
     ("Language", re.compile(
         r"\bin (english|french|german|spanish|italian|portuguese|chinese|japanese|korean|russian|arabic|dutch|"
-        r"hindi)\b|\blanguage\b|\btranslat", re.I)),
+        r"hindi)\b|\blanguage\b|\btranslat", _I)),
     ("Format", re.compile(
-        r"bullet|table|json|markdown|heading|section|\blist\b|format|numbered|paragraph|csv|yaml|code block", re.I)),
-    ("Style/Tone", re.compile(r"\btone\b|formal|friendly|neutral|style|\bvoice\b|casual|professional|polite",
-                              re.I)),
+        r"bullet|table|json|markdown|heading|section|\blist\b|format|numbered|paragraph|csv|yaml|code block", _I)),
+    ("Style/Tone", re.compile(r"\btone\b|formal|friendly|neutral|style|\bvoice\b|casual|professional|polite", _I)),
     ("Numerical", re.compile(r"\d|\bat (most|least)\b|\bwords\b|\bsentences\b|\bcharacters\b|\bexactly\b|"
-                             r"\b(one|two|three|four|five|six|seven|eight|nine|ten)\b", re.I)),
+                             r"\b(one|two|three|four|five|six|seven|eight|nine|ten)\b", _I)),
 ]
 
 _TASK_TYPES: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"summar", re.I), "Summarization"),
-    (re.compile(r"translat", re.I), "Translation"),
-    (re.compile(r"\bsql\b", re.I), "SQL Query Generation"),
-    (re.compile(r"python|function|\bcode\b|script|program", re.I), "Code Generation"),
-    (re.compile(r"\bemail\b|\be-mail\b", re.I), "Email Writing"),
-    (re.compile(r"\bpoem\b|\bstory\b|haiku|limerick|lyrics", re.I), "Creative Writing"),
-    (re.compile(r"classif|categori[sz]e|sentiment", re.I), "Text Classification"),
-    (re.compile(r"extract", re.I), "Information Extraction"),
-    (re.compile(r"\bsolve\b|calculat|comput|equation", re.I), "Mathematical Problem Solving"),
-    (re.compile(r"\bexplain\b", re.I), "Explanation"),
-    (re.compile(r"\brewrite\b|paraphras", re.I), "Text Rewriting"),
-    (re.compile(r"\bquestion", re.I), "Question Answering"),
+    (re.compile(r"summar", _I), "Summarization"),
+    (re.compile(r"translat", _I), "Translation"),
+    (re.compile(r"\bsql\b", _I), "SQL Query Generation"),
+    (re.compile(r"python|function|\bcode\b|script|program", _I), "Code Generation"),
+    (re.compile(r"\bemail\b|\be-mail\b", _I), "Email Writing"),
+    (re.compile(r"\bpoem\b|\bstory\b|haiku|limerick|lyrics", _I), "Creative Writing"),
+    (re.compile(r"classif|categori[sz]e|sentiment", _I), "Text Classification"),
+    (re.compile(r"extract", _I), "Information Extraction"),
+    (re.compile(r"\bsolve\b|calculat|comput|equation", _I), "Mathematical Problem Solving"),
+    (re.compile(r"\bexplain\b", _I), "Explanation"),
+    (re.compile(r"\brewrite\b|paraphras", _I), "Text Rewriting"),
+    (re.compile(r"\bquestion", _I), "Question Answering"),
 ]
 _SKIP = {"a", "an", "the", "some", "me", "this", "that", "these", "those", "my", "your", "our", "their", "its",
          "please", "of", "to", "for", "short", "brief", "new"}

@@ -3,7 +3,8 @@ middleware, no access log), so a zero-latency answer costs about what a minimal 
 
 Order of checks for a chat or embeddings request, as a real provider applies them: auth (401), quota (429
 insufficient_quota), request larger than the whole TPM (429 "Request too large"), rate limits (429), injected
-fault, then the answer after the computed latency.
+fault, then the answer after the computed latency. Each model has its own limit windows, as providers count
+them per model.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import threading
 import time
 from contextlib import AsyncExitStack
+from email.utils import formatdate
 from typing import Any
 
 import anyio
@@ -54,14 +56,15 @@ class BadRequest(Exception):
         self.code = code
 
     def body(self) -> dict:
-        typ = "invalid_request_error"
-        return {"error": {"message": self.message, "type": typ, "param": self.param, "code": self.code}}
+        message = self.message if self.message.endswith("[simulated]") else self.message + " [simulated]"
+        return {"error": {"message": message, "type": "invalid_request_error", "param": self.param,
+                          "code": self.code}}
 
 
 class Answer:
     """A computed answer: response body, content hash, tokens, and what the limits charge for it."""
 
-    __slots__ = ("body", "key", "prompt", "completion", "charge", "model")
+    __slots__ = ("body", "charge", "completion", "key", "model", "prompt")
 
     def __init__(self, body: dict, key: bytes, prompt: int, completion: int, charge: int, model: str):
         self.body = body
@@ -79,6 +82,59 @@ def _json_response(obj: Any, status: int = 200, headers: dict | None = None) -> 
     return web.Response(body=orjson.dumps(obj, option=_NUMPY), status=status, headers=h)
 
 
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+_FAST_MAX = 64 * 1024  # larger bodies take aiohttp's writer, which honours flow control
+_date_cache: list = [0, b""]
+
+
+def _date_line() -> bytes:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = b"Date: " + formatdate(now, usegmt=True).encode() + b"\r\n"
+    return _date_cache[1]
+
+
+class RawResponse:
+    """A complete HTTP/1.1 JSON response pre-serialised to bytes and written in one call.
+
+    aiohttp's server accepts any object with `prepare(request)`, `write_eof()` and `keep_alive` (it duck-types
+    the handler's return value); skipping StreamResponse's header machinery saves a good part of the
+    per-request CPU. Only for small bodies (see _FAST_MAX); the tests exercise it on every request.
+    """
+
+    __slots__ = ("_data", "keep_alive", "status")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str], keep_alive: bool) -> None:
+        self.status = status
+        self.keep_alive = keep_alive
+        parts = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n".encode(), _date_line(),
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body)]
+        for k, v in headers.items():
+            parts.append(f"{k}: {v}\r\n".encode())
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(body)
+        self._data = b"".join(parts)
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        transport.write(self._data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+def _respond(request: web.BaseRequest, status: int, body: bytes, headers: dict[str, str]):
+    if len(body) <= _FAST_MAX:
+        return RawResponse(status, body, headers, request.keep_alive)
+    return web.Response(body=body, status=status, headers={"Content-Type": _JSON, **headers})
+
+
 def _content_key(tag: bytes, body: dict) -> bytes:
     return hashlib.blake2b(tag + orjson.dumps(body, option=_SORT), digest_size=16).digest()
 
@@ -89,7 +145,8 @@ class Handlers:
     def __init__(self, cfg: SimConfig) -> None:
         self.cfg = cfg
         self.ledger = Ledger()
-        self.limits = Limits(cfg.rpm, cfg.tpm, cfg.rps)
+        self._limited_any = bool(cfg.rpm or cfg.tpm or cfg.rps)
+        self._limits: dict[str, Limits] = {}  # per model, as providers count them
         self.faults = faults.FaultPlan(cfg)
         self._seed_mix = (cfg.seed * 0x9E3779B97F4A7C15) & _MASK64
         self._jitter = random.Random(cfg.seed ^ 0x7177E5)
@@ -128,7 +185,7 @@ class Handlers:
     def reset(self) -> None:
         """Clear the ledger and the rate-limit windows (files and batches stay)."""
         self.ledger.reset()
-        self.limits.clear()
+        self._limits.clear()
 
     # ---------------------------------------------------------------------------------------------- dispatch
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -138,6 +195,8 @@ class Handlers:
         self.ledger.requests += 1
         if self._waiters:
             self._wake()
+        if request.headers.get("Expect") == "100-continue":  # curl sends it for larger bodies; no router here
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             if self._auth is not None and request.headers.get("Authorization") != self._auth:
                 resp = _json_response(BadRequest("Incorrect API key provided. [simulated]", None, 401,
@@ -190,35 +249,44 @@ class Handlers:
     # ----------------------------------------------------------------------------------------------- answers
     def answer_chat(self, body: Any) -> Answer:
         """The deterministic answer to a chat completions body (raises BadRequest for an invalid one)."""
-        if not isinstance(body, dict):
+        if type(body) is not dict:
             raise BadRequest("The request body must be a JSON object. [simulated]")
-        model = body.get("model")
-        messages = body.get("messages")
-        if not isinstance(model, str) or not model:
+        get = body.get
+        model = get("model")
+        messages = get("messages")
+        if type(model) is not str or not model:
             raise BadRequest("you must provide a model parameter", "model")
-        if not isinstance(messages, list) or not messages:
+        if type(messages) is not list or not messages:
             raise BadRequest("'messages' must be a non-empty array", "messages")
-        if body.get("stream"):
+        if get("stream"):
             raise BadRequest("The simulator does not stream; send stream=false. [simulated]", "stream")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        max_tokens = get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = get("max_tokens")
+        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
             raise BadRequest("max_tokens must be a positive integer", "max_tokens")
-        n = body.get("n") or 1
-        if not isinstance(n, int) or not 1 <= n <= 128:
+        n = get("n") or 1
+        if type(n) is not int or not 1 <= n <= 128:
             raise BadRequest("n must be an integer from 1 to 128", "n")
         key = _content_key(b"chat:", body)
         h = int.from_bytes(key[:8], "little") ^ self._seed_mix
         prompt = tokens.count_messages(messages)
-        fmt = body.get("response_format")
-        ftype = fmt.get("type") if isinstance(fmt, dict) else None
+        fmt = get("response_format")
+        ftype = fmt.get("type") if type(fmt) is dict else None
         choices = []
         completion = 0
         for i in range(n):
             hi = (h + i) & _MASK64
             finish = "stop"
-            if ftype == "json_schema":
+            if ftype is None or ftype == "text":
+                length = rules.completion_length(max_tokens, hi)
+                content = rules.text_of_length(length, hi)
+                used = rules.text_tokens(length, content)
+                if used == max_tokens:
+                    finish = "length"
+            elif ftype == "json_schema":
                 js = fmt.get("json_schema")
-                if not isinstance(js, dict) or "schema" not in js:
+                if type(js) is not dict or "schema" not in js:
                     raise BadRequest("response_format.json_schema.schema is required", "response_format")
                 obj = rules.structured(js.get("name", ""), js["schema"], messages, hi, self.cfg.seed)
                 content = orjson.dumps(obj).decode()
@@ -228,11 +296,7 @@ class Handlers:
                 content = orjson.dumps({"answer": rules.text_of_length(length, hi)}).decode()
                 used = tokens.count_once(content)
             else:
-                length = rules.completion_length(max_tokens, hi)
-                content = rules.text_of_length(length, hi)
-                used = rules.text_tokens(length, content)
-                if max_tokens is not None and used >= max_tokens:
-                    finish = "length"
+                raise BadRequest(f"response_format type {ftype!r} is not supported", "response_format")
             completion += used
             choices.append({
                 "index": i,
@@ -241,7 +305,7 @@ class Handlers:
                 "finish_reason": finish,
             })
         resp = {
-            "id": "chatcmpl-sim" + key.hex()[:24],
+            "id": "chatcmpl-sim" + key[:12].hex(),
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
@@ -313,13 +377,15 @@ class Handlers:
                 "message": "You exceeded your current quota, please check your plan and billing details. "
                            "[simulated]",
                 "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}, 429)
-        limits = self.limits
-        headers: dict[str, str] = {"Content-Type": _JSON}
-        if limits.active:
+        limits = self._limits.get(ans.model) if self._limited_any else None
+        if limits is None and self._limited_any:
+            limits = self._limits[ans.model] = Limits(cfg.rpm, cfg.tpm, cfg.rps, cfg.limit_mode)
+        headers: dict[str, str] = {}
+        if limits is not None:
             now = time.monotonic()
             verdict = limits.admit(ans.charge, now)
             if not verdict.ok:
-                return self._limited(verdict, ans, now)
+                return self._limited(limits, verdict, ans, now)
             if self._style != "none":
                 headers.update(rate_headers(limits, self._style, now))
         self._ids += 1
@@ -350,7 +416,7 @@ class Handlers:
                 return None
         ledger.ok += 1
         ledger.answered(ans.key, ans.prompt, ans.completion)
-        return web.Response(body=orjson.dumps(ans.body, option=_NUMPY), headers=headers)
+        return _respond(request, 200, orjson.dumps(ans.body, option=_NUMPY), headers)
 
     def delay_s(self, completion_tokens: int, hang: bool = False) -> float:
         """Seconds before an answer: latency + per token x completion tokens + jitter (+ the hang)."""
@@ -362,9 +428,9 @@ class Handlers:
             ms += cfg.hang_s * 1000.0
         return ms / 1000.0
 
-    def _limited(self, verdict, ans: Answer, now: float) -> web.Response:
+    def _limited(self, limits: Limits, verdict, ans: Answer, now: float) -> web.Response:
         style = self._style
-        headers = rate_headers(self.limits, style, now)
+        headers = rate_headers(limits, style, now)
         w = verdict.window
         if verdict.too_large:
             self.ledger.rate_limited["too_large"] += 1
@@ -375,7 +441,7 @@ class Handlers:
             self.ledger.rate_limited[verdict.kind] += 1
             headers.update(retry_headers(style, verdict.retry_after))
             unit = "requests per min (RPM)" if verdict.kind == "requests" else "tokens per min (TPM)"
-            if w.window == 1.0:
+            if w is limits.rps:
                 unit = "requests per second (RPS)"
             amount = 1 if verdict.kind == "requests" else ans.charge
             message = (f"Rate limit reached for {ans.model} in organization org-sim on {unit}: Limit {w.limit}, "
@@ -463,8 +529,12 @@ class Simulator:
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
             sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.config.port))
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self.config.port))
+            except OSError:
+                sock.close()
+                raise
             self.port = sock.getsockname()[1]
             site = web.SockSite(runner, sock, backlog=4096)
             await site.start()
@@ -474,7 +544,7 @@ class Simulator:
         self._stack = stack
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.__aexit__(*exc)
@@ -528,6 +598,16 @@ class SimThread:
     def advance_batches(self) -> None:
         self._call(self.sim.advance_batches)
 
+    def wait_requests(self, n: int, timeout: float | None = None) -> None:
+        """Block until the server has counted at least `n` requests (TimeoutError after `timeout` seconds)."""
+        assert self._loop is not None
+        fut = asyncio.run_coroutine_threadsafe(self.sim.wait_requests(n), self._loop)
+        try:
+            fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise
+
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -548,7 +628,7 @@ class SimThread:
             raise self._error
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         if self._thread is not None:

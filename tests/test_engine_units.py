@@ -1,0 +1,264 @@
+"""Engine pieces in isolation: token counting, failure classification, rate windows, the cache, dedup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import anyio
+import orjson
+import pytest
+
+from tcia_async.config import Limits
+from tcia_async.engine import retry, tokens
+from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
+from tcia_async.engine.limits import Budget, BudgetTooSmall, parse_go_duration, parse_reset
+from tcia_async.engine.runner import Dedup, check_request
+
+# -- tokens ---------------------------------------------------------------------------------------------------------
+
+
+def test_token_counting_is_offline_and_close_to_cl100k(monkeypatch):
+    # A download attempt would go through tiktoken.load.read_file with a URL: make any such attempt fail loudly.
+    import tiktoken.load as tl
+
+    real = tl.read_file
+
+    def no_network(blobpath):
+        assert "://" not in blobpath, f"network access attempted: {blobpath}"
+        return real(blobpath)
+
+    monkeypatch.setattr(tl, "read_file", no_network)
+    count = tokens.counter_for("some-unknown-model")
+    assert count("hello world") == 2  # cl100k_base: "hello", " world"
+    # gpt-4o maps to o200k_base, which is not on disk here: falls back without a download.
+    assert tokens.counter_for("gpt-4o")("hello world") >= 1
+
+
+def test_chat_prompt_count_uses_message_contents_and_upper_bound_holds():
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "Be brief."},
+                                                  {"role": "user", "content": "Résumé of the meeting ✓"}]}
+    exact = tokens.count_chat_prompt(body)
+    assert exact == 3 + 2 * 4 + tokens.counter_for("gpt-4o-mini")("Be brief.") + \
+        tokens.counter_for("gpt-4o-mini")("Résumé of the meeting ✓")
+    assert tokens.chat_prompt_upper_bound(body) >= exact
+
+
+def test_output_estimate_learns_and_is_capped():
+    est = tokens.OutputEstimator(prior=256, alpha=0.5)
+    assert est.estimate("m", None) == 256
+    assert est.estimate("m", 16) == 16
+    est.observe("m", 100)
+    est.observe("m", 50)
+    assert est.estimate("m", None) == 75
+    assert est.estimate("m", 10) == 10
+
+
+# -- classification -------------------------------------------------------------------------------------------------
+
+
+def _err(code=None, typ=None, message="x"):
+    return orjson.dumps({"error": {"code": code, "type": typ, "message": message}})
+
+
+@pytest.mark.parametrize("status,body,kind,code", [
+    (429, _err("rate_limit_exceeded", "requests"), retry.COOLDOWN, "rate_limited"),
+    (429, _err("insufficient_quota", "insufficient_quota"), retry.STOP, "insufficient_quota"),
+    (429, _err("rate_limit_exceeded", "tokens", "Request too large for gpt-4 on tokens per min"), retry.FAIL,
+     "request_too_large"),
+    (401, _err("invalid_api_key"), retry.STOP, "unauthorized"),
+    (403, _err(), retry.STOP, "forbidden"),
+    (400, _err(), retry.FAIL, "bad_request"),
+    (404, _err(), retry.FAIL, "not_found"),
+    (422, _err(), retry.FAIL, "unprocessable"),
+    (408, _err(), retry.RETRY, "timeout"),
+    (409, _err(), retry.RETRY, "conflict"),
+    (500, _err(), retry.RETRY, "server_error"),
+    (503, b"<html>busy</html>", retry.RETRY, "server_error"),
+])
+def test_classification_follows_design(status, body, kind, code):
+    v = retry.classify_status(status, body, {})
+    assert (v.kind, v.code, v.status) == (kind, code, status)
+
+
+def test_retry_after_headers():
+    assert retry.retry_after({"retry-after-ms": "1500"}) == 1.5
+    assert retry.retry_after({"retry-after": "2"}) == 2.0
+    assert retry.retry_after({}) is None
+    v = retry.classify_status(429, _err("rate_limit_exceeded"), {"retry-after-ms": "250"})
+    assert v.wait == 0.25
+
+
+def test_backoff_is_full_jitter_and_capped():
+    import random
+
+    rng = random.Random(1)
+    waits = [retry.backoff(a, 0.5, 4.0, rng) for a in range(1, 12) for _ in range(50)]
+    assert all(0.0 <= w <= 4.0 for w in waits)
+    assert max(retry.backoff(1, 0.5, 4.0, rng) for _ in range(200)) <= 0.5
+    assert max(retry.backoff(10, 0.5, 4.0, rng) for _ in range(200)) > 2.0
+
+
+# -- limits ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,secs", [("1s", 1.0), ("6m0s", 360.0), ("12ms", 0.012), ("1m30.5s", 90.5),
+                                       ("1h2m3s", 3723.0), ("250us", 0.00025), ("0s", 0.0), ("2.5", 2.5)])
+def test_go_durations(text, secs):
+    assert parse_go_duration(text) == pytest.approx(secs)
+
+
+def test_rfc3339_reset():
+    from datetime import UTC, datetime, timedelta
+
+    when = (datetime.now(UTC) + timedelta(seconds=30)).isoformat().replace("+00:00", "Z")
+    assert 28 < parse_reset(when) <= 30
+    assert parse_go_duration("soon") is None
+
+
+@pytest.mark.anyio
+async def test_window_starts_full_then_waits_computed_time():
+    b = Budget(Limits(rps=20))
+    t0 = time.monotonic()
+    for _ in range(20):  # the whole limit at once: it starts full
+        await b.acquire()
+    assert time.monotonic() - t0 < 0.05
+    await b.acquire()  # the 21st waits until the first admissions leave the 1 s window
+    assert time.monotonic() - t0 >= 0.95
+
+
+@pytest.mark.anyio
+async def test_tokens_reserved_and_settled():
+    b = Budget(Limits(tpm=1000))
+    ticket = await b.acquire(600)
+    assert b.token_headroom() == pytest.approx(400)
+    b.settle(ticket, 600, 100)  # the real usage was smaller: the difference comes back
+    assert b.token_headroom() == pytest.approx(900)
+    with pytest.raises(BudgetTooSmall):
+        await b.acquire(1001)  # larger than the whole budget: an error, not an endless wait
+
+
+@pytest.mark.anyio
+async def test_cooldown_blocks_until_deadline():
+    b = Budget(Limits(rpm=1000))
+    b.cooldown(0.2)
+    t0 = time.monotonic()
+    await b.acquire()
+    assert time.monotonic() - t0 >= 0.19
+
+
+@pytest.mark.anyio
+async def test_header_sync_learns_limit_and_adopts_foreign_use():
+    b = Budget(Limits(), learn=True)
+    await b.acquire()  # nothing configured: free
+    b.sync_headers({"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "2",
+                    "x-ratelimit-reset-requests": "6m0s", "x-ratelimit-limit-tokens": "1000",
+                    "x-ratelimit-remaining-tokens": "990", "x-ratelimit-reset-tokens": "1s"})
+    assert b.requests and b.requests[0].limit == 10
+    assert b.tokens and b.counts_tokens
+    await b.acquire(5)
+    await b.acquire(5)
+    # 8 used elsewhere + our 2: the 11th in the minute waits for the provider's reset
+    with anyio.move_on_after(0.2) as scope:
+        await b.acquire(5)
+    assert scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_anthropic_headers():
+    b = Budget(Limits())
+    b.sync_headers({"anthropic-ratelimit-requests-limit": "50", "anthropic-ratelimit-requests-remaining": "50",
+                    "anthropic-ratelimit-requests-reset": "2030-01-01T00:00:00Z"})
+    assert b.requests[0].limit == 50
+
+
+@pytest.mark.anyio
+async def test_waiters_are_served_in_order():
+    b = Budget(Limits(rps=5))
+    for _ in range(5):
+        await b.acquire()
+    order = []
+
+    async def one(i):
+        await b.acquire()
+        order.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(5):
+            tg.start_soon(one, i)
+            await anyio.sleep(0)
+    assert order == list(range(5))
+
+
+# -- cache ----------------------------------------------------------------------------------------------------------
+
+
+def test_key_identity():
+    p = key_prefix("api.openai.com", "/v1/chat/completions")
+    a = orjson.dumps({"b": 1, "a": [1, 2]}, option=orjson.OPT_SORT_KEYS)
+    b = orjson.dumps({"a": [1, 2], "b": 1}, option=orjson.OPT_SORT_KEYS)
+    assert request_key(p, 0, a) == request_key(p, 0, b)  # key order does not matter
+    assert request_key(p, 0, a) != request_key(p, 1, a)  # samples are distinct keys
+    assert request_key(p, 0, a) != request_key(key_prefix("other.example", "/v1/chat/completions"), 0, a)
+    assert request_key(p, 0, a) != request_key(key_prefix("api.openai.com", "/v1/embeddings"), 0, a)
+
+
+def test_cache_roundtrip_and_pending_visible(tmp_path):
+    c = ResponseCache(tmp_path / "c.db", batch_rows=1000)
+    k = os.urandom(16)
+    c.put(k, b'{"x":1}', "req_1")
+    assert c.get(k) == (b'{"x":1}', "req_1")  # visible before the flush
+    c.flush()
+    keys = [os.urandom(16) for _ in range(600)] + [k]
+    assert c.get_many(keys) == {k: (b'{"x":1}', "req_1")}
+    c.close()
+    c2 = ResponseCache(tmp_path / "c.db")
+    assert c2.get(k) == (b'{"x":1}', "req_1")
+    assert c2.get(os.urandom(16)) is None
+    c2.close()
+
+
+_KILLER = """
+import os, sys, signal
+from tcia_async.engine.cache import ResponseCache
+c = ResponseCache(sys.argv[1], batch_rows=100)
+for i in range(10**9):
+    c.put(i.to_bytes(16, "big"), b'{"n":%d}' % i)
+    if i == 5000:
+        print("ready", flush=True)
+"""
+
+
+def test_cache_survives_kill_9(tmp_path):
+    """A writer killed mid-batch leaves a readable cache holding every committed row."""
+    path = tmp_path / "k.db"
+    p = subprocess.Popen([sys.executable, "-c", _KILLER, str(path)], stdout=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"ready"
+    p.kill()
+    p.wait()
+    c = ResponseCache(path)
+    n = len(c)
+    assert n >= 5000
+    for i in (0, 4999, n - 1):
+        assert c.get(i.to_bytes(16, "big")) == (b'{"n":%d}' % i, "")
+    c.close()
+
+
+def test_dedup_finds_repeats_across_chunks():
+    d = Dedup()
+    assert d.check([("a", 1), ("b", 2), ("a", 3)]) == {2: 1}
+    assert d.check([("c", 4), ("b", 5)]) == {1: 2}
+    d.close()
+
+
+@pytest.mark.parametrize("value,problem", [
+    ([1, 2], "not a JSON object"),
+    ({"body": {}}, "custom_id"),
+    ({"custom_id": "x"}, "missing body"),
+    ({"custom_id": "x", "body": {}, "url": "/v1/images"}, "unsupported url"),
+    ({"custom_id": "x", "body": {}, "method": "GET"}, "unsupported method"),
+])
+def test_bad_requests_are_named(value, problem):
+    assert problem in check_request(value)[3]

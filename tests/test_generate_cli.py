@@ -1,0 +1,239 @@
+"""`tcia-async generate` as a user runs it: a subprocess against the simulator on a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from tcia_async.sim import SimConfig, SimThread
+
+SECRET = "sk-cli-SECRET-abcdef0123"
+
+
+def write_input(path: Path, n: int, tag: str = "q", extra: list[bytes] | None = None) -> Path:
+    with open(path, "wb") as fh:
+        for i in range(n):
+            fh.write(orjson.dumps({"custom_id": f"{tag}{i}", "method": "POST", "url": "/v1/chat/completions",
+                                   "body": {"model": "gpt-4o-mini", "max_tokens": 8,
+                                            "messages": [{"role": "user", "content": f"question {tag} {i}"}]}}) + b"\n")
+        for line in extra or []:
+            fh.write(line + b"\n")
+    return path
+
+
+def argv(inp: Path, out: Path, base: str, *more: str) -> list[str]:
+    return [sys.executable, "-m", "tcia_async", "generate", str(inp), "-o", str(out), "--base-url", base,
+            "--summary-json", str(out) + ".summary.json", *more]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["OPENAI_API_KEY"] = SECRET
+    e.pop("OPENAI_BASE_URL", None)
+    return e
+
+
+def run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=env(), timeout=timeout)
+
+
+def results(out: Path) -> list[dict]:
+    return [orjson.loads(line) for line in out.read_bytes().splitlines()]
+
+
+def wait_requests(sim: SimThread, n: int, timeout: float = 30) -> None:
+    """Block until the simulator has seen `n` requests (event-driven on the sim's loop)."""
+    asyncio.run_coroutine_threadsafe(sim.sim.wait_requests(n), sim._loop).result(timeout)
+
+
+def assert_no_secret(*paths: Path) -> None:
+    for p in paths:
+        if p.exists():
+            assert SECRET.encode() not in p.read_bytes(), p
+
+
+def test_results_bad_lines_duplicates_and_summary(tmp_path):
+    inp = write_input(tmp_path / "in.jsonl", 20, extra=[
+        b"{not json",
+        orjson.dumps({"custom_id": "q3", "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}}),
+        orjson.dumps({"custom_id": "img", "url": "/v1/images/generations", "body": {}}),
+        orjson.dumps({"body": {"model": "m"}}),
+        b"",
+        orjson.dumps({"custom_id": "emb", "url": "/v1/embeddings",
+                      "body": {"model": "text-embedding-3-small", "input": "hi"}}),
+    ])
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run(argv(inp, out, sim.base_url))
+        assert p.returncode == 0, p.stderr
+        assert "generate complete" in p.stderr
+        res = results(out)
+        assert len(res) == 25  # 20 requests + 5 non-blank extra lines, each exactly once
+        errors = {r["error"]["line"]: r["error"] for r in res if r["error"]}
+        assert errors[21]["code"] == "bad_input" and "in.jsonl:21" in errors[21]["message"]
+        assert errors[22]["code"] == "duplicate_custom_id" and "line 4" in errors[22]["message"]
+        assert "unsupported url" in errors[23]["message"]
+        assert "custom_id" in errors[24]["message"]
+        assert {r["custom_id"] for r in res if r["error"] is None} == {f"q{i}" for i in range(20)} | {"emb"}
+        summary = orjson.loads((tmp_path / "out.jsonl.summary.json").read_bytes())
+        assert summary["status"] == "complete" and summary["exit_code"] == 0
+        assert summary["ok"] == 21 and summary["failed"] == 4 and summary["sent"] == 21
+        assert sim.stats()["requests"] == 21
+    assert_no_secret(out, Path(str(out) + ".cache.db"), Path(str(out) + ".cache.db-wal"),
+                     tmp_path / "out.jsonl.summary.json")
+    assert SECRET not in p.stderr and SECRET not in p.stdout
+
+
+def test_rerun_replays_and_editing_one_line_resends_only_it(tmp_path):
+    inp = write_input(tmp_path / "in.jsonl", 30)
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        assert run(argv(inp, out, sim.base_url, "--quiet")).returncode == 0
+        first = {r["custom_id"]: r for r in results(out)}
+        assert sim.stats()["requests"] == 30
+        assert run(argv(inp, out, sim.base_url, "--quiet")).returncode == 0
+        assert sim.stats()["requests"] == 30  # all from the cache
+        assert {r["custom_id"]: r for r in results(out)} == first
+        lines = inp.read_bytes().splitlines()
+        edited = orjson.loads(lines[7])
+        edited["body"]["messages"][0]["content"] = "an edited question"
+        lines[7] = orjson.dumps(edited)
+        inp.write_bytes(b"\n".join(lines) + b"\n")
+        assert run(argv(inp, out, sim.base_url, "--quiet")).returncode == 0
+        st = sim.stats()
+        assert st["requests"] == 31 and st["duplicates"] == 0
+        assert len(results(out)) == 30
+
+
+def test_config_and_usage_errors_exit_2(tmp_path):
+    inp = write_input(tmp_path / "in.jsonl", 1)
+    out = tmp_path / "out.jsonl"
+    p = run(argv(tmp_path / "missing.jsonl", out, "http://127.0.0.1:9/v1"))
+    assert p.returncode == 2 and "no such file" in p.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\nconcurrency = 'many'\n")
+    p = run(argv(inp, out, "http://127.0.0.1:9/v1", "--config", str(bad)))
+    assert p.returncode == 2 and "bad.toml" in p.stderr
+    p = run(argv(inp, out, "http://127.0.0.1:9/v1", "--rpm", "-5"))
+    assert p.returncode == 2
+    e = env()
+    e.pop("OPENAI_API_KEY")
+    p = subprocess.run(argv(inp, out, "https://api.example.com/v1"), capture_output=True, text=True, env=e)
+    assert p.returncode == 2 and "OPENAI_API_KEY" in p.stderr
+
+
+def test_config_file_limits_and_base_url_from_env(tmp_path):
+    inp = write_input(tmp_path / "in.jsonl", 12)
+    out = tmp_path / "out.jsonl"
+    conf = tmp_path / "c.toml"
+    conf.write_text("[engine]\nconcurrency = 4\n[engine.limits]\nrps = 10\n"
+                    "[engine.prices.'gpt-4o-mini']\ninput = 0.15\noutput = 0.6\n")
+    with SimThread(SimConfig(rps=10, batch_delay_s=None)) as sim:
+        e = env()
+        e["OPENAI_BASE_URL"] = sim.base_url
+        cmd = [sys.executable, "-m", "tcia_async", "generate", str(inp), "-o", str(out), "--config", str(conf),
+               "--summary-json", str(tmp_path / "s.json")]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=60)
+        assert p.returncode == 0, p.stderr
+        s = orjson.loads((tmp_path / "s.json").read_bytes())
+        assert s["rate_limited"] == 0 and s["cost_usd"] > 0
+        assert sim.stats()["by_status"] == {"200": 12}
+
+
+def test_kill_9_then_rerun_completes_with_few_duplicates(tmp_path):
+    n, c = 400, 16
+    inp = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(latency_ms=20, batch_delay_s=None)) as sim:
+        proc = subprocess.Popen(argv(inp, out, sim.base_url, "--concurrency", str(c), "--quiet"), env=env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_requests(sim, n // 2)
+        proc.kill()
+        proc.wait()
+        answered = sim.stats()["ok"]
+        p = run(argv(inp, out, sim.base_url, "--concurrency", str(c), "--quiet"))
+        assert p.returncode == 0, p.stderr
+        res = results(out)
+        assert sorted(r["custom_id"] for r in res) == sorted(f"q{i}" for i in range(n))
+        assert all(r["error"] is None for r in res)
+        st = sim.stats()
+        assert st["unique"] == n
+        summary = orjson.loads((tmp_path / "out.jsonl.summary.json").read_bytes())
+        # Exactly the answers that never reached the cache were paid twice, and fewer than one round in flight.
+        assert st["duplicates"] == answered - summary["cached"]
+        assert st["duplicates"] <= c
+
+
+def test_ctrl_c_drains_then_rerun_completes(tmp_path):
+    n, c = 300, 8
+    inp = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(latency_ms=100, batch_delay_s=None)) as sim:
+        proc = subprocess.Popen(argv(inp, out, sim.base_url, "--concurrency", str(c)), env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_requests(sim, 3 * c)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "rerun the same command" in err
+        partial = results(out)
+        assert 0 < len(partial) < n and all(r["error"] is None for r in partial)
+        # Drained, not abandoned: everything the sim answered has its result, so nothing is paid twice.
+        assert len(partial) == sim.stats()["ok"]
+        p = run(argv(inp, out, sim.base_url, "--concurrency", "64", "--quiet"))
+        assert p.returncode == 0, p.stderr
+        assert sorted(r["custom_id"] for r in results(out)) == sorted(f"q{i}" for i in range(n))
+        assert sim.stats()["duplicates"] == 0
+
+
+def test_second_ctrl_c_exits_at_once_and_cache_is_intact(tmp_path):
+    n, c = 100, 4
+    inp = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(latency_ms=20, rate_hang=1.0, hang_s=60, batch_delay_s=None)) as sim:
+        proc = subprocess.Popen(argv(inp, out, sim.base_url, "--concurrency", str(c), "--grace", "60"), env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_requests(sim, c)  # every request hangs: only a second Ctrl-C can end this quickly
+        proc.send_signal(signal.SIGINT)
+        proc.stderr.readline()  # "interrupted: no new requests ..." once the first one is handled
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 130, err
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run(argv(inp, out, sim.base_url, "--quiet"))
+        assert p.returncode == 0, p.stderr
+        assert len(results(out)) == n
+
+
+def test_quota_stops_with_exit_3_and_rerun_continues(tmp_path):
+    n = 40
+    inp = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(quota_after=15, batch_delay_s=None)) as sim:
+        p = run(argv(inp, out, sim.base_url, "--concurrency", "1"))
+        assert p.returncode == 3, p.stderr
+        assert "quota" in p.stderr and "rerun the same command" in p.stderr
+        assert len(results(out)) == 15
+        summary = orjson.loads((tmp_path / "out.jsonl.summary.json").read_bytes())
+        assert summary["status"] == "stopped" and summary["exit_code"] == 3
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:  # "credit added"
+        p = run(argv(inp, out, sim.base_url, "--quiet"))
+        assert p.returncode == 0, p.stderr
+        assert sorted(r["custom_id"] for r in results(out)) == sorted(f"q{i}" for i in range(n))
+        assert sim.stats()["requests"] == n - 15
+
+
+def test_wrong_key_stops_with_exit_3_and_key_is_not_printed(tmp_path):
+    inp = write_input(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(api_key="sk-the-right-one", batch_delay_s=None)) as sim:
+        p = run(argv(inp, out, sim.base_url))
+        assert p.returncode == 3
+        assert "API key" in p.stderr and SECRET not in p.stderr
+    assert_no_secret(out, tmp_path / "out.jsonl.summary.json", Path(str(out) + ".cache.db"))
