@@ -161,7 +161,7 @@ def test_window_never_admits_more_than_the_limit_in_any_true_window(gaps, limit,
     w = Window(limit * 3, 1.0)
     t = 0.0
     admitted: list[tuple[float, int]] = []
-    for gap, amount in zip(gaps, amounts):
+    for gap, amount in zip(gaps, amounts, strict=False):
         t += gap
         w.expire(t)
         if w.fits(amount):

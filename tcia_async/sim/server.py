@@ -363,7 +363,9 @@ class Handlers:
         return await self._online(request, self.answer_embeddings)
 
     async def _online(self, request: web.BaseRequest, compute):
-        raw = await request.read()
+        payload = request.content
+        # A small body has usually arrived whole with its headers: take it without read()'s await loop.
+        raw = payload.read_nowait(-1) if payload.is_eof() else await request.read()
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
