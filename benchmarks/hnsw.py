@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from tcia_async.retrieval import IndexParams, VectorIndex, dbscan_hnsw  # noqa: E402
+from tcia_async.retrieval.dbscan import dbscan_exact as exact_dbscan  # noqa: E402
 
 DIM = 384
 TARGETS = {"recall_at_10": 0.97, "qps": 5000.0, "build_s": 60.0}
@@ -62,29 +63,6 @@ def exact_knn(base: np.ndarray, queries: np.ndarray, k: int, chunk: int = 512) -
         order = np.argsort(-np.take_along_axis(sim, part, axis=1), axis=1)
         out[s:s + chunk] = np.take_along_axis(part, order, axis=1)
     return out
-
-
-def exact_dbscan(x: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
-    """scikit-learn's DBSCAN(metric="cosine") by hand: full distance matrix, then its depth-first scan."""
-    u = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    dist = 1.0 - u @ u.T
-    neigh = [np.flatnonzero(row <= eps) for row in dist]
-    core = np.array([len(nb) >= min_samples for nb in neigh])
-    labels = np.full(len(x), -1, dtype=np.int64)
-    label = 0
-    for i in range(len(x)):
-        if labels[i] != -1 or not core[i]:
-            continue
-        stack = [i]
-        while stack:
-            p = stack.pop()
-            if labels[p] != -1:
-                continue
-            labels[p] = label
-            if core[p]:
-                stack.extend(int(q) for q in neigh[p] if labels[q] == -1)
-        label += 1
-    return labels
 
 
 def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -49,7 +48,7 @@ def results(out: Path) -> list[dict]:
 
 def wait_requests(sim: SimThread, n: int, timeout: float = 30) -> None:
     """Block until the simulator has seen `n` requests (event-driven on the sim's loop)."""
-    asyncio.run_coroutine_threadsafe(sim.sim.wait_requests(n), sim._loop).result(timeout)
+    sim.wait_requests(n, timeout)
 
 
 def assert_no_secret(*paths: Path) -> None:

@@ -6,30 +6,7 @@ import numpy as np
 import pytest
 
 from tcia_async.retrieval import IndexParams, VectorIndex, dbscan_hnsw, noise_to_singletons
-
-
-def exact_dbscan(x: np.ndarray, eps: float, min_samples: int) -> np.ndarray:
-    """scikit-learn's DBSCAN (metric="cosine") done by hand: brute-force neighbourhoods, then its scan —
-    points in index order, a depth-first expansion from each unlabelled core point."""
-    u = x / np.linalg.norm(x, axis=1, keepdims=True)
-    dist = 1.0 - u.astype(np.float64) @ u.T.astype(np.float64)
-    neigh = [np.flatnonzero(row <= eps) for row in dist]
-    core = np.array([len(nb) >= min_samples for nb in neigh])
-    labels = np.full(len(x), -1)
-    label = 0
-    for i in range(len(x)):
-        if labels[i] != -1 or not core[i]:
-            continue
-        stack = [i]
-        while stack:
-            p = stack.pop()
-            if labels[p] != -1:
-                continue
-            labels[p] = label
-            if core[p]:
-                stack.extend(int(q) for q in neigh[p] if labels[q] == -1)
-        label += 1
-    return labels
+from tcia_async.retrieval.dbscan import dbscan_exact as exact_dbscan
 
 
 def blobs(rng: np.random.Generator, n_centers: int, per: int, dim: int, spread: float) -> np.ndarray:

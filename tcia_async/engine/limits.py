@@ -27,7 +27,7 @@ import re
 import time
 from collections import deque
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -37,6 +37,24 @@ _monotonic = time.monotonic
 
 
 WAIT = object()  # pay_now: the payment does not fit now
+
+
+class _HeaderNames(NamedTuple):
+    requests_remaining: str
+    requests_limit: str
+    requests_reset: str
+    tokens_remaining: str
+    tokens_limit: str
+    tokens_reset: str
+
+
+_HEADER_SCHEMES = (
+    _HeaderNames("x-ratelimit-remaining-requests", "x-ratelimit-limit-requests", "x-ratelimit-reset-requests",
+                 "x-ratelimit-remaining-tokens", "x-ratelimit-limit-tokens", "x-ratelimit-reset-tokens"),
+    _HeaderNames("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-limit",
+                 "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-remaining",
+                 "anthropic-ratelimit-tokens-limit", "anthropic-ratelimit-tokens-reset"),
+)
 
 
 class BudgetTooSmall(Exception):
@@ -277,31 +295,21 @@ class Budget:
 
     def sync_headers(self, headers: Any) -> None:
         """Adopt the provider's view from OpenAI `x-ratelimit-*` or Anthropic `anthropic-ratelimit-*` headers."""
-        rem = headers.get("x-ratelimit-remaining-requests")
-        rem_t = headers.get("x-ratelimit-remaining-tokens")
-        if rem is not None or rem_t is not None:
+        for names in _HEADER_SCHEMES:
+            rem = headers.get(names.requests_remaining)
+            rem_t = headers.get(names.tokens_remaining)
+            if rem is None and rem_t is None:
+                continue
             self.silent = 0
             if rem is not None:
-                self._sync(False, _num(rem), _num(headers.get("x-ratelimit-limit-requests")),
-                           headers.get("x-ratelimit-reset-requests"))
+                self._sync(False, _num(rem), _num(headers.get(names.requests_limit)),
+                           headers.get(names.requests_reset))
             if rem_t is not None:
-                self._sync(True, _num(rem_t), _num(headers.get("x-ratelimit-limit-tokens")),
-                           headers.get("x-ratelimit-reset-tokens"))
+                self._sync(True, _num(rem_t), _num(headers.get(names.tokens_limit)), headers.get(names.tokens_reset))
             return
-        rem = headers.get("anthropic-ratelimit-requests-remaining")
-        rem_t = headers.get("anthropic-ratelimit-tokens-remaining")
-        if rem is None and rem_t is None:
-            # A provider either sends these on every answer or never: after 64 silent answers, stop looking
-            # (a 429 looks again).
-            self.silent += 1
-            return
-        self.silent = 0
-        if rem is not None:
-            self._sync(False, _num(rem), _num(headers.get("anthropic-ratelimit-requests-limit")),
-                       headers.get("anthropic-ratelimit-requests-reset"))
-        if rem_t is not None:
-            self._sync(True, _num(rem_t), _num(headers.get("anthropic-ratelimit-tokens-limit")),
-                       headers.get("anthropic-ratelimit-tokens-reset"))
+        # A provider either sends these on every answer or never: after 64 silent answers, stop looking
+        # (a 429 looks again).
+        self.silent += 1
 
     def _sync(self, tokens: bool, remaining: float | None, limit: float | None, reset: str | None) -> None:
         if remaining is None:

@@ -96,17 +96,21 @@ def count_chat_prompt(body: dict[str, Any]) -> int:
     Only contents are tokenised (roles, names and tools are covered by the constant), which keeps this to a few
     microseconds for a short prompt; header sync corrects any drift against the provider's own count.
     """
+    return _sum_contents(body, counter_for(body.get("model") or ""))
+
+
+def _sum_contents(body: dict[str, Any], measure: Callable[[str], int]) -> int:
+    """The per-request and per-message constants plus `measure` of every message's content."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         return _PER_REQUEST
-    count = counter_for(body.get("model") or "")
     total = _PER_REQUEST
     for m in messages:
         total += _PER_MESSAGE
         if isinstance(m, dict):
             c = m.get("content")
             if c:
-                total += count(c if isinstance(c, str) else _content_text(c))
+                total += measure(c if isinstance(c, str) else _content_text(c))
     return total
 
 
@@ -116,17 +120,7 @@ def _utf8_len(text: str) -> int:
 
 def chat_prompt_upper_bound(body: dict[str, Any]) -> int:
     """An upper bound of `count_chat_prompt` that needs no tokenizer: a token is never shorter than one byte."""
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        return _PER_REQUEST
-    total = _PER_REQUEST
-    for m in messages:
-        total += _PER_MESSAGE
-        if isinstance(m, dict):
-            c = m.get("content")
-            if c:
-                total += _utf8_len(c) if isinstance(c, str) else _utf8_len(_content_text(c))
-    return total
+    return _sum_contents(body, _utf8_len)
 
 
 def count_embedding_input(model: str, inp: Any) -> int:

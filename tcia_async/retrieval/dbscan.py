@@ -146,3 +146,31 @@ def _components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         ru = ru[diff]
         rv = rv[diff]
         np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
+
+
+def dbscan_exact(vectors: object, eps: float, min_samples: int = 5) -> np.ndarray:
+    """Exact DBSCAN (scikit-learn's scan, metric="cosine"): brute-force neighbourhoods, O(n^2) time and memory.
+
+    The reference `dbscan_hnsw` is checked against (tests, benchmarks/hnsw.py), and a fine choice below a few
+    thousand points. Points are visited in index order, each unlabelled core point grows its cluster depth-first.
+    """
+    x = as_matrix(vectors).astype(np.float64)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dist = 1.0 - u @ u.T
+    neigh = [np.flatnonzero(row <= eps) for row in dist]
+    core = np.array([len(nb) >= min_samples for nb in neigh], dtype=bool)
+    labels = np.full(len(x), -1, dtype=np.int64)
+    label = 0
+    for i in range(len(x)):
+        if labels[i] != -1 or not core[i]:
+            continue
+        stack = [i]
+        while stack:
+            p = stack.pop()
+            if labels[p] != -1:
+                continue
+            labels[p] = label
+            if core[p]:
+                stack.extend(int(q) for q in neigh[p] if labels[q] == -1)
+        label += 1
+    return labels
