@@ -350,7 +350,7 @@ async def test_decompose_through_engine_and_simulator(sim_engine) -> None:
     assert out.complex is True
     (task,) = out.tasks
     assert task.base_query.startswith("Summarize the meeting transcript below")
-    assert task.task_type == "Summarization"
+    assert task.task_type == "Meeting Summarization"
     by_text = {c.constraint.rstrip("."): c.category for c in task.constraints}
     assert by_text == {
         "Keep it under 120 words": "Numerical",

@@ -202,7 +202,7 @@ async def test_decompose_rule(sim):
                             f"Decompose this.\n<instruction>{INSTRUCTION}</instruction>")
     assert obj["complex"] is True and obj["language"] == ["en"]
     (task,) = obj["tasks"]
-    assert task["task_type"] == "Summarization"
+    assert task["task_type"] == "Meeting Summarization"  # the specific kind of work wins
     assert task["base_query"] == "Summarize the meeting transcript below."
     cats = [c["category"].removesuffix(" Constraints") for c in task["constraints"]]
     assert cats == ["Format", "Numerical", "Style/Tone", "Language", "Content"]

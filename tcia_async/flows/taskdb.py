@@ -563,6 +563,7 @@ def run_query(args: argparse.Namespace) -> int:
         return EXIT_OK
     if m.simulated:
         print("(task DB built with the simulator: simulated data)")
+    print("cosine distance (0 = same direction), nearest first:")
     if args.constraint is not None:
         for h in rows:
             print(f"{h['distance']:.3f}  [{h['category']}] {h['text']}")

@@ -417,6 +417,23 @@ _CATEGORY_RULES: list[tuple[str, re.Pattern]] = [
 ]
 
 _TASK_TYPES: list[tuple[re.Pattern, str]] = [
+    # First match wins: the specific kinds of work before the generic verbs they contain.
+    (re.compile(r"\bmeeting\b|\bminutes\b|stand-?up", _I), "Meeting Summarization"),
+    (re.compile(r"\breview\b.*\b(code|diff|pull request|patch|function)\b|\bcode review", _I), "Code Review"),
+    (re.compile(r"\bdebug|\bbug\b|\bfix\b.*\b(error|exception|crash)", _I), "Debugging"),
+    (re.compile(r"unit tests?\b|test cases?\b", _I), "Test Case Writing"),
+    (re.compile(r"\bregex|regular expression", _I), "Regex Writing"),
+    (re.compile(r"\bgrammar\b|proofread|spelling", _I), "Grammar Correction"),
+    (re.compile(r"product description|product listing", _I), "Product Description"),
+    (re.compile(r"slogan|tagline|\bad copy\b|advert", _I), "Ad Copy Writing"),
+    (re.compile(r"interview questions?", _I), "Interview Question Writing"),
+    (re.compile(r"\brecipe\b|\bhow to\b|step-by-step guide|instructions for", _I), "How-To Writing"),
+    (re.compile(r"\boutline\b", _I), "Outlining"),
+    (re.compile(r"brainstorm|\bideas\b", _I), "Brainstorming"),
+    (re.compile(r"tweet|social media|linkedin|instagram", _I), "Social Media Writing"),
+    (re.compile(r"\bcompare\b|comparison|\bversus\b|\bvs\.?\b", _I), "Comparison"),
+    (re.compile(r"\bplan\b|itinerary|schedule|agenda", _I), "Planning"),
+    (re.compile(r"simplif|plain language|plain english", _I), "Text Simplification"),
     (re.compile(r"summar", _I), "Summarization"),
     (re.compile(r"translat", _I), "Translation"),
     (re.compile(r"\bsql\b", _I), "SQL Query Generation"),
@@ -429,6 +446,7 @@ _TASK_TYPES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\bexplain\b", _I), "Explanation"),
     (re.compile(r"\brewrite\b|paraphras", _I), "Text Rewriting"),
     (re.compile(r"\bquestion", _I), "Question Answering"),
+    (re.compile(r"\btable\b|\bchart\b|\bdata\b.*\b(into|as) (a )?(paragraph|text|sentences)", _I), "Data-to-Text"),
 ]
 _SKIP = {"a", "an", "the", "some", "me", "this", "that", "these", "those", "my", "your", "our", "their", "its",
          "please", "of", "to", "for", "short", "brief", "new"}
