@@ -107,7 +107,7 @@ def test_query_and_stats(tmp_path: Path, simulator, capsys) -> None:
     # No URL: the DB says it was built with the simulator, so the CLI starts one in-process.
     assert main(["db", "query", str(db), "--constraint", "Use bullet points", "-k", "3"]) == 0
     out = capsys.readouterr().out
-    assert "simulated" in out and "Use bullet points" in out.splitlines()[1]
+    assert "simulated" in out and "Use bullet points" in out.splitlines()[2]  # after the simulated-data and header lines
 
     # Another embedding model, or a simulator with another dimension, is refused with a clear message.
     assert main(["db", "query", str(db), "Summarization", "--embedding-model", "other-model",

@@ -566,10 +566,10 @@ def run_query(args: argparse.Namespace) -> int:
     print("cosine distance (0 = same direction), nearest first:")
     if args.constraint is not None:
         for h in rows:
-            print(f"{h['distance']:.3f}  [{h['category']}] {h['text']}")
+            print(f"{max(h['distance'], 0.0):.3f}  [{h['category']}] {h['text']}")
     else:
         for h in rows:
-            print(f"{h['distance']:.3f}  {h['name']}  (cluster {h['cluster']}: {h['queries']} queries, "
+            print(f"{max(h['distance'], 0.0):.3f}  {h['name']}  (cluster {h['cluster']}: {h['queries']} queries, "
                   f"{h['member_types']} type strings, {h['pool']} constraints; matched {h['matched']!r})")
             for s in h["samples"]:
                 print(f"         {s}")
