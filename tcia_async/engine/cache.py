@@ -7,7 +7,11 @@ API key, no header, no run fingerprint. Editing one input line changes one key.
 Guarantees:
 - `put` never blocks on disk: rows wait in memory and are written by `flush`, one transaction per batch
   (`executemany`), when `batch_rows` are waiting or `flush_interval` seconds after the first waiting row
-  (the engine owns the task that calls `run_flusher`) and on close.
+  (the engine owns the task that calls `run_flusher`) and on close. A commit appends to the WAL and does not
+  wait for the disk (no fsync). While `run_flusher` runs, the WAL is copied into the database (a checkpoint, the
+  step that does fsync) by a worker thread on a connection of its own, after every `checkpoint_rows` rows
+  written, instead of by whichever commit crosses SQLite's threshold on the event loop; once the WAL holds 32 MB
+  the loop copies the rest itself, so the WAL stays bounded.
 - A key is stored at most once per answer; should two rows ever hold one key, either answer is valid.
 - A waiting row is already visible to `get`/`get_many`, so a rerun inside one process never sends twice.
 - WAL with synchronous=NORMAL: a committed batch survives the process being killed (kill -9) at any moment;
@@ -64,6 +68,14 @@ def request_key(prefix: bytes, sample: int, canonical_body: bytes) -> bytes:
     return h.digest()
 
 
+_WAL_CAP_FRAMES = 8192  # pages (32 MB at SQLite's default page size)
+
+
+def _checkpoint(db: sqlite3.Connection) -> tuple[int, int, int]:
+    """(busy, frames in the WAL, frames copied) of one PASSIVE checkpoint."""
+    return db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]  # all rows: the statement ends here
+
+
 class CacheError(Exception):
     pass
 
@@ -71,7 +83,8 @@ class CacheError(Exception):
 class ResponseCache:
     """See the module docstring."""
 
-    def __init__(self, path: str | os.PathLike[str], batch_rows: int = 512, flush_interval: float = 0.05) -> None:
+    def __init__(self, path: str | os.PathLike[str], batch_rows: int = 512, flush_interval: float = 0.05,
+                 checkpoint_rows: int = 2048) -> None:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +107,9 @@ class ResponseCache:
         self._signal: anyio.Event | None = None  # set when a row starts waiting; owned by run_flusher
         self._closed = False
         self.writes = 0
+        self.checkpoint_rows = checkpoint_rows
+        self._ckpt_due: anyio.Event | None = None  # set when checkpoint_rows were written; owned by run_flusher
+        self._ckpt_mark = 0  # `writes` at the last checkpoint
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
@@ -146,7 +162,7 @@ class ResponseCache:
         if not self._pending or self._closed:
             return
         now = time.time()
-        rows = [(_h(k), k, b, r, now) for k, (b, r) in self._pending.items()]
+        rows = [(_from_bytes(k[:8], "little", signed=True), k, b, r, now) for k, (b, r) in self._pending.items()]
         db = self._db
         db.execute("BEGIN")
         try:
@@ -157,19 +173,47 @@ class ResponseCache:
             raise
         self.writes += len(rows)
         self._pending.clear()
+        if self._ckpt_due is not None and self.writes - self._ckpt_mark >= self.checkpoint_rows:
+            self._ckpt_due.set()
 
     async def run_flusher(self) -> None:
-        """Flush `flush_interval` seconds after a row starts waiting; runs until cancelled (then flushes)."""
+        """Flush `flush_interval` seconds after a row starts waiting and checkpoint the WAL on a worker thread;
+        runs until cancelled (then flushes)."""
         try:
-            while True:
-                self._signal = signal = anyio.Event()
-                if not self._pending:
-                    await signal.wait()
-                await anyio.sleep(self.flush_interval)  # gather a batch: one transaction per interval
-                self.flush()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._run_checkpoints)
+                while True:
+                    self._signal = signal = anyio.Event()
+                    if not self._pending:
+                        await signal.wait()
+                    await anyio.sleep(self.flush_interval)  # gather a batch: one transaction per interval
+                    self.flush()
         finally:
             with anyio.CancelScope(shield=True):
                 self.flush()
+
+    async def _run_checkpoints(self) -> None:
+        # The loop's connection no longer checkpoints by itself; a connection of its own does, on a worker thread,
+        # alongside the loop's commits (SQLite lets a PASSIVE checkpoint run while a writer appends). The WAL only
+        # starts over from its beginning when a commit finds every frame copied, which a commit made during the
+        # checkpoint prevents; so once it holds `_WAL_CAP_FRAMES`, the loop copies the (small) rest itself between
+        # two of its own commits, and the WAL stays bounded.
+        ckpt = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            while True:
+                self._ckpt_due = due = anyio.Event()
+                await due.wait()
+                self._ckpt_mark = self.writes
+                # Not abandoned on cancel: shutdown waits for the checkpoint to end before closing.
+                _, frames, _ = await anyio.to_thread.run_sync(_checkpoint, ckpt)
+                if frames >= _WAL_CAP_FRAMES and not self._closed:
+                    _checkpoint(self._db)
+        finally:
+            self._ckpt_due = None
+            ckpt.close()
+            if not self._closed:
+                self._db.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
 
     def keys(self) -> Iterable[bytes]:
         for (k,) in self._db.execute("SELECT key FROM responses"):

@@ -3,7 +3,8 @@
 A `Transport` sends prepared JSON bytes and returns `(status, body, headers)`; a transport failure (timeout,
 refused or reset connection, truncated body) comes back as status 0 with a `Verdict` in place of the headers, so
 the attempt loop never pays for an exception on the fast path. The connector's limit is raised to the engine's
-concurrency (aiohttp's default of 100 starves a larger pool) and the headers are built once.
+concurrency (aiohttp's default of 100 starves a larger pool) and the headers are built once. The User-Agent is
+set in them rather than skipped: aiohttp turns a skip list into a new multidict on every request.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from tcia_async import __version__
 from tcia_async.engine.retry import Verdict, connection_verdict, timeout_verdict
 
 
@@ -42,7 +44,8 @@ class Transport:
     def __init__(self, base_url: str, api_key: str | None, concurrency: int, timeout: float) -> None:
         self.base_url = base_url
         self.provider = provider_of(base_url)
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json",
+                         "User-Agent": f"tcia-async/{__version__}"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._concurrency = max(1, concurrency)
@@ -55,7 +58,7 @@ class Transport:
                                          ttl_dns_cache=300, keepalive_timeout=60)
         self._session = aiohttp.ClientSession(
             connector=connector, headers=self._headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
-            auto_decompress=True, raise_for_status=False, skip_auto_headers=("User-Agent",))
+            auto_decompress=True, raise_for_status=False)
 
     async def close(self) -> None:
         if self._session is not None:

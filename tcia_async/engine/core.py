@@ -161,14 +161,17 @@ class Engine:
         if not chat:
             return float(count_embedding_input(model, body.get("input"))), 0.0
         n = body.get("n") or 1
-        n = n if isinstance(n, int) and n > 0 else 1
+        if type(n) is not int or n < 1:
+            n = 1
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        if type(cap) is not int or cap <= 0:
+            cap = 0
         # Far from the limit the exact prompt count changes no decision: reserve a tokenizer-free upper bound
         # (settlement puts the provider's real count in its place). Near the limit, count exactly.
         prompt = chat_prompt_upper_bound(body)
-        if prompt * 2 + (cap * n if isinstance(cap, int) else 0) > budget.token_headroom():
+        if prompt * 2 + cap * n > budget.token_headroom():
             prompt = count_chat_prompt(body)
-        if isinstance(cap, int) and cap > 0:
+        if cap:
             return float(prompt + cap * n), float(cap * n)
         return float(prompt + self._estimator.estimate(model, None) * n), -1.0
 

@@ -67,6 +67,16 @@ def check_request(value: Any) -> tuple[str | None, str, dict[str, Any] | None, s
     return cid, url, body, None
 
 
+def check_batch_request(req: BatchRequest) -> tuple[str | None, str, dict[str, Any] | None, str | None]:
+    """`check_request` of a BatchRequest Struct, without building a dict first (the common case is one lookup)."""
+    cid, url, body = req.custom_id, req.url, req.body
+    if type(cid) is str and cid and type(body) is dict and req.method == "POST":
+        u = _URLS.get(url)
+        if u is not None:
+            return cid, u, body, None
+    return check_request({"custom_id": cid, "url": url, "body": body, "method": req.method})
+
+
 class Dedup:
     """Remembers custom_ids (and their line) in a private temporary on-disk SQLite database."""
 
@@ -334,9 +344,10 @@ class RequestSource(_Source):
                     break
             n += 1
             line = self.lines + n
-            value = {"custom_id": req.custom_id, "url": req.url, "body": req.body, "method": req.method} \
-                if isinstance(req, BatchRequest) else req
-            cid, url, body, problem = check_request(value)
+            if isinstance(req, BatchRequest):
+                cid, url, body, problem = check_batch_request(req)
+            else:
+                cid, url, body, problem = check_request(req)
             if problem is not None:
                 self._bad(cid, line, "bad_input", problem)
             else:
