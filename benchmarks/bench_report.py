@@ -152,7 +152,9 @@ def markdown(summary: dict) -> str:
         out += [f"## throughput — zero latency, N = {t['n']:,}, C = {t['concurrency']}", "",
                 "Run window: first request to last result written (interpreter start, imports and session set-up "
                 "outside it). CPU: the client process's own. The engine runs with its SQLite cache (fresh), its "
-                f"limiter (limits far above the run's rate) and token counting on. Engine and floor: best of "
+                f"limiter (limits far above the run's rate) and token counting on, and with the garbage-collector "
+                "setting `tcia-async generate` uses (engine/tuning.py: start-up objects frozen, young generation "
+                "collected every 50,000 allocations); the floor and the peers keep Python's defaults. Engine and floor: best of "
                 f"{t['rounds']} interleaved rounds. All clients run on uvloop.", "",
                 _clients_table(t), ""]
         cli = t.get("engine_cli", {})

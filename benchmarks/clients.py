@@ -264,6 +264,11 @@ async def run_engine(args: argparse.Namespace) -> None:
     from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
     from tcia_async.records import BatchRequest
 
+    if not args.no_gc_tuning:
+        from tcia_async.engine.tuning import tune_gc
+
+        tune_gc()  # as `tcia-async generate` does
+
     def requests():
         for item in iter_jsonl(args.input):
             if isinstance(item, BadLine):
@@ -304,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpm", type=float)
     p.add_argument("--tpm", type=float)
     p.add_argument("--rps", type=float)
+    p.add_argument("--no-gc-tuning", action="store_true", help="engine: leave the garbage collector at Python's defaults")
     args = p.parse_args(argv)
     if args.client == "curator":
         run_curator(args)

@@ -238,7 +238,9 @@ def run_cli(args: argparse.Namespace) -> int:
     import anyio
 
     from tcia_async.engine.cache import CacheError
+    from tcia_async.engine.tuning import tune_gc
 
+    tune_gc()
     state = _State()
     try:
         summary = anyio.run(_main, args, cfg, state, backend="asyncio", backend_options=_backend_options())
