@@ -72,6 +72,9 @@ def test_results_bad_lines_duplicates_and_summary(tmp_path):
         p = run(argv(inp, out, sim.base_url))
         assert p.returncode == 0, p.stderr
         assert "generate complete" in p.stderr
+        # Each bad line is named on stderr too, with its file and line number.
+        for line in (21, 22, 23, 24):
+            assert f"in.jsonl:{line}:" in p.stderr
         res = results(out)
         assert len(res) == 25  # 20 requests + 5 non-blank extra lines, each exactly once
         errors = {r["error"]["line"]: r["error"] for r in res if r["error"]}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -194,8 +194,9 @@ class FileSink:
 
     full = False
 
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: Any, on_bad: Callable[[ErrorOut], None] | None = None) -> None:
         self._write = fh.write
+        self._on_bad = on_bad  # told of every bad input line too (the CLI shows the first few on stderr)
         self.written = 0
         self.failed = 0
 
@@ -209,6 +210,8 @@ class FileSink:
 
     def bad(self, custom_id: str | None, line: int, error: ErrorOut) -> None:
         self._line(f"batch_req_line{line}", custom_id, error)
+        if self._on_bad is not None:
+            self._on_bad(error)
 
     def _line(self, rid: str, custom_id: str | None, error: ErrorOut) -> None:
         err = {"code": error.code, "message": error.message, "status": error.status, "attempts": error.attempts}

@@ -102,11 +102,21 @@ def _err(msg: str) -> None:
 
 
 class _State:
+    SHOWN_BAD = 10  # bad input lines named on stderr; all of them are in RESULTS
+
     def __init__(self) -> None:
         self.interrupted = False
         self.hard = False
         self.total: int | None = None
         self.started = time.perf_counter()
+        self.bad = 0
+
+    def report_bad(self, error: Any) -> None:
+        self.bad += 1
+        if self.bad <= self.SHOWN_BAD:
+            _err(f"skipped {error.message}")
+        elif self.bad == self.SHOWN_BAD + 1:
+            _err("more bad input lines: each has an error result in RESULTS (code bad_input or duplicate_custom_id)")
 
 
 def _count_lines(path: str) -> int:
@@ -147,7 +157,7 @@ async def _main(args: argparse.Namespace, cfg: Any, state: _State) -> dict[str, 
     tty = sys.stderr.isatty()
     async with Engine(cfg) as engine:
         with open(out_path, "wb", buffering=1 << 16) as fh:
-            sink = FileSink(fh)
+            sink = FileSink(fh, on_bad=state.report_bad)
             run = Run(engine, FileSource(engine, args.input, sink), sink)
 
             async def count_total() -> None:

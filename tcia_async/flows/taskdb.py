@@ -429,6 +429,9 @@ def run_build(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     say = (lambda _m: None) if args.quiet else _say
     try:
+        from tcia_async.engine.tuning import tune_gc
+
+        tune_gc()
         db, summary, stats = _run_async(_build_main(config, args, params, say))
     except KeyboardInterrupt:
         _say(f"interrupted; answered calls are cached in {cache}: rerun the same command to continue")
