@@ -1,0 +1,49 @@
+"""The direction of imports (DESIGN.md, "The house"): the rooms stay separable as the project grows."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "tcia_async"
+
+# room -> the tcia_async modules it may import besides itself
+ALLOWED = {
+    "sim": set(),
+    "engine": {"records", "config", "io"},
+    "retrieval": {"records", "config", "io"},
+    "tcia": {"records", "config", "io", "engine", "retrieval"},
+}
+
+
+def imported_rooms(path: Path) -> set[str]:
+    rooms: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "tcia_async" and len(parts) > 1:
+                rooms.add(parts[1])
+    return rooms
+
+
+@pytest.mark.parametrize("room", sorted(ALLOWED))
+def test_room_imports_only_what_the_design_allows(room: str) -> None:
+    bad = {}
+    for path in sorted((PKG / room).rglob("*.py")):
+        extra = imported_rooms(path) - ALLOWED[room] - {room}
+        if extra:
+            bad[str(path.relative_to(PKG))] = sorted(extra)
+    assert bad == {}, f"imports against the layout: {bad}"
+
+
+def test_nothing_but_the_cli_imports_the_simulator() -> None:
+    offenders = [str(p.relative_to(PKG)) for p in sorted(PKG.rglob("*.py"))
+                 if p.parent.name != "sim" and p.name != "cli.py" and "sim" in imported_rooms(p)]
+    assert offenders == []
