@@ -173,10 +173,11 @@ def markdown(summary: dict) -> str:
         lim = ", ".join(f"{k.upper()} {_fmt(x)}" for k, x in rl["limits"].items() if x)
         out += [f"## rate_limited — {lim}, latency {rl['latency_ms']} ms, C = {rl['concurrency']}, N = {rl['n']:,}",
                 "",
-                "The simulator's limits are rolling windows (1 s for RPS, 60 s for RPM/TPM) that start empty, so "
-                "the first `limit` requests may go at once and the next `limit` one window later: ideal = "
-                "ceil(max(0, N − limit) / limit) × window + latency (the larger of the request and token bounds; "
-                "a request costs prompt tokens + max_tokens). "
+                "The simulator's limits are rolling windows (1 s for RPS, 60 s for RPM/TPM) that start empty. Ideal = "
+                "the finishing time of the best possible client: each request sent at the earliest moment when a "
+                "concurrency slot is free (a request holds it for the latency) and every window has room (a "
+                "request costs prompt tokens + max_tokens against TPM), so the first `limit` requests go at once; "
+                "computed by replaying that schedule. "
                 "`time_ratio` = run-window wall ÷ ideal; 429 share = 429 answers ÷ all requests the simulator "
                 "received. The engine is configured with the same limits; the SDK uses its defaults "
                 "(2 retries, honouring Retry-After).", "",

@@ -15,7 +15,7 @@ initial burst: N / rate is one window longer than the ideal, so the two agree on
 
 from __future__ import annotations
 
-import math
+import heapq
 
 from common import SimProcess, SimSettings, engine_available, sim_requests, sim_status, write_chat_requests
 
@@ -26,17 +26,35 @@ MAX_TOKENS = 16  # what write_chat_requests puts in every body
 NAME = "rate_limited"
 
 
-def ideal_seconds(n: int, settings: SimSettings, tokens_per_request: float | None) -> tuple[float, float]:
-    """(ideal time under rolling windows, plain N / rate) for `n` requests under `settings`."""
+def ideal_seconds(n: int, settings: SimSettings, tokens_per_request: float | None,
+                  concurrency: int | None = None) -> tuple[float, float]:
+    """(ideal time, plain N / rate) for `n` requests under `settings`.
+
+    The ideal is the finishing time of the best possible client: every request is sent at the earliest moment
+    that both a concurrency slot is free (each request holds one for the latency) and every rolling window
+    (1 s for RPS, 60 s for RPM/TPM, counted on arrival as the simulator counts) has room for it. Windows start
+    empty, so the first `limit` requests may go at once. Computed by replaying that greedy schedule.
+    """
     latency = settings.latency_ms / 1000.0
-    bounds = []  # (rolling-window ideal, plain amount / rate)
-    for limit, window, amount in ((settings.rps, 1.0, n), (settings.rpm, 60.0, n),
-                                  (settings.tpm, 60.0, n * (tokens_per_request or 0))):
-        if limit and amount:
-            bounds.append((math.ceil(max(0.0, amount - limit) / limit) * window, amount / limit * window))
-    if not bounds:
-        return latency, latency
-    return max(b[0] for b in bounds) + latency, max(b[1] for b in bounds)
+    windows = []  # (requests that fit in one window, period)
+    plain = []
+    for limit, period, per_request in ((settings.rps, 1.0, 1.0), (settings.rpm, 60.0, 1.0),
+                                       (settings.tpm, 60.0, tokens_per_request or 0.0)):
+        if limit and per_request:
+            windows.append((max(1, int(limit // per_request)), period))
+            plain.append(n * per_request / limit * period)
+    slots = [0.0] * min(n, concurrency or n)  # when each slot is free again (a heap)
+    sent: list[float] = []  # send times, nondecreasing
+    finish = 0.0
+    for _ in range(n):
+        t = slots[0]
+        for fit, period in windows:
+            if len(sent) >= fit:
+                t = max(t, sent[-fit] + period)
+        sent.append(t)
+        heapq.heapreplace(slots, t + latency)
+        finish = max(finish, t + latency)
+    return finish, (max(plain) if plain else latency)
 
 
 def run(ctx) -> dict:
@@ -73,7 +91,7 @@ def run(ctx) -> dict:
                 ok = max(1, int(stats.get("ok", rep.get("ok") or 1)))
                 # The simulator charges prompt tokens + max_tokens (16 in these inputs) per request.
                 per_req = stats.get("tokens", {}).get("prompt", 0) / ok + MAX_TOKENS
-                ideal, plain = ideal_seconds(n, settings, per_req)
+                ideal, plain = ideal_seconds(n, settings, per_req, c)
                 received = sim_requests(stats)
                 rep["completed_share"] = round((rep.get("ok") or 0) / n, 4)
                 rep["ideal_s"] = round(ideal, 3)

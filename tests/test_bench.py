@@ -121,6 +121,13 @@ def test_ideal_time_under_rolling_windows() -> None:
     assert ideal == pytest.approx(60.2)
     ideal, _ = ideal_seconds(12_000, SimSettings(latency_ms=0, rpm=6000, tpm=100_000), 30)
     assert ideal == pytest.approx(3 * 60.0)  # 360k tokens at 100k per minute: 3 more windows
+    # With 256 slots held 200 ms each, a window's 6,000 requests take 24 rounds (the last sent at 4.6 s), and the
+    # second window's requests follow the first's one period later: the last is sent at 64.6 s.
+    ideal, _ = ideal_seconds(12_000, SimSettings(latency_ms=200, rpm=6000, tpm=1_000_000), 30, 256)
+    assert ideal == pytest.approx(64.8)
+    # Concurrency alone: 1,000 requests, 100 slots, 500 ms each, no limit: 10 rounds.
+    ideal, _ = ideal_seconds(1000, SimSettings(latency_ms=500), None, 100)
+    assert ideal == pytest.approx(5.0)
 
 
 def test_targets_mark_pass_short_and_unmeasured() -> None:
