@@ -92,6 +92,26 @@ def test_results_bad_lines_duplicates_and_summary(tmp_path):
     assert SECRET not in p.stderr and SECRET not in p.stdout
 
 
+def test_repeated_bodies_are_separate_samples_and_replay_as_such(tmp_path):
+    same = {"model": "gpt-4o-mini", "temperature": 1.0, "messages": [{"role": "user", "content": "a poem"}]}
+    emb = {"model": "text-embedding-3-small", "input": "same text"}
+    lines = [orjson.dumps({"custom_id": f"s{i}", "body": same}) for i in range(3)]
+    lines += [orjson.dumps({"custom_id": f"e{i}", "url": "/v1/embeddings", "body": emb}) for i in range(2)]
+    inp = write_input(tmp_path / "in.jsonl", 300, extra=lines[:1])  # repeats far apart: across input chunks
+    with open(inp, "ab") as fh:
+        fh.write(b"\n".join(lines[1:]) + b"\n")
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        assert run(argv(inp, out, sim.base_url, "--quiet")).returncode == 0
+        stats = sim.stats()
+        # Three lines with one chat body are three samples, as the Batch API would answer them; the two
+        # identical embeddings lines (deterministic) share one call.
+        assert stats["requests"] == 300 + 3 + 1
+        assert {r["custom_id"] for r in results(out) if r["error"] is None} >= {"s0", "s1", "s2", "e0", "e1"}
+        assert run(argv(inp, out, sim.base_url, "--quiet")).returncode == 0
+        assert sim.stats()["requests"] == 300 + 3 + 1  # each sample has its own cache entry: nothing re-sent
+
+
 def test_rerun_replays_and_editing_one_line_resends_only_it(tmp_path):
     inp = write_input(tmp_path / "in.jsonl", 30)
     out = tmp_path / "out.jsonl"

@@ -78,12 +78,33 @@ def check_batch_request(req: BatchRequest) -> tuple[str | None, str, dict[str, A
 
 
 class Dedup:
-    """Remembers custom_ids (and their line) in a private temporary on-disk SQLite database."""
+    """Remembers custom_ids (and their line), and how often each request body came, in a private temporary
+    on-disk SQLite database."""
 
     def __init__(self) -> None:
         self._db = sqlite3.connect("")  # "" = private temporary database, deleted on close; pages spill to disk
         self._db.execute("CREATE TABLE seen (cid TEXT PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID")
+        self._db.execute("CREATE TABLE bodies (k BLOB PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID")
         self._sql: dict[int, str] = {}
+        self._count_sql: dict[int, str] = {}
+
+    def occurrences(self, keys: list[bytes]) -> list[int]:
+        """For each key in order, how many times it was passed before, in this call or an earlier one."""
+        seen_here: dict[bytes, int] = {}
+        before_here: list[int] = []
+        for k in keys:
+            c = seen_here.get(k, 0)
+            before_here.append(c)
+            seen_here[k] = c + 1
+        if not seen_here:
+            return []
+        n = len(seen_here)
+        sql = self._count_sql.get(n)
+        if sql is None:
+            sql = self._count_sql[n] = ("INSERT INTO bodies VALUES " + ",".join(["(?,?)"] * n) +
+                                        " ON CONFLICT DO UPDATE SET n = n + excluded.n RETURNING k, n")
+        total = dict(self._db.execute(sql, [x for item in seen_here.items() for x in item]))
+        return [total[k] - seen_here[k] + c for k, c in zip(keys, before_here)]
 
     def check(self, entries: list[tuple[str, int]]) -> dict[int, int]:
         """Record `(custom_id, line)` pairs in order; return {index in entries: first line} for repeats."""
@@ -261,6 +282,14 @@ class _Source:
                 self._bad(cid, line, "bad_input", f"body cannot be encoded as JSON ({exc})")
                 continue
             items.append(WorkItem(cid, url, body, data, request_key(prefixes[url], 0, data), line))
+        # Two lines with the same chat body are two samples, as in the provider's Batch API: the k-th repeat of a
+        # body (counted over the whole input, so a rerun counts the same) is sample k, its own key and answer.
+        # Embeddings are deterministic: repeats share one answer.
+        chat = [it for it in items if it.path is CHAT]
+        if chat:
+            for it, k in zip(chat, self._dedup.occurrences([it.key for it in chat])):
+                if k:
+                    it.key = request_key(prefixes[CHAT], k, it.data)
         return items
 
     def close(self) -> None:
