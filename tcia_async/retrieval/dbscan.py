@@ -148,16 +148,18 @@ def _components(n: int, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
 
 
-def dbscan_exact(vectors: object, eps: float, min_samples: int = 5) -> np.ndarray:
-    """Exact DBSCAN (scikit-learn's scan, metric="cosine"): brute-force neighbourhoods, O(n^2) time and memory.
+def dbscan_exact(vectors: object, eps: float, min_samples: int = 5, *, block: int = 1024) -> np.ndarray:
+    """Exact DBSCAN (scikit-learn's scan, metric="cosine"): brute-force neighbourhoods, O(n^2) time.
 
     The reference `dbscan_hnsw` is checked against (tests, benchmarks/hnsw.py), and a fine choice below a few
     thousand points. Points are visited in index order, each unlabelled core point grows its cluster depth-first.
     """
     x = as_matrix(vectors).astype(np.float64)
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
-    dist = 1.0 - u @ u.T
-    neigh = [np.flatnonzero(row <= eps) for row in dist]
+    neigh: list[np.ndarray] = []
+    for start in range(0, len(u), block):  # row blocks: memory O(n * block), not O(n^2)
+        dist = 1.0 - u[start:start + block] @ u.T
+        neigh.extend(np.flatnonzero(row <= eps) for row in dist)
     core = np.array([len(nb) >= min_samples for nb in neigh], dtype=bool)
     labels = np.full(len(x), -1, dtype=np.int64)
     label = 0
