@@ -92,6 +92,18 @@ def test_results_bad_lines_duplicates_and_summary(tmp_path):
     assert SECRET not in p.stderr and SECRET not in p.stdout
 
 
+def test_a_bad_line_owns_its_custom_id(tmp_path):
+    good = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(orjson.dumps({"custom_id": "a"}) + b"\n" + orjson.dumps({"custom_id": "a", "body": good}) + b"\n")
+    out = tmp_path / "out.jsonl"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        assert run(argv(inp, out, sim.base_url, "--quiet")).returncode == 0
+        codes = sorted(r["error"]["code"] for r in results(out))
+        assert codes == ["bad_input", "duplicate_custom_id"]  # never a bad line and an answer under one id
+        assert sim.stats()["requests"] == 0
+
+
 def test_repeated_bodies_are_separate_samples_and_replay_as_such(tmp_path):
     same = {"model": "gpt-4o-mini", "temperature": 1.0, "messages": [{"role": "user", "content": "a poem"}]}
     emb = {"model": "text-embedding-3-small", "input": "same text"}

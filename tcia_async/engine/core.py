@@ -29,7 +29,7 @@ import orjson
 from tcia_async.config import EngineConfig
 from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
 from tcia_async.engine.client import Transport
-from tcia_async.engine.errors import EngineStats, RequestFailed, RunStopped
+from tcia_async.engine.errors import EngineStats, NotSent, RequestFailed, RunStopped
 from tcia_async.engine.limits import WAIT, Budget, BudgetTooSmall, Limiter
 from tcia_async.engine.packing import Packer, PackResult
 from tcia_async.engine.retry import COOLDOWN, FAIL, STOP, backoff, classify_status, invalid_body_verdict
@@ -83,6 +83,8 @@ class Engine:
         self._tg: anyio.abc.TaskGroup | None = None
         self._secrets: list[str] = []
         self._prices = config.prices
+        self._halted = False
+        self._holding: set[anyio.CancelScope] = set()  # waits before a send, cancelled by halt()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -137,6 +139,25 @@ class Engine:
         """Why the run was stopped (quota/auth), or None."""
         return self._stopped
 
+    def halt(self) -> None:
+        """Send nothing more. Requests on the wire finish; those waiting for budget or for a retry, and every
+        later call, raise `NotSent` (no answer, nothing recorded: a rerun sends them)."""
+        self._halted = True
+        for scope in list(self._holding):
+            scope.cancel()
+
+    async def _held(self, make_wait: Any, *args: Any) -> Any:
+        """Await `make_wait(*args)` unless `halt()` comes first (then NotSent)."""
+        if self._halted:
+            raise NotSent()
+        with anyio.CancelScope() as scope:
+            self._holding.add(scope)
+            try:
+                return await make_wait(*args)
+            finally:
+                self._holding.discard(scope)
+        raise NotSent()  # reached only when halt() cancelled the wait
+
     def key(self, body: dict[str, Any], url: str = CHAT, sample: int = 0) -> bytes:
         """The cache key of a request (see cache.py)."""
         ep = self._embed_ep if url == EMBEDDINGS else self._chat_ep
@@ -173,7 +194,13 @@ class Engine:
             prompt = count_chat_prompt(body)
         if cap:
             return float(prompt + cap * n), float(cap * n)
-        return float(prompt + self._estimator.estimate(model, None) * n), -1.0
+        guess = self._estimator.estimate(model, None) * n
+        if budget.tokens and prompt + guess > budget.token_headroom():
+            # A guess of the answer's length must not make a request "larger than the whole budget": only the
+            # prompt and an explicit max_tokens can. Settlement charges the real completion afterwards.
+            whole = min(w.limit for w in budget.tokens)
+            guess = min(guess, max(0.0, whole - prompt))
+        return float(prompt + guess), -1.0
 
     async def _exchange(self, ep: _Endpoint, url: str, data: bytes, budget: Budget, tokens: float, model: str,
                         chat: bool, fixed_out: float = -1.0) -> tuple[bytes, dict[str, Any], str, int]:
@@ -185,11 +212,13 @@ class Engine:
         while True:
             if self._stopped is not None:
                 raise RunStopped(self._stopped)
+            if self._halted:
+                raise NotSent()
             attempt += 1
             try:
                 ticket = budget.pay_now(tokens)
                 if ticket is WAIT:
-                    ticket = await budget.acquire(tokens)
+                    ticket = await self._held(budget.acquire, tokens)
             except BudgetTooSmall as exc:
                 raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
             stats.sent += 1
@@ -237,15 +266,17 @@ class Engine:
                 raise RequestFailed.make(verdict.code, self._scrub(f"{verdict.message} (after {attempt} attempts)"),
                                          verdict.status, attempt, retryable=True)
             stats.retries += 1
+            hint = min(verdict.wait, cfg.backoff_cap) if verdict.wait is not None else None
             if kind == COOLDOWN:
                 if budget.requests or budget.tokens:
                     budget.widen_margins()
-                if verdict.wait is not None:
+                if hint is not None:
                     # The provider said when: every request of this budget waits, not just this one.
-                    budget.cooldown(verdict.wait)
+                    budget.cooldown(hint)
                     continue
-            await anyio.sleep(verdict.wait if verdict.wait is not None
-                              else backoff(attempt, cfg.backoff_base, cfg.backoff_cap))
+            # Full jitter always; a server's Retry-After (capped) is a floor, never a reason to retry at once.
+            wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap)
+            await self._held(anyio.sleep, wait if hint is None else max(wait, hint))
 
     def _stop(self, code: str, status: int | None, message: str) -> None:
         if self._stopped is not None:
@@ -392,16 +423,21 @@ class Engine:
                 for f in futs.values():
                     if not f.done():
                         f.cancel()
+            failure: BaseException | None = None
             for k, f in futs.items():
                 exc = f.exception()
                 if exc is not None:
-                    if isinstance(exc, RequestFailed):
-                        self.stats.failed += 1
-                    raise exc
+                    if failure is None:
+                        failure = exc
+                    continue
                 res: PackResult = f.result()
                 found[k] = res.data[0]["embedding"]
                 if cache is not None:
-                    cache.put(k, _dumps(res.body()))
+                    cache.put(k, _dumps(res.body()))  # paid for: kept even when another text failed
+            if failure is not None:
+                if isinstance(failure, RequestFailed):
+                    self.stats.failed += 1
+                raise failure
         self.stats.ok += len(keys)
         if not keys:
             return np.zeros((0, 0), dtype=np.float32)

@@ -33,6 +33,11 @@ class RunStopped(Exception):
         self.message = message
 
 
+class NotSent(Exception):
+    """The engine was halted (`Engine.halt`, the CLI's first Ctrl-C) before this request went out: it has no
+    answer and no result; a rerun sends it."""
+
+
 class EngineStats(msgspec.Struct, kw_only=True):
     """Counters of one Engine. `ok`/`failed` count requests (a cached answer is `ok` and `cached`); `sent` counts
     HTTP attempts, `retries` attempts after the first, `rate_limited` 429 answers; tokens and cost are what the

@@ -206,12 +206,14 @@ def parse_reset(text: str) -> float | None:
 
 
 def _num(value: str | None) -> float | None:
+    """A header's count, or None when absent or unusable (negative, not finite: a provider's bug, not a limit)."""
     if value is None:
         return None
     try:
-        return float(value)
+        x = float(value)
     except ValueError:
         return None
+    return x if 0.0 <= x < float("inf") else None
 
 
 class Budget:

@@ -59,26 +59,34 @@ def _error_fields(body: bytes) -> tuple[str, str, str]:
 
 
 def retry_after(headers: Any) -> float | None:
-    """Seconds to wait from `retry-after-ms`, `retry-after` (seconds or HTTP date), else None."""
+    """Seconds to wait from `retry-after-ms`, `retry-after` (seconds or HTTP date), else None.
+
+    A value that is zero, negative or not finite is no hint (None): it must not make a client retry at once or
+    wait forever.
+    """
     v = headers.get("retry-after-ms")
     if v:
         try:
-            return max(0.0, float(v) / 1000.0)
+            return _hint(float(v) / 1000.0)
         except ValueError:
             pass
     v = headers.get("retry-after")
     if v:
         try:
-            return max(0.0, float(v))
+            return _hint(float(v))
         except ValueError:
             try:
                 from email.utils import parsedate_to_datetime
                 import time
 
-                return max(0.0, parsedate_to_datetime(v).timestamp() - time.time())
-            except (TypeError, ValueError):
+                return _hint(parsedate_to_datetime(v).timestamp() - time.time())
+            except (TypeError, ValueError, OverflowError):
                 return None
     return None
+
+
+def _hint(seconds: float) -> float | None:
+    return seconds if 0.0 < seconds < float("inf") else None
 
 
 _TOO_LARGE = re.compile(r"request too large|too many tokens|maximum context length|context_length_exceeded", re.I)

@@ -23,7 +23,7 @@ import orjson
 
 from tcia_async.engine.cache import request_key
 from tcia_async.engine.core import CHAT, SUPPORTED_URLS, Engine
-from tcia_async.engine.errors import RequestFailed, RunStopped
+from tcia_async.engine.errors import NotSent, RequestFailed, RunStopped
 from tcia_async.io import MAX_LINE_BYTES
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut, ResponseOut
 
@@ -257,6 +257,7 @@ class _Source:
         self._sink = sink
         self._name = name
         self._dedup = Dedup()
+        self._claims: list[tuple[str, int]] = []  # (custom_id, line) of bad lines since the last chunk
         self.lines = 0  # input lines seen (requests and bad lines)
         ep_chat = engine._chat_ep
         ep_embed = engine._embed_ep
@@ -264,11 +265,22 @@ class _Source:
 
     def _bad(self, custom_id: str | None, line: int, code: str, reason: str) -> None:
         self._engine.stats.failed += 1
+        if custom_id is not None and code == "bad_input":
+            self._claims.append((custom_id, line))  # its result is out: a later line may not use the id again
         self._sink.bad(custom_id, line, ErrorOut(code=code, message=f"{self._name}:{line}: {reason}", line=line))
 
     def _finish(self, pending: list[tuple[str, str, dict[str, Any], int]]) -> list[WorkItem]:
-        """Turn checked lines into work items, reporting repeated custom_ids."""
-        repeats = self._dedup.check([(cid, line) for cid, _, _, line in pending])
+        """Turn checked lines into work items, reporting repeated custom_ids (the first line with an id owns it,
+        a bad line included)."""
+        if self._claims:
+            # Record the bad lines' ids in line order with the good ones; only the good ones can be repeats here.
+            order = sorted([(line, cid, i) for i, (cid, _, _, line) in enumerate(pending)] +
+                           [(line, cid, -1) for cid, line in self._claims])
+            self._claims.clear()
+            found = self._dedup.check([(cid, line) for line, cid, _ in order])
+            repeats = {order[j][2]: first for j, first in found.items() if order[j][2] >= 0}
+        else:
+            repeats = self._dedup.check([(cid, line) for cid, _, _, line in pending])
         items: list[WorkItem] = []
         prefixes = self._prefixes
         for i, (cid, url, body, line) in enumerate(pending):
@@ -520,6 +532,8 @@ class Run:
                     self.stopped = exc.message
                 self.drain()
                 return
+            except NotSent:
+                pass  # halted before it went out: no result, a rerun sends it
             else:
                 stats.ok += 1
                 if shared:

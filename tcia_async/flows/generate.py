@@ -175,6 +175,7 @@ async def _main(args: argparse.Namespace, cfg: Any, state: _State) -> dict[str, 
                             _err(f"interrupted: no new requests; {run.in_flight} in flight get up to "
                                  f"{cfg.drain_timeout:g} s to finish (Ctrl-C again to stop at once)")
                             run.drain()
+                            engine.halt()  # requests waiting for budget or a retry are not sent now
                             tg.start_soon(grace)
                         else:
                             state.hard = True
