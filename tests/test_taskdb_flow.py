@@ -132,7 +132,22 @@ def test_usage_errors(tmp_path: Path, simulator, capsys) -> None:
     assert build(tmp_path / "missing.jsonl", tmp_path / "db", simulator.base_url) == 2
     assert "corpus file not found" in capsys.readouterr().err
     assert main(["db", "query", str(tmp_path / "nodb"), "x"]) == 2
+    assert "no such database directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["db", "query", str(tmp_path / "empty"), "x"]) == 2
     assert "not a task database" in capsys.readouterr().err
+    # Argument errors are found before any paid call.
+    before = simulator.stats()["requests"]
+    for bad in (["--eps", "-1"], ["--eps", "0"], ["--min-samples", "0"], ["--concurrency", "0"]):
+        with pytest.raises(SystemExit) as info:
+            build(corpus, tmp_path / "db", simulator.base_url, *bad)
+        assert info.value.code == 2, bad
+    assert simulator.stats()["requests"] == before
+    # A corpus with nothing usable is an error, not an empty database.
+    (tmp_path / "blank.jsonl").write_text("\n")
+    assert build(tmp_path / "blank.jsonl", tmp_path / "db2", simulator.base_url) == 2
+    assert "nothing to build" in capsys.readouterr().err
+    assert not (tmp_path / "db2" / "manifest.json").exists()
 
 
 def test_quota_stop_exits_3_and_keeps_the_cache(tmp_path: Path, capsys) -> None:

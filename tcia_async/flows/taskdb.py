@@ -32,6 +32,26 @@ DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _cosine_eps(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 2.0:
+        raise argparse.ArgumentTypeError(f"{value} is not a cosine distance in (0, 2]")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="db_command", metavar="ACTION")
 
@@ -50,11 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"embedding model (default {DEFAULT_EMBEDDING_MODEL})")
     b.add_argument("--mode", choices=("online", "batch"), default="online",
                    help="online: requests as fast as the rate limits allow; batch: the provider's Batch API")
-    b.add_argument("--concurrency", type=int, default=64, help="requests in flight (default 64)")
+    b.add_argument("--concurrency", type=_positive_int, default=64, help="requests in flight (default 64)")
     b.add_argument("--cache", default=None, help="response cache (default DBDIR/cache.db)")
-    b.add_argument("--eps", type=float, default=None,
+    b.add_argument("--eps", type=_cosine_eps, default=None,
                    help="DBSCAN radius on cosine distance for task-type clustering (default 0.15)")
-    b.add_argument("--min-samples", type=int, default=None, help="DBSCAN min_samples, the point included (default 2)")
+    b.add_argument("--min-samples", type=_positive_int, default=None, help="DBSCAN min_samples, the point included (default 2)")
     b.add_argument("--limit", type=int, default=None, help="use only the first N usable corpus lines")
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -68,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("db", help="database directory")
     q.add_argument("text", nargs="?", help="a task type or task description")
     q.add_argument("--constraint", default=None, help="find constraints nearest to this text instead")
-    q.add_argument("-k", type=int, default=5, help="how many results (default 5)")
+    q.add_argument("-k", type=_positive_int, default=5, help="how many results (default 5)")
     q.add_argument("--samples", type=int, default=3, help="sample constraints shown per cluster (default 3)")
     q.add_argument("--embedding-model", default=None, help="must match the database's (default: the database's)")
     q.add_argument("--json", action="store_true", help="print JSON")
@@ -303,6 +323,10 @@ async def build_db(
     if type_vecs is not None and con_vecs is not None and type_vecs.shape[1] != con_vecs.shape[1]:
         raise UsageError(f"{embedding_model} returned vectors of two dimensions: {type_vecs.shape[1]} and "
                          f"{con_vecs.shape[1]}")
+    if summary.decomposed == 0:
+        # Writing an empty database would look like success: say why nothing could be built instead.
+        raise UsageError(f"{corpus}: nothing to build: no instruction was decomposed ({summary.lines} usable "
+                         f"lines, {summary.bad_lines} bad lines, {summary.failed} failed decompositions)")
     dim = next((v.shape[1] for v in (type_vecs, con_vecs) if v is not None), 1)
     import numpy as np
 
@@ -441,6 +465,11 @@ def run_build(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except Exception as exc:
         from tcia_async.engine import RunStopped
+        from tcia_async.engine.cache import CacheError
+
+        if isinstance(exc, (CacheError, OSError)):
+            _say(f"{exc}")
+            return EXIT_USAGE
 
         if isinstance(exc, RunStopped):
             _say(f"stopped: {exc}; answered calls are cached in {cache}: rerun the same command to continue")

@@ -329,6 +329,8 @@ class TaskDB:
     def load(cls, directory: str | os.PathLike[str]) -> TaskDB:
         """Read a database written by `save`. Raises RetrievalError naming the file when one is missing or bad."""
         d = Path(directory)
+        if not d.is_dir():
+            raise RetrievalError(f"{d}: no such database directory")
         if not (d / "manifest.json").exists():
             raise RetrievalError(f"{d}: not a task database (no manifest.json; was `db build` interrupted?)")
         try:

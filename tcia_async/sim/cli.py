@@ -26,11 +26,21 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0 to 65535)")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The simulator's flags (help texts name units and defaults)."""
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    g.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (default 8000)")
+    g.add_argument("--port", type=_port, default=8000, help="port; 0 picks a free one (default 8000)")
     g.add_argument("--seed", type=int, default=0, help="seed of answers, faults and jitter (default 0)")
 
     g = p.add_argument_group("latency (zero by default: as fast as possible)")

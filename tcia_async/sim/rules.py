@@ -463,7 +463,7 @@ def task_type_of(base_query: str) -> str:
     for rx, name in _TASK_TYPES:
         if rx.search(base_query):
             return name
-    words = [w for w in re.findall(r"[A-Za-z]+", base_query)]
+    words = re.findall(r"[^\W\d_]+", base_query)  # letters of any script: "Écris" stays whole
     words = [w for w in words if w.lower() != "please"]
     if not words:
         return "General Task"
