@@ -49,6 +49,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     timeout: float = 600.0
     backoff_base: float = 0.5
     backoff_cap: float = 60.0
+    # Only connection errors (no answer at all) for this long: stop the run (exit 3) instead of failing every
+    # request after its attempts. A rerun continues.
+    unreachable_after: float = 120.0
     # Grace period for in-flight requests after Ctrl-C.
     drain_timeout: float = 30.0
     # Content-addressed response cache (SQLite, WAL). None = no cache.

@@ -88,3 +88,22 @@ async def test_embed_keeps_the_answers_it_paid_for_when_another_text_fails(tmp_p
             assert engine.stats.sent == 0
         assert vectors.shape[0] == 2
         assert sim.stats()["ok"] == paid
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_provider_stops_the_run_instead_of_failing_every_request():
+    import socket
+
+    from tcia_async.engine import RunStopped
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = EngineConfig(base_url=f"http://127.0.0.1:{port}/v1", unreachable_after=0.3, backoff_base=0.05,
+                       backoff_cap=0.1, max_attempts=1000)
+    async with Engine(cfg) as engine:
+        with pytest.raises(RunStopped, match="no connection to the provider"):
+            await engine.chat(chat("hello"))
+        with pytest.raises(RunStopped):  # the run stays stopped: nothing more is tried
+            await engine.chat(chat("again"))
+    assert engine.stats.ok == 0

@@ -84,6 +84,7 @@ class Engine:
         self._secrets: list[str] = []
         self._prices = config.prices
         self._halted = False
+        self._unreachable_since: float | None = None  # first connection error since the last answer
         self._holding: set[anyio.CancelScope] = set()  # waits before a send, cancelled by halt()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -247,15 +248,26 @@ class Engine:
                                 price = self._prices.get(model)
                                 if price is not None:
                                     stats.cost += (p * price.input + c * price.output) / 1e6
+                        self._unreachable_since = None
                         return raw, parsed, headers.get("x-request-id", ""), attempt
                     verdict = invalid_body_verdict(200, "answer without " + ("choices" if chat else "data"))
             elif status:
+                self._unreachable_since = None  # it answered: reachable, whatever it said
                 if status == 429:
                     stats.rate_limited += 1
                 budget.sync_headers(headers)
                 verdict = classify_status(status, raw, headers)
             else:
                 verdict = headers
+                if verdict.code == "connection_error":
+                    # Nothing but refused or broken connections for a while (a wrong base URL, the provider down):
+                    # stop the run rather than spend every request's attempts on it. A rerun continues.
+                    now = anyio.current_time()
+                    if self._unreachable_since is None:
+                        self._unreachable_since = now
+                    elif now - self._unreachable_since >= cfg.unreachable_after:
+                        self._stop("unreachable", None, verdict.message)
+                        raise RunStopped(self._stopped or "")
             kind = verdict.kind
             if kind == STOP:
                 self._stop(verdict.code, verdict.status, verdict.message)
@@ -285,6 +297,7 @@ class Engine:
             "insufficient_quota": "the provider says the quota is used up (429 insufficient_quota)",
             "unauthorized": "the provider rejected the API key (401)",
             "forbidden": "the provider refused access (403)",
+            "unreachable": f"no connection to the provider for {self.config.unreachable_after:g} s",
         }.get(code, f"the provider refused the run ({status} {code})")
         self._stopped = self._scrub(f"{why}: {message}".strip())
 
