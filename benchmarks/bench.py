@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,21 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def exit_on_signals() -> None:
+    """SIGTERM raises SystemExit(143) and SIGINT KeyboardInterrupt in the main thread, so the `finally` blocks and
+    `with` exits run: they end the simulator and client processes (each in a session of its own, which a signal
+    to our process group does not reach) and remove the scratch directory. A second SIGTERM during that clean-up
+    is ignored so it cannot cut the clean-up short."""
+
+    def on_term(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a caller that ignores SIGINT keeps it ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.sh", description=__doc__.splitlines()[0])
     size = p.add_mutually_exclusive_group()
@@ -150,9 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     for old in logs.glob("*.log"):
         old.unlink()
-    work = Path(tempfile.mkdtemp(prefix="tcia-bench-"))
+    exit_on_signals()
     raise_fd_limit()
-    ctx = Context(profile, work, logs, args.timeout)
     started = time.time()
     summary: dict = {
         "profile": profile,
@@ -163,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmarks/devsim.py (stand-in: tcia_async.sim is not available)",
         "scenarios_run": names,
     }
-    ctx.say(f"bench: profile {profile}, scenarios {', '.join(names)}, scratch {work}")
+    work = Path(tempfile.mkdtemp(prefix="tcia-bench-"))
     try:
+        ctx = Context(profile, work, logs, args.timeout)
+        ctx.say(f"bench: profile {profile}, scenarios {', '.join(names)}, scratch {work}")
         for name in names:
             ctx.say(f"[{name}]")
             t0 = time.perf_counter()
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             summary[name] = res
     finally:
         if args.keep:
-            ctx.say(f"scratch kept at {work}")
+            print(f"scratch kept at {work}", file=sys.stderr, flush=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
     summary["elapsed_s"] = round(time.time() - started, 1)

@@ -99,24 +99,31 @@ class SimProcess:
 
     def __enter__(self) -> SimProcess:
         self._log = open(self.log_path, "ab")
+        # A session (and process group) of its own, so __exit__ can end everything the server started.
         self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=self._log, text=True, env=child_env(), cwd=ROOT
+            self.argv, stdout=subprocess.PIPE, stderr=self._log, text=True, env=child_env(), cwd=ROOT,
+            start_new_session=True,
         )
-        timer = threading.Timer(self.startup_timeout, self.proc.kill)
-        timer.start()
         try:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if line.startswith("listening on "):
-                    self.base_url = line.split("listening on ", 1)[1].strip().rstrip("/")
-                    break
-        finally:
-            timer.cancel()
-        if not self.base_url:
-            self.proc.kill()
+            timer = threading.Timer(self.startup_timeout, kill_group, (self.proc,))
+            timer.start()
+            try:
+                assert self.proc.stdout is not None
+                for line in self.proc.stdout:
+                    if line.startswith("listening on "):
+                        self.base_url = line.split("listening on ", 1)[1].strip().rstrip("/")
+                        break
+            finally:
+                timer.cancel()
+            if not self.base_url:
+                raise RuntimeError(f"simulator did not start ({' '.join(self.argv)}); see {self.log_path}")
+        except BaseException:  # a failed start, or a signal while waiting for it: the server must not outlive us
+            kill_group(self.proc)
             self.proc.wait()
+            self.proc.stdout.close()  # type: ignore[union-attr]
             self._log.close()
-            raise RuntimeError(f"simulator did not start ({' '.join(self.argv)}); see {self.log_path}")
+            raise
+        print(f"  simulator pid {self.proc.pid} listening on {self.base_url}", file=sys.stderr, flush=True)
         return self
 
     @property
@@ -145,11 +152,11 @@ class SimProcess:
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            kill_group(self.proc, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                kill_group(self.proc)
                 self.proc.wait()
         if self.proc is not None and self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -180,9 +187,21 @@ class ChildResult:
     report: dict = field(default_factory=dict)  # the last JSON line the child printed, if any
 
 
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to the process group of `proc`, a child started with `start_new_session=True` (so the group
+    is its own and holds whatever it started). Does nothing once `proc` is known to be reaped: its id, and so
+    the group's, may then belong to another process."""
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _wait(proc: subprocess.Popen, timeout: float | None) -> tuple[int, object]:
-    """Wait for `proc` with os.wait4 (its own rusage); kill it when `timeout` seconds pass first."""
-    timer = threading.Timer(timeout, proc.kill) if timeout else None
+    """Wait for `proc` with os.wait4 (its own rusage); kill its group when `timeout` seconds pass first."""
+    timer = threading.Timer(timeout, kill_group, (proc,)) if timeout else None
     if timer:
         timer.start()
     try:
@@ -201,15 +220,21 @@ def run_child(argv: list[str], log_path: Path, timeout: float | None = None) -> 
         log.write(("\n$ " + " ".join(argv) + "\n").encode())
         log.flush()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=child_env(), cwd=ROOT)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=child_env(), cwd=ROOT,
+                                start_new_session=True)
         out_chunks: list[bytes] = []
         # Read stdout on a thread so a chatty child cannot block on a full pipe while we wait4 it.
         reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()))  # type: ignore[union-attr]
         reader.start()
-        code, usage = _wait(proc, timeout)
-        wall = time.perf_counter() - t0
-        reader.join()
-        proc.stdout.close()  # type: ignore[union-attr]
+        try:
+            code, usage = _wait(proc, timeout)
+            wall = time.perf_counter() - t0
+        finally:
+            if proc.returncode is None:  # interrupted (a signal turned into an exception): end the child's group
+                kill_group(proc)
+                proc.wait()
+            reader.join()
+            proc.stdout.close()  # type: ignore[union-attr]
     stdout = b"".join(out_chunks).decode(errors="replace")
     report: dict = {}
     for line in reversed(stdout.strip().splitlines()):

@@ -34,7 +34,7 @@ import time
 import orjson
 
 from common import (HERE, PY, ROOT, SimProcess, SimSettings, child_env, count_lines, engine_available,
-                    engine_command, run_child, sim_requests, write_chat_requests)
+                    engine_command, kill_group, run_child, sim_requests, write_chat_requests)
 
 NAME = "resume"
 
@@ -69,8 +69,9 @@ def run(ctx) -> dict:
         log.write(("\n$ " + " ".join(argv) + "\n").encode())
         log.flush()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=child_env(), cwd=ROOT)
-        guard = threading.Timer(ctx.timeout, proc.kill)
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=child_env(), cwd=ROOT, start_new_session=True)
+        ctx.say(f"  generate pid {proc.pid} started; SIGKILL at {n // 2} requests received")
+        guard = threading.Timer(ctx.timeout, kill_group, (proc,))
         guard.start()
         seen = 0
         try:
@@ -83,6 +84,9 @@ def run(ctx) -> dict:
             proc.wait()
         finally:
             guard.cancel()
+            if proc.returncode is None:  # interrupted before the planned kill: the client must not outlive us
+                kill_group(proc)
+                proc.wait()
             log.close()
         killed_after = time.perf_counter() - t0
         if proc.returncode != -signal.SIGKILL:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,11 +44,30 @@ def _generate_ready() -> bool:
     return proc.returncode == 0
 
 
+def _run_bench(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run the harness to its end. If the test is cut short (our timeout, pytest-timeout, Ctrl-C), end it with
+    SIGTERM, which it turns into its clean-up (simulator and clients ended, scratch removed); a SIGKILL, as
+    subprocess.run sends, would leave its children running."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHON": sys.executable})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # the whole tiny profile; pyproject's 120 s default is too short on a slow machine
 def test_bench_tiny_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run([str(ROOT / "bench.sh"), "--tiny", "--out", str(out)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    proc = _run_bench([str(ROOT / "bench.sh"), "--tiny", "--out", str(out)], timeout=270)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     for scenario, keys in REQUIRED.items():
@@ -143,3 +163,69 @@ def test_targets_mark_pass_short_and_unmeasured() -> None:
     assert rows[("hnsw", "recall_at_10")] == "not measured"
     reasons = {(r["scenario"], r["key"]): r["reason"] for r in bench_report.evaluate(summary)}
     assert reasons[("hnsw", "recall_at_10")] == "benchmarks/hnsw.py is not there yet"
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) of a live process, None when there is none (a zombie counts as none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in "ZX" else (fields[0], int(fields[1]), int(fields[19]))
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """pid -> start time of every live descendant of `root` (start time tells a reused pid apart)."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
+            procs[int(entry.name)] = st
+    found: dict[int, int] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (_, ppid, start) in procs.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from Linux /proc")
+@pytest.mark.skipif(not _generate_ready(), reason="tcia-async generate is not there yet")
+@pytest.mark.timeout(90)
+def test_sigterm_leaves_no_child_process_or_scratch_behind(tmp_path: Path) -> None:
+    # `resume` runs a simulator and a `tcia-async generate` child, each in a session of its own: a signal to the
+    # harness reaches neither unless the harness ends them itself.
+    proc = subprocess.Popen([sys.executable, str(BENCH / "bench.py"), "--tiny", "--only", "resume", "--out",
+                             str(tmp_path / "results")], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, cwd=ROOT)
+    children: dict[int, int] = {}
+    try:
+        scratch = sim_pid = gen_pid = None
+        assert proc.stderr is not None
+        for line in proc.stderr:  # its progress lines; the generate line comes right after that child starts
+            if "scratch " in line and line.startswith("bench:"):
+                scratch = Path(line.rsplit("scratch ", 1)[1].strip())
+            elif line.strip().startswith("simulator pid "):
+                sim_pid = int(line.split()[2])
+            elif line.strip().startswith("generate pid "):
+                gen_pid = int(line.split()[2])
+                break
+        assert scratch is not None and sim_pid is not None and gen_pid is not None, "progress lines not seen"
+        children = _descendants(proc.pid)
+        assert sim_pid in children and gen_pid in children, children  # both running when the signal lands
+        assert scratch.is_dir()
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM, rest[-2000:]
+        left = [pid for pid, start in children.items() if (st := _proc_stat(pid)) is not None and st[2] == start]
+        assert left == [], f"still running after SIGTERM: {left}"
+        assert not scratch.exists()
+    finally:  # whatever happened above, this test leaves nothing running either
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid, start in children.items():
+            if (st := _proc_stat(pid)) is not None and st[2] == start:
+                os.kill(pid, signal.SIGKILL)
