@@ -283,38 +283,26 @@ def run_curator(args: argparse.Namespace) -> None:
 
 
 async def run_engine(args: argparse.Namespace) -> None:
-    """`Engine.generate` over the input file with the cache, the limiter and token counting on (limits are
-    set, high above what the run reaches unless --rpm/--tpm say otherwise, so every request pays its
-    reservation and settlement), results written with the project's JsonlWriter."""
+    """The engine as `tcia-async generate` drives it (engine.runner: FileSource -> Run -> FileSink, results
+    spliced from the answer bytes), with the cache, the limiter and token counting on (limits are set, high above
+    what the run reaches unless --rpm/--tpm say otherwise, so every request pays its reservation and settlement).
+    The command's progress display and summary are left out; its start-up is measured separately."""
     from tcia_async.config import EngineConfig, Limits
     from tcia_async.engine import Engine
-    from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
-    from tcia_async.records import BatchRequest
+    from tcia_async.engine.runner import FileSink, FileSource, Run
 
     gc_setting(args)  # as `tcia-async generate` does
-
-    def requests():
-        for item in iter_jsonl(args.input):
-            if isinstance(item, BadLine):
-                raise SystemExit(f"bad benchmark input: {item}")
-            v = item.value
-            yield BatchRequest(custom_id=v["custom_id"], body=v["body"], url=v.get("url", "/v1/chat/completions"),
-                               method=v.get("method", "POST"))
 
     limits = Limits(rpm=args.rpm or 1e9, tpm=args.tpm or 1e12, rps=args.rps)
     config = EngineConfig(base_url=args.base_url, concurrency=args.concurrency, cache_path=args.cache,
                           limits=limits, timeout=args.timeout, max_attempts=args.max_attempts)
-    ok = failed = 0
     w = Window()
     async with Engine(config) as engine:
-        with JsonlWriter(args.output) as out:
+        with open(args.output, "wb", buffering=1 << 16) as fh:
+            sink = FileSink(fh)
+            run = Run(engine, FileSource(engine, args.input, sink), sink)
             w.start()
-            async for res in engine.generate(requests()):
-                out.write(res)
-                if res.error is None:
-                    ok += 1
-                else:
-                    failed += 1
+            await run.run()
     # The window closes once the results file is flushed and the engine closed (its cache commits its last
     # rows then), as the floor's closes after its flush. Closing the engine also closes its HTTP session, which
     # the floor's window leaves out: what asymmetry remains counts against the engine.
@@ -322,7 +310,7 @@ async def run_engine(args: argparse.Namespace) -> None:
     stats = engine.stats
     import msgspec
 
-    report(args, w, ok, failed, engine_stats=msgspec.to_builtins(stats))
+    report(args, w, stats.ok, stats.failed, engine_stats=msgspec.to_builtins(stats))
 
 
 def main(argv: list[str] | None = None) -> int:
