@@ -230,19 +230,27 @@ def test_second_ctrl_c_exits_at_once_and_cache_is_intact(tmp_path):
     n, c = 100, 4
     inp = write_input(tmp_path / "in.jsonl", n)
     out = tmp_path / "out.jsonl"
-    with SimThread(SimConfig(latency_ms=20, rate_hang=1.0, hang_s=60, batch_delay_s=None)) as sim:
+    # About a third of the requests hang for a minute: some are answered, then every slot is stuck, and only a
+    # second Ctrl-C can end the run quickly.
+    with SimThread(SimConfig(rate_hang=0.3, hang_s=60, batch_delay_s=None)) as sim:
         proc = subprocess.Popen(argv(inp, out, sim.base_url, "--concurrency", str(c), "--grace", "60"), env=env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_requests(sim, c)  # every request hangs: only a second Ctrl-C can end this quickly
+        wait_requests(sim, c + 2)  # a 5th and 6th request mean at least two were answered
         proc.send_signal(signal.SIGINT)
         proc.stderr.readline()  # "interrupted: no new requests ..." once the first one is handled
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=15)
         assert proc.returncode == 130, err
+    answered = {r["custom_id"] for r in results(out) if r["error"] is None}
+    assert len(answered) >= 2
     with SimThread(SimConfig(batch_delay_s=None)) as sim:
         p = run(argv(inp, out, sim.base_url, "--quiet"))
         assert p.returncode == 0, p.stderr
         assert len(results(out)) == n
+        # Every answer the interrupted run had written out was in its cache: none is paid for again.
+        summary = orjson.loads((tmp_path / "out.jsonl.summary.json").read_bytes())
+        assert summary["cached"] == len(answered)
+        assert sim.stats()["requests"] == n - len(answered)
 
 
 def test_quota_stops_with_exit_3_and_rerun_continues(tmp_path):

@@ -482,6 +482,10 @@ class Engine:
 
         A request that cannot be sent (unsupported url, duplicate custom_id) gets an error result. Raises
         RunStopped after yielding what completed when the provider stops the run.
+
+        To stop early, close the generator (`async with contextlib.aclosing(engine.generate(...)) as results:`):
+        the run is abandoned when it closes. A generator left open after a `break` keeps sending until its
+        result queue is full.
         """
         from tcia_async.engine.runner import QueueSink, RequestSource, Run
 
