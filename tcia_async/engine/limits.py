@@ -283,12 +283,9 @@ class Budget:
 
         Returns a ticket for `settle`.
         """
-        if self._queued == 0:
-            if not self._limited:
-                return None
-            wait, ticket = self._try_pay(tokens)
-            if wait == 0.0:
-                return ticket
+        ticket = self.pay_now(tokens)
+        if ticket is not WAIT:
+            return ticket
         if self._lock is None:
             self._lock = anyio.Lock()
         self._queued += 1

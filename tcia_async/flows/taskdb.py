@@ -468,9 +468,8 @@ def run_build(args: argparse.Namespace) -> int:
         from tcia_async.engine.cache import CacheError
 
         if isinstance(exc, (CacheError, OSError)):
-            _say(f"{exc}")
+            _say(str(exc))
             return EXIT_USAGE
-
         if isinstance(exc, RunStopped):
             _say(f"stopped: {exc}; answered calls are cached in {cache}: rerun the same command to continue")
             return EXIT_STOPPED
