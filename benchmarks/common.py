@@ -105,8 +105,7 @@ class SimProcess:
             start_new_session=True,
         )
         try:
-            timer = threading.Timer(self.startup_timeout, kill_group, (self.proc,))
-            timer.start()
+            timer = watchdog(self.startup_timeout, self.proc)
             try:
                 assert self.proc.stdout is not None
                 for line in self.proc.stdout:
@@ -199,11 +198,18 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+def watchdog(seconds: float, proc: subprocess.Popen) -> threading.Timer:
+    """A started timer that kills `proc`'s group after `seconds` unless cancelled. A daemon thread: a signal that
+    ends the harness between starting and cancelling it must not leave the interpreter waiting for it."""
+    timer = threading.Timer(seconds, kill_group, (proc,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def _wait(proc: subprocess.Popen, timeout: float | None) -> tuple[int, object]:
     """Wait for `proc` with os.wait4 (its own rusage); kill its group when `timeout` seconds pass first."""
-    timer = threading.Timer(timeout, kill_group, (proc,)) if timeout else None
-    if timer:
-        timer.start()
+    timer = watchdog(timeout, proc) if timeout else None
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     finally:

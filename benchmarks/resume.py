@@ -28,13 +28,12 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 
 import orjson
 
 from common import (HERE, PY, ROOT, SimProcess, SimSettings, child_env, count_lines, engine_available,
-                    engine_command, kill_group, run_child, sim_requests, write_chat_requests)
+                    engine_command, kill_group, run_child, sim_requests, watchdog, write_chat_requests)
 
 NAME = "resume"
 
@@ -70,11 +69,11 @@ def run(ctx) -> dict:
         log.flush()
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, stdout=log, stderr=log, env=child_env(), cwd=ROOT, start_new_session=True)
-        ctx.say(f"  generate pid {proc.pid} started; SIGKILL at {n // 2} requests received")
-        guard = threading.Timer(ctx.timeout, kill_group, (proc,))
-        guard.start()
+        guard = None
         seen = 0
         try:
+            ctx.say(f"  generate pid {proc.pid} started; SIGKILL at {n // 2} requests received")
+            guard = watchdog(ctx.timeout, proc)
             while proc.poll() is None:
                 seen = sim_requests(sim.stats())
                 if seen >= n // 2:
@@ -83,7 +82,8 @@ def run(ctx) -> dict:
                 time.sleep(poll)
             proc.wait()
         finally:
-            guard.cancel()
+            if guard is not None:
+                guard.cancel()
             if proc.returncode is None:  # interrupted before the planned kill: the client must not outlive us
                 kill_group(proc)
                 proc.wait()
