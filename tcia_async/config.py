@@ -18,7 +18,7 @@ class ConfigError(Exception):
     """A setting is missing or wrong. The message names the file and the setting."""
 
 
-class Limits(msgspec.Struct, kw_only=True):
+class Limits(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A provider's budget for one (provider, model). None means: not limited (or learn from headers)."""
 
     rpm: float | None = None
@@ -27,14 +27,14 @@ class Limits(msgspec.Struct, kw_only=True):
     tps: float | None = None
 
 
-class Price(msgspec.Struct, kw_only=True):
+class Price(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """USD per 1M tokens, for the cost estimate."""
 
     input: float = 0.0
     output: float = 0.0
 
 
-class EngineConfig(msgspec.Struct, kw_only=True):
+class EngineConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     base_url: str = "https://api.openai.com/v1"
     # Embeddings often live elsewhere (a local server, another provider); None = base_url.
     embedding_base_url: str | None = None
