@@ -191,12 +191,13 @@ class Engine:
         # Far from the limit the exact prompt count changes no decision: reserve a tokenizer-free upper bound
         # (settlement puts the provider's real count in its place). Near the limit, count exactly.
         prompt = chat_prompt_upper_bound(body)
-        if prompt * 2 + cap * n > budget.token_headroom():
+        headroom = budget.token_headroom()  # nothing changes the windows until the payment: computed once
+        if prompt * 2 + cap * n > headroom:
             prompt = count_chat_prompt(body)
         if cap:
             return float(prompt + cap * n), float(cap * n)
         guess = self._estimator.estimate(model, None) * n
-        if budget.tokens and prompt + guess > budget.token_headroom():
+        if budget.tokens and prompt + guess > headroom:
             # A guess of the answer's length must not make a request "larger than the whole budget": only the
             # prompt and an explicit max_tokens can. Settlement charges the real completion afterwards.
             whole = min(w.limit for w in budget.tokens)

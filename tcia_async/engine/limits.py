@@ -250,14 +250,18 @@ class Budget:
         for w in self.requests:
             if w.limit < 1.0:
                 raise BudgetTooSmall(f"{w.name} limit {w.limit:g} is below one request")
-            w.expire(now)
+            e = w.entries
+            if e and e[0][1] <= now:  # expire() only when something leaves the window (it is a no-op otherwise)
+                w.expire(now)
             if w.used + 1.0 > w.limit or now < w.next_at - PACE_SLACK:
                 wait = max(wait, w.blocked(1.0, now))
         for w in self.tokens:
             if tokens > w.limit:
                 raise BudgetTooSmall(
                     f"request needs about {int(tokens)} tokens, more than the whole {w.name} limit of {w.limit:g}")
-            w.expire(now)
+            e = w.entries
+            if e and e[0][1] <= now:
+                w.expire(now)
             if w.used + tokens > w.limit or now < w.next_at - PACE_SLACK:
                 wait = max(wait, w.blocked(tokens, now))
         if wait > 0.0:

@@ -83,8 +83,13 @@ class Dedup:
 
     def __init__(self) -> None:
         self._db = sqlite3.connect("")  # "" = private temporary database, deleted on close; pages spill to disk
-        self._db.execute("CREATE TABLE seen (cid TEXT PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID")
-        self._db.execute("CREATE TABLE bodies (k BLOB PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID")
+        # g in both tables: the number of the `check`/`occurrences` call that inserted the row (tells the rows a call
+        # inserted from earlier ones without reading every row back).
+        self._db.execute("CREATE TABLE seen (cid TEXT PRIMARY KEY, line INTEGER NOT NULL, g INTEGER NOT NULL) "
+                         "WITHOUT ROWID")
+        self._db.execute("CREATE TABLE bodies (k BLOB PRIMARY KEY, n INTEGER NOT NULL, g INTEGER NOT NULL) "
+                         "WITHOUT ROWID")
+        self._gen = 0
         self._sql: dict[int, str] = {}
         self._count_sql: dict[int, str] = {}
 
@@ -101,10 +106,25 @@ class Dedup:
         n = len(seen_here)
         sql = self._count_sql.get(n)
         if sql is None:
-            sql = self._count_sql[n] = ("INSERT INTO bodies VALUES " + ",".join(["(?,?)"] * n) +
-                                        " ON CONFLICT DO UPDATE SET n = n + excluded.n RETURNING k, n")
-        total = dict(self._db.execute(sql, [x for item in seen_here.items() for x in item]))
-        return [total[k] - seen_here[k] + c for k, c in zip(keys, before_here)]
+            sql = self._count_sql[n] = ("INSERT INTO bodies VALUES " + ",".join(["(?,?,?)"] * n) +
+                                        " ON CONFLICT DO NOTHING")
+        self._gen += 1
+        gen = self._gen
+        db = self._db
+        if db.execute(sql, [x for k, m in seen_here.items() for x in (k, m, gen)]).rowcount == n:
+            return before_here  # every body is new (the common case): nothing to read back
+        # Some bodies came in an earlier call (rare): rows not stamped with this call's number hold their earlier
+        # counts; add this call's to them.
+        prior: dict[bytes, int] = {}
+        ks = list(seen_here)
+        for i in range(0, n, 500):
+            part = ks[i:i + 500]
+            q = "SELECT k, n, g FROM bodies WHERE k IN (%s)" % ",".join("?" * len(part))
+            for k, count, g in db.execute(q, part):
+                if g != gen:
+                    prior[k] = count
+        db.executemany("UPDATE bodies SET n = n + ? WHERE k = ?", [(seen_here[k], k) for k in prior])
+        return [prior.get(k, 0) + c for k, c in zip(keys, before_here)]
 
     def check(self, entries: list[tuple[str, int]]) -> dict[int, int]:
         """Record `(custom_id, line)` pairs in order; return {index in entries: first line} for repeats."""
@@ -114,28 +134,33 @@ class Dedup:
         sql = self._sql.get(n)
         if sql is None:
             # One statement per chunk: the rows it did not insert are the repeats.
-            sql = self._sql[n] = ("INSERT INTO seen VALUES " + ",".join(["(?,?)"] * n) +
-                                  " ON CONFLICT DO NOTHING RETURNING cid")
-        inserted = {row[0] for row in self._db.execute(sql, [x for e in entries for x in e])}
-        if len(inserted) == n:
-            return {}
+            sql = self._sql[n] = "INSERT INTO seen VALUES " + ",".join(["(?,?,?)"] * n) + " ON CONFLICT DO NOTHING"
+        self._gen += 1
+        gen = self._gen
+        db = self._db
+        if db.execute(sql, [x for cid, line in entries for x in (cid, line, gen)]).rowcount == n:
+            return {}  # every id is new (the common case): nothing to read back
+        # Rows stamped with this call's number were inserted now; the others hold the line that used the id first.
+        cids = list(dict.fromkeys(cid for cid, _ in entries))
+        inserted: set[str] = set()
+        lines: dict[str, int] = {}
+        for i in range(0, len(cids), 500):
+            part = cids[i:i + 500]
+            q = "SELECT cid, line, g FROM seen WHERE cid IN (%s)" % ",".join("?" * len(part))
+            for cid, line, g in db.execute(q, part):
+                if g == gen:
+                    inserted.add(cid)
+                else:
+                    lines[cid] = line
         repeats: dict[int, int] = {}
         first_here: dict[str, int] = {}
-        earlier: list[str] = []
         for i, (cid, line) in enumerate(entries):
             if cid in inserted and cid not in first_here:
                 first_here[cid] = line
             elif cid in first_here:
                 repeats[i] = first_here[cid]
             else:
-                repeats[i] = -1
-                earlier.append(cid)
-        if earlier:
-            q = "SELECT cid, line FROM seen WHERE cid IN (%s)" % ",".join("?" * len(earlier))
-            lines = dict(self._db.execute(q, earlier))
-            for i, first in repeats.items():
-                if first == -1:
-                    repeats[i] = lines.get(entries[i][0], 0)
+                repeats[i] = lines.get(cid, 0)
         return repeats
 
     def close(self) -> None:
