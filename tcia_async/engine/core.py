@@ -342,8 +342,7 @@ class Engine:
                                                                fixed)
             else:
                 raw, parsed, rid, _ = await self._exchange(ep, ep.urls[path], data, budget, tokens, model, True, fixed)
-            if b"\n" in raw:
-                raw = _dumps(parsed)
+            raw = _compact(raw, parsed)
             if cache is not None:
                 cache.put(key, raw, rid)
         except BaseException as exc:

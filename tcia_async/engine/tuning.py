@@ -8,6 +8,7 @@ requests past the margin the limiter keeps between our clock and the provider's,
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 
 def tune_gc(young_threshold: int = 50_000) -> None:
@@ -20,3 +21,13 @@ def tune_gc(young_threshold: int = 50_000) -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(max(young_threshold, 700), older, oldest)
+
+
+def event_loop_options() -> dict[str, Any]:
+    """`backend_options` for `anyio.run(..., backend="asyncio")`: uvloop when it is installed (it is a
+    dependency on every platform but Windows), the standard loop otherwise."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}

@@ -249,12 +249,12 @@ def run_cli(args: argparse.Namespace) -> int:
     import anyio
 
     from tcia_async.engine.cache import CacheError
-    from tcia_async.engine.tuning import tune_gc
+    from tcia_async.engine.tuning import event_loop_options, tune_gc
 
     tune_gc()
     state = _State()
     try:
-        summary = anyio.run(_main, args, cfg, state, backend="asyncio", backend_options=_backend_options())
+        summary = anyio.run(_main, args, cfg, state, backend="asyncio", backend_options=event_loop_options())
     except CacheError as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -286,11 +286,3 @@ def _print_summary(s: dict[str, Any]) -> None:
           f"  ok {s['ok']} (from cache {s['cached']}), failed {s['failed']}; sent {s['sent']} requests, "
           f"retries {s['retries']}, answered 429 {s['rate_limited']}; tokens {s['tokens']['total']:,}{cost}",
           file=sys.stderr, flush=True)
-
-
-def _backend_options() -> dict[str, Any]:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}

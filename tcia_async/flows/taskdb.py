@@ -506,15 +506,12 @@ async def _build_main(config, args, params, say):
 def _run_async(coro):
     import anyio
 
+    from tcia_async.engine.tuning import event_loop_options
+
     async def main():
         return await coro
 
-    try:
-        import uvloop  # noqa: F401
-
-        return anyio.run(main, backend_options={"use_uvloop": True})
-    except ImportError:
-        return anyio.run(main)
+    return anyio.run(main, backend="asyncio", backend_options=event_loop_options())
 
 
 # --------------------------------------------------------------------------------------------------------------
