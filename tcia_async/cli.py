@@ -16,11 +16,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from tcia_async import __version__
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_STOPPED = 3
-EXIT_INTERRUPTED = 130
+from tcia_async.flows import EXIT_USAGE
 
 
 class _Command(NamedTuple):

@@ -18,10 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_STOPPED = 3
-EXIT_INTERRUPTED = 130
+from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 
 import msgspec
 
+from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
 from tcia_async.records import Decomposition
 
-EXIT_OK, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 2, 3, 130
 DEFAULT_MODEL = "gpt-4.1"
 DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
 
