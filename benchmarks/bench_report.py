@@ -24,7 +24,10 @@ TARGETS = [
     ("throughput", "ratio_floor", "engine req/s ÷ raw aiohttp floor", ">=", 0.75, "DESIGN.md, issue 3"),
     ("throughput", "ratio_sdk", "engine req/s (best round) ÷ openai SDK (one round only)", ">=", 15.0, "issue 3"),
     ("throughput", "engine_rps", "engine req/s (zero latency)", None, None, ""),
+    ("throughput", "ratio_floor_median_round", "median over rounds of engine ÷ floor (round by round)", None, None,
+     ""),
     ("throughput", "engine_cpu_us", "engine CPU µs/request", None, None, ""),
+    ("throughput", "engine_loop_cpu_us", "engine CPU µs/request on the event loop's thread", None, None, ""),
     ("throughput", "floor_rps", "raw aiohttp floor req/s", None, None, ""),
     ("throughput", "floor_cpu_us", "raw aiohttp floor CPU µs/request", None, None, ""),
     ("throughput", "openai_sdk_rps", "openai SDK req/s", None, None, ""),
@@ -113,7 +116,8 @@ def table(summary: dict) -> str:
 
 
 def _clients_table(res: dict, extra: list[tuple[str, str]] = ()) -> str:
-    cols = [("req/s", "rps"), ("CPU µs/req", "cpu_us"), ("sim CPU µs/req", "sim_cpu_us"), ("ok", "ok"),
+    cols = [("req/s", "rps"), ("CPU µs/req", "cpu_us"), ("loop thread CPU µs/req", "loop_cpu_us"),
+            ("sim CPU µs/req", "sim_cpu_us"), ("ok", "ok"),
             ("n", "n"), ("wall s", "wall_s")] + list(extra)
     lines = ["| client | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, c in res.get("clients", {}).items():

@@ -9,7 +9,9 @@ file line by line and writes one result line per request, so they do the same wo
 It prints one JSON line: `n`, `ok`, `failed`, `wall_s` and `cpu_s` of the run window (from the first request to
 the last result written and flushed; for the engine, to the engine closed, so its cache's last commit is inside
 it: imports, session set-up and interpreter start are outside it, and are reported as `setup_cpu_s`), `rps` and
-`cpu_us` per request. CPU is this process's own (time.process_time).
+`cpu_us` per request. CPU is this process's own (time.process_time), all threads; `loop_cpu_us` is the part of
+the thread that runs the event loop (the engine writes its cache on a worker thread), and `user_us`/`sys_us` split
+the process's CPU into user and kernel time.
 
 Our clients, the engine and the raw floor, run with the same garbage-collector setting (`tune_gc`, as
 `tcia-async generate` does; `--no-gc-tuning` leaves both at Python's defaults); the SDK and the peers keep
@@ -36,10 +38,16 @@ class Window:
         self.setup_cpu = time.process_time()
         self.t0 = time.perf_counter()
         self.c0 = self.setup_cpu
+        self.l0 = time.thread_time()
+        self.r0 = os.times()
 
     def stop(self) -> None:
         self.wall = time.perf_counter() - self.t0
         self.cpu = time.process_time() - self.c0
+        self.loop_cpu = time.thread_time() - self.l0
+        r1 = os.times()
+        self.user = r1.user - self.r0.user
+        self.sys = r1.system - self.r0.system
 
     def __enter__(self) -> Window:
         self.start()
@@ -76,6 +84,9 @@ def report(args: argparse.Namespace, w: Window, ok: int, failed: int, **extra: o
         "setup_cpu_s": round(w.setup_cpu, 4),
         "rps": round(ok / w.wall, 1) if w.wall > 0 else None,
         "cpu_us": round(w.cpu / n * 1e6, 1) if n else None,
+        "loop_cpu_us": round(w.loop_cpu / n * 1e6, 1) if n else None,
+        "user_us": round(w.user / n * 1e6, 1) if n else None,
+        "sys_us": round(w.sys / n * 1e6, 1) if n else None,
         **extra,
     }
     print(json.dumps(out), flush=True)

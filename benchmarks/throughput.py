@@ -10,6 +10,8 @@ run window divided by N. `tcia-async generate` itself is also timed end to end o
 
 from __future__ import annotations
 
+import statistics
+
 from common import (PY, HERE, SimProcess, SimSettings, engine_available, generate_argv, generate_cli_available,
                     have, run_child, sim_requests, sim_status, write_chat_requests)
 
@@ -109,5 +111,12 @@ def run(ctx) -> dict:
         out[f"{peer}_rps"] = clients[peer].get("rps")
         out[f"{peer}_cpu_us"] = clients[peer].get("cpu_us")
     out["ratio_floor"] = round(out["engine_rps"] / out["floor_rps"], 3) if out["engine_rps"] and out["floor_rps"] else None
+    # The same ratio round by round (each engine round against the floor round run right after it), and its
+    # median: on a machine whose speed drifts during the run this moves less than the best against the best.
+    pairs = [round(e / r, 3) for e, r in zip(eng.get("all_rounds_rps") or [], raw.get("all_rounds_rps") or [])
+             if e and r]
+    out["ratio_floor_by_round"] = pairs
+    out["ratio_floor_median_round"] = statistics.median(pairs) if pairs else None
+    out["engine_loop_cpu_us"] = eng.get("loop_cpu_us")
     out["ratio_sdk"] = round(out["engine_rps"] / out["openai_sdk_rps"], 2) if out["engine_rps"] and out["openai_sdk_rps"] else None
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -44,6 +45,11 @@ def test_chat_prompt_count_uses_message_contents_and_upper_bound_holds():
     assert exact == 3 + 2 * 4 + tokens.counter_for("gpt-4o-mini")("Be brief.") + \
         tokens.counter_for("gpt-4o-mini")("Résumé of the meeting ✓")
     assert tokens.chat_prompt_upper_bound(body) >= exact
+    # The bound from the JSON's length alone holds too, for empty, missing and multimodal contents as well.
+    for b in (body, {}, {"messages": [{"role": "user"}] * 5}, {"messages": [{"role": "user", "content": ""}]},
+              {"messages": [{"role": "user", "content": [{"type": "text", "text": "Résumé ✓ " * 20}]}]}):
+        size = len(orjson.dumps(b, option=orjson.OPT_SORT_KEYS))
+        assert tokens.chat_prompt_bound_from_json(size) >= tokens.count_chat_prompt(b)
 
 
 def test_output_estimate_learns_and_is_capped():
@@ -203,6 +209,10 @@ def test_key_identity():
     assert request_key(p, 0, a) != request_key(p, 1, a)  # samples are distinct keys
     assert request_key(p, 0, a) != request_key(key_prefix("other.example", "/v1/chat/completions"), 0, a)
     assert request_key(p, 0, a) != request_key(key_prefix("api.openai.com", "/v1/embeddings"), 0, a)
+    # The format is fixed (caches written by earlier versions stay valid): BLAKE2b-128 of provider, path, sample
+    # and canonical body, each of the first three ending in a newline.
+    assert request_key(p, 3, a) == hashlib.blake2b(b"api.openai.com\n/v1/chat/completions\n3\n" + a,
+                                                   digest_size=16).digest()
 
 
 def test_cache_roundtrip_and_pending_visible(tmp_path):
@@ -217,6 +227,31 @@ def test_cache_roundtrip_and_pending_visible(tmp_path):
     c2 = ResponseCache(tmp_path / "c.db")
     assert c2.get(k) == (b'{"x":1}', "req_1")
     assert c2.get(os.urandom(16)) is None
+    c2.close()
+
+
+@pytest.mark.anyio
+async def test_cache_writes_behind_and_a_cancelled_flusher_loses_nothing(tmp_path):
+    """Batches are committed by the flusher (off the loop) without any flush() call; cancelling it while a batch
+    is being written, with more rows waiting, still commits every row."""
+    c = ResponseCache(tmp_path / "c.db", batch_rows=64, flush_interval=0.01)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(c.run_flusher)
+        c.put(b"k" * 16, b'{"first":1}', "req_0")
+        with anyio.fail_after(10):
+            while c.writes < 1:  # committed behind the loop, within the flush interval
+                await anyio.sleep(0.005)
+        for i in range(300):
+            c.put(i.to_bytes(16, "big"), b'{"n":%d}' % i)
+            assert c.get(i.to_bytes(16, "big")) == (b'{"n":%d}' % i, "")  # visible while waiting
+            if i % 7 == 0:
+                await anyio.sleep(0)  # lets the flusher start batches mid-way
+        tg.cancel_scope.cancel()
+    c.close()
+    c2 = ResponseCache(tmp_path / "c.db")
+    assert len(c2) == 301
+    assert c2.get(b"k" * 16) == (b'{"first":1}', "req_0")
+    assert all(c2.get(i.to_bytes(16, "big")) == (b'{"n":%d}' % i, "") for i in range(300))
     c2.close()
 
 
@@ -258,6 +293,8 @@ def test_dedup_finds_repeats_across_chunks():
     ({"body": {}}, "custom_id"),
     ({"custom_id": "x"}, "missing body"),
     ({"custom_id": "x", "body": {}, "url": "/v1/images"}, "unsupported url"),
+    ({"custom_id": "x", "body": {}, "url": ["/v1/chat/completions"]}, "unsupported url"),
+    ({"custom_id": "x", "body": {}, "method": ["POST"]}, "unsupported method"),
     ({"custom_id": "x", "body": {}, "method": "GET"}, "unsupported method"),
 ])
 def test_bad_requests_are_named(value, problem):

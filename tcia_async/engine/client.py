@@ -1,10 +1,12 @@
 """The HTTP side: one aiohttp session per base URL, OpenAI-compatible POSTs, transport errors classified.
 
-A `Transport` sends prepared JSON bytes and returns `(status, body, headers)`; a transport failure (timeout,
-refused or reset connection, truncated body) comes back as status 0 with a `Verdict` in place of the headers, so
-the attempt loop never pays for an exception on the fast path. The connector's limit is raised to the engine's
-concurrency (aiohttp's default of 100 starves a larger pool) and the headers are built once. The User-Agent is
-set in them rather than skipped: aiohttp turns a skip list into a new multidict on every request.
+`Transport.request(url, data)` is the POST of prepared JSON bytes as an async context manager giving the
+response (`status`, `headers`, `await read()`); the attempt loop (core.py) enters it itself, one coroutine layer
+fewer per request than a wrapper would cost. A transport failure (timeout, refused or reset connection,
+truncated body) is one of `TRANSPORT_ERRORS`, and `Transport.verdict(exc)` classifies it. The connector's limit
+is raised to the engine's concurrency (aiohttp's default of 100 starves a larger pool) and the headers are built
+once. The User-Agent is set in them rather than skipped: aiohttp turns a skip list into a new multidict on every
+request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import aiohttp
 
 from tcia_async import __version__
 from tcia_async.engine.retry import Verdict, connection_verdict, timeout_verdict
+
+
+# What a failed exchange below HTTP raises: a timeout, or a refused, reset or truncated connection.
+TRANSPORT_ERRORS = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
 
 
 def provider_of(base_url: str) -> str:
@@ -71,17 +77,16 @@ class Transport:
             u = self._urls[path] = endpoint_url(self.base_url, path)
         return u
 
-    async def post(self, url: str, data: bytes) -> tuple[int, bytes, Any]:
-        """POST `data` (JSON bytes). Returns (status, body, headers) or (0, b"", Verdict) on a transport failure."""
-        assert self._session is not None, "Transport.open() first"
-        try:
-            async with self._session.post(url, data=data) as resp:
-                body = await resp.read()
-                return resp.status, body, resp.headers
-        except asyncio.TimeoutError:
-            return 0, b"", timeout_verdict(self.timeout)
-        except (aiohttp.ClientError, OSError) as exc:
-            return 0, b"", connection_verdict(exc)
+    def request(self, url: str, data: bytes) -> Any:
+        """The POST of `data` (JSON bytes) to `url`: `async with transport.request(url, data) as resp`. Raises
+        one of TRANSPORT_ERRORS when the exchange fails below HTTP."""
+        return self._session.post(url, data=data)  # type: ignore[union-attr]
+
+    def verdict(self, exc: BaseException) -> Verdict:
+        """The retry verdict of a transport failure (one of TRANSPORT_ERRORS)."""
+        if isinstance(exc, asyncio.TimeoutError):
+            return timeout_verdict(self.timeout)
+        return connection_verdict(exc)  # type: ignore[arg-type]
 
 
-__all__ = ["Transport", "Verdict", "provider_of", "endpoint_url", "is_loopback"]
+__all__ = ["TRANSPORT_ERRORS", "Transport", "Verdict", "provider_of", "endpoint_url", "is_loopback"]

@@ -28,13 +28,13 @@ import orjson
 
 from tcia_async.config import EngineConfig
 from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
-from tcia_async.engine.client import Transport
+from tcia_async.engine.client import TRANSPORT_ERRORS, Transport
 from tcia_async.engine.errors import EngineStats, NotSent, RequestFailed, RunStopped
 from tcia_async.engine.limits import WAIT, Budget, BudgetTooSmall, Limiter
 from tcia_async.engine.packing import Packer, PackResult
 from tcia_async.engine.retry import COOLDOWN, FAIL, STOP, backoff, classify_status, invalid_body_verdict
-from tcia_async.engine.tokens import (OutputEstimator, chat_prompt_upper_bound, count_chat_prompt,
-                                      count_embedding_input)
+from tcia_async.engine.tokens import (OutputEstimator, chat_prompt_bound_from_json, chat_prompt_upper_bound,
+                                      count_chat_prompt, count_embedding_input)
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut
 
 CHAT = "/v1/chat/completions"
@@ -172,7 +172,8 @@ class Engine:
                 text = text.replace(s, "***")
         return text
 
-    def _reservation(self, budget: Budget, body: dict[str, Any], model: str, chat: bool) -> tuple[float, float]:
+    def _reservation(self, budget: Budget, body: dict[str, Any], model: str, chat: bool,
+                     size: int = 0) -> tuple[float, float]:
         """(tokens to reserve, output tokens charged whatever the answer; -1 when the real completion counts).
 
         Providers charge `max_tokens` against TPM when the request is admitted (OpenAI: "the maximum of max_tokens
@@ -189,8 +190,9 @@ class Engine:
         if type(cap) is not int or cap <= 0:
             cap = 0
         # Far from the limit the exact prompt count changes no decision: reserve a tokenizer-free upper bound
-        # (settlement puts the provider's real count in its place). Near the limit, count exactly.
-        prompt = chat_prompt_upper_bound(body)
+        # (settlement puts the provider's real count in its place). Near the limit, count exactly. With `size`,
+        # the length of the body's JSON, the bound costs no walk of the body.
+        prompt = chat_prompt_bound_from_json(size) if size > 0 else chat_prompt_upper_bound(body)
         headroom = budget.token_headroom()  # nothing changes the windows until the payment: computed once
         if prompt * 2 + cap * n > headroom:
             prompt = count_chat_prompt(body)
@@ -209,7 +211,8 @@ class Engine:
         """Send until answered: (raw body, parsed body, request id, attempts) or RequestFailed / RunStopped."""
         cfg = self.config
         stats = self.stats
-        post = ep.transport.post
+        transport = ep.transport
+        request = transport.request
         attempt = 0
         while True:
             if self._stopped is not None:
@@ -224,7 +227,13 @@ class Engine:
             except BudgetTooSmall as exc:
                 raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
             stats.sent += 1
-            status, raw, headers = await post(url, data)
+            try:
+                async with request(url, data) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+                    headers = resp.headers
+            except TRANSPORT_ERRORS as exc:
+                status, raw, headers = 0, b"", transport.verdict(exc)
             if status == 200:
                 try:
                     parsed = _loads(raw)
@@ -335,7 +344,8 @@ class Engine:
         try:
             model = body.get("model") or ""
             budget = self._limiter.budget(ep.provider, model)
-            tokens, fixed = self._reservation(budget, body, model, True) if budget.counts_tokens else (0.0, -1.0)
+            tokens, fixed = (self._reservation(budget, body, model, True, len(data)) if budget.counts_tokens
+                             else (0.0, -1.0))
             if use_slots:
                 async with self._slots:
                     raw, parsed, rid, _ = await self._exchange(ep, ep.urls[path], data, budget, tokens, model, True,

@@ -123,6 +123,12 @@ def chat_prompt_upper_bound(body: dict[str, Any]) -> int:
     return _sum_contents(body, _utf8_len)
 
 
+def chat_prompt_bound_from_json(size: int) -> int:
+    """An upper bound of `count_chat_prompt` from the length of the body's JSON alone (no walk of the body): each
+    content's bytes are in the JSON, and each message's JSON is longer than the constant a message adds."""
+    return size + _PER_REQUEST
+
+
 def count_embedding_input(model: str, inp: Any) -> int:
     """Estimated tokens of an embeddings `input` (a string, a list of strings, or token arrays)."""
     if isinstance(inp, str):
