@@ -255,6 +255,27 @@ async def test_cache_writes_behind_and_a_cancelled_flusher_loses_nothing(tmp_pat
     c2.close()
 
 
+@pytest.mark.anyio
+async def test_cache_bounds_uncommitted_answers_when_they_come_in_a_burst(tmp_path):
+    """A burst of answers within one turn of the loop (the flusher has been woken but has not run yet) is written
+    by `put` itself once two batches wait; the flusher then finds nothing to write and goes on."""
+    c = ResponseCache(tmp_path / "c.db", batch_rows=2, flush_interval=0.01)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(c.run_flusher)
+        await anyio.sleep(0.01)  # the flusher is waiting for a first row
+        for i in range(4):
+            c.put(i.to_bytes(16, "big"), b'{"n":%d}' % i)
+        assert c.writes == 4  # written by the fourth put, before the flusher had a turn
+        await anyio.sleep(0.05)  # the woken flusher finds nothing waiting, and must not fail on it
+        c.put(b"x" * 16, b'{"late":1}')
+        with anyio.fail_after(10):
+            while c.writes < 5:
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    assert len(c) == 5
+    c.close()
+
+
 _KILLER = """
 import os, sys, signal
 from tcia_async.engine.cache import ResponseCache

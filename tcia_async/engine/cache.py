@@ -13,7 +13,8 @@ Guarantees:
   a full batch is written by `put` itself. `flush()` and `close()` write whatever waits, at once.
 - A commit appends to the WAL and does not wait for the disk (synchronous=NORMAL: only checkpoints fsync). A
   committed batch survives the process being killed (kill -9) at any moment; a kill loses at most the rows not
-  yet committed (about two batches: one being written, one gathering) and never corrupts the file.
+  yet committed (fewer than four batches: the one being written, and up to two waiting) and never corrupts the
+  file.
 - A key is stored at most once per answer; should two rows ever hold one key, either answer is valid. Only
   successful (HTTP 200) answers are stored.
 """
@@ -103,10 +104,8 @@ class ResponseCache:
         self._pending: dict[bytes, tuple[bytes, str]] = {}  # waiting for the next batch
         self._writing: dict[bytes, tuple[bytes, str]] = {}  # handed to the writer thread, not yet committed
         self._batch_rows = max(1, batch_rows)
-        # Past this many waiting rows (a writer that cannot keep up), `put` writes on the loop: memory stays bounded.
-        self._max_pending = 16 * self._batch_rows
+        self._most_waiting = self._batch_rows  # rows waiting that `put` writes itself (two batches with a flusher)
         self.flush_interval = flush_interval
-        self._flusher = False  # run_flusher is running
         self._wake: anyio.Event | None = None  # set by `put` for the flusher: a first row, or a full batch
         self._write_lock = threading.Lock()  # one writer at a time: the flusher's thread, or flush() on the loop
         self._closed = False
@@ -156,10 +155,13 @@ class ResponseCache:
         pending[key] = (body, request_id)
         n = len(pending)
         if n == 1 or n >= self._batch_rows:
-            if self._wake is not None:
-                self._wake.set()
-            elif n >= (self._max_pending if self._flusher else self._batch_rows):
+            if n >= self._most_waiting:
+                # Without a flusher, a full batch; with one, two batches it has not taken yet (its thread is
+                # still writing, or answers came in a burst): write them now, after the batch being written. So
+                # fewer than four batches are ever uncommitted.
                 self.flush()
+            elif self._wake is not None:
+                self._wake.set()
 
     def flush(self) -> None:
         """Write every waiting row now, on the calling thread (after a batch the writer thread is writing)."""
@@ -173,6 +175,8 @@ class ResponseCache:
 
     def _insert(self, db: sqlite3.Connection, rows: dict[bytes, tuple[bytes, str]]) -> None:
         """Commit `rows` in one transaction (call with the write lock held)."""
+        if not rows:
+            return
         now = time.time()
         params = [x for k, (b, r) in rows.items() for x in (_from_bytes(k[:8], "little", signed=True), k, b, r, now)]
         step = self._rows_per_insert * _COLUMNS
@@ -215,7 +219,7 @@ class ResponseCache:
     async def run_flusher(self) -> None:
         """Write batches behind the loop (see the module docstring) until cancelled; then write what waits."""
         wdb = _connect(self.path)
-        self._flusher = True
+        self._most_waiting = 2 * self._batch_rows
         try:
             while True:
                 if not self._pending:
@@ -223,6 +227,8 @@ class ResponseCache:
                 if len(self._pending) < self._batch_rows:
                     with anyio.move_on_after(self.flush_interval):  # gather a batch: one transaction per interval
                         await self._wait_wake()
+                if not self._pending:
+                    continue  # `put` wrote them itself meanwhile
                 rows = self._writing = self._pending
                 self._pending = {}
                 try:
@@ -234,7 +240,7 @@ class ResponseCache:
                         rows.update(self._pending)
                         self._pending = rows
         finally:
-            self._flusher = False
+            self._most_waiting = self._batch_rows
             try:
                 self.flush()
             finally:
