@@ -104,10 +104,9 @@ class Engine:
         self._embed_ep = self._chat_ep if embed_t is chat_t else _Endpoint(embed_t)
         self._slots = asyncio.Semaphore(max(1, cfg.concurrency))
         if cfg.cache_path:
-            # Answers received but not yet committed are what a kill -9 makes us pay for again: fewer than four
-            # batches (cache.py), so a batch is an eighth of the concurrency (or 50 ms) and a resumed run repeats
-            # fewer calls than half a round in flight.
-            self._cache = ResponseCache(cfg.cache_path, batch_rows=max(2, min(256, cfg.concurrency // 8)))
+            # Answers received but not yet committed are what a kill -9 makes us pay for again: keep them under a
+            # quarter of the concurrency (and 50 ms), so a resumed run repeats fewer calls than one round in flight.
+            self._cache = ResponseCache(cfg.cache_path, batch_rows=max(8, min(512, cfg.concurrency // 4)))
         await chat_t.open()
         if embed_t is not chat_t:
             await embed_t.open()
