@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -252,6 +253,52 @@ async def test_cache_flusher_commits_on_its_own_and_a_cancelled_one_loses_nothin
     assert len(c2) == 301
     assert c2.get(b"k" * 16) == (b'{"first":1}', "req_0")
     assert all(c2.get(i.to_bytes(16, "big")) == (b'{"n":%d}' % i, "") for i in range(300))
+    c2.close()
+
+
+def test_cache_finds_answers_across_index_merges_and_reopen(tmp_path):
+    """Answers are found whether they wait in memory, are committed but not yet indexed, or indexed, in one call
+    and across a close and reopen; merges happen every `merge_rows` answers."""
+    c = ResponseCache(tmp_path / "c.db", batch_rows=7, merge_rows=20)
+    keys = [os.urandom(16) for _ in range(53)]
+    for i, k in enumerate(keys):
+        c.put(k, b'{"n":%d}' % i, f"req_{i}")
+        if i % 5 == 0:  # some lookups in every state along the way
+            seen = keys[: i + 1]
+            assert c.get_many(seen) == {k2: (b'{"n":%d}' % j, f"req_{j}") for j, k2 in enumerate(seen)}
+    indexed = c._db.execute("SELECT count(*) FROM lookup").fetchone()[0]
+    assert indexed >= 40  # two merges of 20 at least, the rest in the in-memory map or waiting
+    assert all(c.get(k) == (b'{"n":%d}' % i, f"req_{i}") for i, k in enumerate(keys))
+    assert c.get(os.urandom(16)) is None
+    c.close()
+    c2 = ResponseCache(tmp_path / "c.db")
+    assert c2._db.execute("SELECT count(*) FROM lookup").fetchone()[0] == 53  # close indexed the rest
+    assert c2.get_many(keys + [os.urandom(16)]) == {k: (b'{"n":%d}' % i, f"req_{i}") for i, k in enumerate(keys)}
+    c2.close()
+
+
+def test_cache_of_the_previous_format_is_upgraded_in_place(tmp_path):
+    """A cache written by the version that indexed `responses` itself (format 2) opens, keeps every answer and
+    drops its old index."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("""
+        CREATE TABLE responses (id INTEGER PRIMARY KEY, h INTEGER NOT NULL, key BLOB NOT NULL, body BLOB NOT NULL,
+                                request_id TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
+        CREATE INDEX responses_h ON responses(h);
+        CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('version', '2');
+    """)
+    keys = [os.urandom(16) for _ in range(30)]
+    db.executemany("INSERT INTO responses (h, key, body, request_id, created) VALUES (?, ?, ?, ?, 0)",
+                   [(int.from_bytes(k[:8], "little", signed=True), k, b'{"n":%d}' % i, "") for i, k in enumerate(keys)])
+    db.close()
+    c = ResponseCache(path)
+    assert c.get_many(keys) == {k: (b'{"n":%d}' % i, "") for i, k in enumerate(keys)}
+    assert c._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'responses_h'").fetchone()[0] == 0
+    c.close()
+    c2 = ResponseCache(path)
+    assert c2.get(keys[17]) == (b'{"n":17}', "")
     c2.close()
 
 

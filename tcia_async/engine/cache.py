@@ -14,6 +14,9 @@ Guarantees:
   the loop copies the rest itself, so the WAL stays bounded.
 - A key is stored at most once per answer; should two rows ever hold one key, either answer is valid.
 - A waiting row is already visible to `get`/`get_many`, so a rerun inside one process never sends twice.
+- Keys are indexed in sorted passes (see `_SCHEMA`): every `merge_rows` answers, at `close()`, and when a file a
+  killed run left is opened. Until then this cache finds its own answers through an in-memory map (fewer than
+  `merge_rows` entries); another process sharing the file sees them once they are indexed.
 - WAL with synchronous=NORMAL: a committed batch survives the process being killed (kill -9) at any moment;
   a kill loses at most the rows not yet committed (answers in flight or received in the last interval), and never
   corrupts the file. Only successful (HTTP 200) answers are stored.
@@ -27,11 +30,15 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import anyio
 
-# Rows are appended in rowid order and found through an index on the key's first 8 bytes: an append touches the
-# last pages only, where a table clustered on a random key rewrites a page per row (4 KB of WAL per answer).
+# Rows are appended in rowid order to `responses`, which has no index of its own: an index on a random key takes
+# a random page per row, and SQLite writes every page a commit touches to the WAL (about 4 KB per answer, twice
+# with the checkpoint). Keys are found through `lookup` (the key's first 8 bytes -> row id), filled in sorted
+# passes of `merge_rows` rows: one walk through that index per pass instead of a random page per answer. Rows past
+# `indexed_upto` (fewer than `merge_rows`) are found through an in-memory map until they are merged.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id INTEGER PRIMARY KEY,
@@ -41,10 +48,22 @@ CREATE TABLE IF NOT EXISTS responses (
     request_id TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS responses_h ON responses(h);
+CREATE TABLE IF NOT EXISTS lookup (h INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (h, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_VERSION = "2"
+_VERSION = "3"
+_BY_H = "SELECT r.key, r.body, r.request_id FROM lookup l JOIN responses r ON r.id = l.id WHERE l.h "
+_BY_ONE_H = _BY_H + "= ?"
+# Index every row not in `lookup` yet (idempotent: a pass repeated or interrupted indexes nothing twice).
+_MERGE = """
+INSERT OR IGNORE INTO lookup (h, id)
+SELECT h, id FROM responses WHERE id > (SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'indexed_upto')
+ORDER BY h
+"""
+_MARK_MERGED = ("UPDATE meta SET value = (SELECT CAST(coalesce(max(id), 0) AS TEXT) FROM responses) "
+                "WHERE name = 'indexed_upto'")
+_UNINDEXED = ("SELECT (SELECT coalesce(max(id), 0) FROM responses) > CAST(value AS INTEGER) FROM meta "
+              "WHERE name = 'indexed_upto'")
 _from_bytes = int.from_bytes
 _blake2b = hashlib.blake2b
 
@@ -79,7 +98,7 @@ class ResponseCache:
     """See the module docstring."""
 
     def __init__(self, path: str | os.PathLike[str], batch_rows: int = 512, flush_interval: float = 0.05,
-                 checkpoint_rows: int = 2048) -> None:
+                 checkpoint_rows: int = 2048, merge_rows: int = 16384) -> None:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,13 +108,11 @@ class ResponseCache:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-            row = self._db.execute("SELECT value FROM meta WHERE name='version'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta VALUES ('version', ?)", (_VERSION,))
-            elif row[0] != _VERSION:
-                raise CacheError(f"{self.path}: cache format {row[0]}, this version reads {_VERSION}")
+            self._recent: dict[bytes, int] = {}  # committed, not yet in `lookup`: key -> row id
+            self._open_format()
         except sqlite3.DatabaseError as exc:
             raise CacheError(f"{self.path}: not a usable cache database ({exc})") from None
+        self._merge_rows = max(1, merge_rows)
         self._pending: dict[bytes, tuple[bytes, str]] = {}
         self._batch_rows = batch_rows
         self.flush_interval = flush_interval
@@ -106,6 +123,38 @@ class ResponseCache:
         self._ckpt_due: anyio.Event | None = None  # set when checkpoint_rows were written; owned by run_flusher
         self._ckpt_mark = 0  # `writes` at the last checkpoint
 
+    def _open_format(self) -> None:
+        db = self._db
+        row = db.execute("SELECT value FROM meta WHERE name='version'").fetchone()
+        if row is not None and row[0] not in ("2", _VERSION):
+            raise CacheError(f"{self.path}: cache format {row[0]}, this version reads {_VERSION}")
+        if row is None or row[0] == "2":
+            # New, or written by the version that indexed `responses` itself: index every row in `lookup`.
+            self._transaction(lambda: (
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (_VERSION,)),
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('indexed_upto', '0')"),
+                db.execute("DROP INDEX IF EXISTS responses_h"),
+                db.execute(_MERGE),
+                db.execute(_MARK_MERGED)))
+        elif db.execute(_UNINDEXED).fetchone()[0]:
+            self._merge()  # rows a killed run committed but did not index
+
+    def _transaction(self, work: Any) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            work()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _merge(self) -> None:
+        """Index in `lookup`, in one sorted pass, every row not indexed yet (ours and a killed run's)."""
+        db = self._db
+        self._transaction(lambda: (db.execute(_MERGE), db.execute(_MARK_MERGED)))
+        self._recent = {}
+
     # -- reads ----------------------------------------------------------------------------------------------------
 
     def get(self, key: bytes) -> tuple[bytes, str] | None:
@@ -113,7 +162,12 @@ class ResponseCache:
         hit = self._pending.get(key)
         if hit is not None:
             return hit
-        for k, body, rid in self._db.execute("SELECT key, body, request_id FROM responses WHERE h=?", (_h(key),)):
+        rowid = self._recent.get(key)
+        if rowid is not None:
+            row = self._db.execute("SELECT body, request_id FROM responses WHERE id=?", (rowid,)).fetchone()
+            if row is not None:
+                return row[0], row[1]
+        for k, body, rid in self._db.execute(_BY_ONE_H, (_h(key),)):
             if k == key:
                 return body, rid
         return None
@@ -122,22 +176,33 @@ class ResponseCache:
         """The stored answers among `keys` (one query per up to 500 keys)."""
         found: dict[bytes, tuple[bytes, str]] = {}
         pending = self._pending
+        recent = self._recent
+        by_id: dict[int, bytes] = {}
         ask = []
         for k in keys:
             hit = pending.get(k)
             if hit is not None:
                 found[k] = hit
+                continue
+            rowid = recent.get(k)
+            if rowid is not None:
+                by_id[rowid] = k
             else:
                 ask.append(k)
-        if not ask:
-            return found
-        wanted = set(ask)
-        for i in range(0, len(ask), 500):
-            chunk = [_h(k) for k in ask[i:i + 500]]
-            sql = "SELECT key, body, request_id FROM responses WHERE h IN (%s)" % ",".join("?" * len(chunk))
-            for k, body, rid in self._db.execute(sql, chunk):
-                if k in wanted:
-                    found[k] = (body, rid)
+        db = self._db
+        ids = list(by_id)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            sql = "SELECT id, body, request_id FROM responses WHERE id IN (%s)" % ",".join("?" * len(chunk))
+            for rowid, body, rid in db.execute(sql, chunk):
+                found[by_id[rowid]] = (body, rid)
+        if ask:
+            wanted = set(ask)
+            for i in range(0, len(ask), 500):
+                chunk = [_h(k) for k in ask[i:i + 500]]
+                for k, body, rid in db.execute(_BY_H + "IN (%s)" % ",".join("?" * len(chunk)), chunk):
+                    if k in wanted:
+                        found[k] = (body, rid)
         return found
 
     # -- writes ---------------------------------------------------------------------------------------------------
@@ -157,17 +222,23 @@ class ResponseCache:
         if not self._pending or self._closed:
             return
         now = time.time()
-        rows = [(_from_bytes(k[:8], "little", signed=True), k, b, r, now) for k, (b, r) in self._pending.items()]
+        pending = self._pending
+        rows = [(_from_bytes(k[:8], "little", signed=True), k, b, r, now) for k, (b, r) in pending.items()]
         db = self._db
-        db.execute("BEGIN")
+        db.execute("BEGIN IMMEDIATE")
         try:
+            # The write lock is ours from BEGIN IMMEDIATE: the rows get the ids after the largest, in order.
+            first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM responses").fetchone()[0]
             db.executemany("INSERT INTO responses (h, key, body, request_id, created) VALUES (?,?,?,?,?)", rows)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._recent.update(zip(pending, range(first, first + len(rows))))
         self.writes += len(rows)
-        self._pending.clear()
+        pending.clear()
+        if len(self._recent) >= self._merge_rows:
+            self._merge()
         if self._ckpt_due is not None and self.writes - self._ckpt_mark >= self.checkpoint_rows:
             self._ckpt_due.set()
 
@@ -219,8 +290,11 @@ class ResponseCache:
         return self._db.execute("SELECT count(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
+        """Write what waits and index it (a run pays for indexing its own answers), then close."""
         if self._closed:
             return
         self.flush()
+        if self._recent:
+            self._merge()
         self._closed = True
         self._db.close()
