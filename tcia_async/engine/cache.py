@@ -30,7 +30,6 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -130,20 +129,18 @@ class ResponseCache:
             raise CacheError(f"{self.path}: cache format {row[0]}, this version reads {_VERSION}")
         if row is None or row[0] == "2":
             # New, or written by the version that indexed `responses` itself: index every row in `lookup`.
-            self._transaction(lambda: (
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (_VERSION,)),
-                db.execute("INSERT OR REPLACE INTO meta VALUES ('indexed_upto', '0')"),
-                db.execute("DROP INDEX IF EXISTS responses_h"),
-                db.execute(_MERGE),
-                db.execute(_MARK_MERGED)))
+            self._transaction(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')",
+                              "INSERT OR REPLACE INTO meta VALUES ('indexed_upto', '0')",
+                              "DROP INDEX IF EXISTS responses_h", _MERGE, _MARK_MERGED)
         elif db.execute(_UNINDEXED).fetchone()[0]:
             self._merge()  # rows a killed run committed but did not index
 
-    def _transaction(self, work: Any) -> None:
+    def _transaction(self, *statements: str) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            work()
+            for sql in statements:
+                db.execute(sql)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -151,8 +148,7 @@ class ResponseCache:
 
     def _merge(self) -> None:
         """Index in `lookup`, in one sorted pass, every row not indexed yet (ours and a killed run's)."""
-        db = self._db
-        self._transaction(lambda: (db.execute(_MERGE), db.execute(_MARK_MERGED)))
+        self._transaction(_MERGE, _MARK_MERGED)
         self._recent = {}
 
     # -- reads ----------------------------------------------------------------------------------------------------
