@@ -300,6 +300,14 @@ def test_cache_of_the_previous_format_is_upgraded_in_place(tmp_path):
     c2 = ResponseCache(path)
     assert c2.get(keys[17]) == (b'{"n":17}', "")
     c2.close()
+    # Without its mark of what is indexed, a file is indexed again from the start: nothing is lost.
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DELETE FROM meta WHERE name = 'indexed_upto'")
+    db.execute("DELETE FROM lookup")
+    db.close()
+    c3 = ResponseCache(path)
+    assert c3.get_many(keys) == {k: (b'{"n":%d}' % i, "") for i, k in enumerate(keys)}
+    c3.close()
 
 
 _KILLER = """

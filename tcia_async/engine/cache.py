@@ -134,8 +134,12 @@ class ResponseCache:
             self._transaction(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')",
                               "INSERT OR REPLACE INTO meta VALUES ('indexed_upto', '0')",
                               "DROP INDEX IF EXISTS responses_h", _MERGE, _MARK_MERGED)
-        elif db.execute(_UNINDEXED).fetchone()[0]:
-            self._merge()  # rows a killed run committed but did not index
+        else:
+            state = db.execute(_UNINDEXED).fetchone()
+            if state is None:  # no mark (not written by this code): index everything
+                db.execute("INSERT INTO meta VALUES ('indexed_upto', '0')")
+            if state is None or state[0]:
+                self._merge()  # rows a killed run committed but did not index
 
     def _transaction(self, *statements: str) -> None:
         db = self._db
