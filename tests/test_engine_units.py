@@ -240,7 +240,7 @@ async def test_cache_flusher_commits_on_its_own_and_a_cancelled_one_loses_nothin
         tg.start_soon(c.run_flusher)
         c.put(b"k" * 16, b'{"first":1}', "req_0")
         with anyio.fail_after(10):
-            while c.writes < 1:  # committed behind the loop, within the flush interval
+            while c.writes < 1:  # committed by the flusher after the flush interval
                 await anyio.sleep(0.005)
         for i in range(300):
             c.put(i.to_bytes(16, "big"), b'{"n":%d}' % i)
