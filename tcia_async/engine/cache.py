@@ -54,7 +54,6 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _VERSION = "3"
 _BY_H = "SELECT r.key, r.body, r.request_id FROM lookup l JOIN responses r ON r.id = l.id WHERE l.h "
-_BY_ONE_H = _BY_H + "= ?"
 # Index every row not in `lookup` yet (idempotent: a pass repeated or interrupted indexes nothing twice).
 _MERGE = """
 INSERT OR IGNORE INTO lookup (h, id)
@@ -161,18 +160,7 @@ class ResponseCache:
 
     def get(self, key: bytes) -> tuple[bytes, str] | None:
         """(body, request_id) stored for `key`, or None."""
-        hit = self._pending.get(key)
-        if hit is not None:
-            return hit
-        rowid = self._recent.get(key)
-        if rowid is not None:
-            row = self._db.execute("SELECT body, request_id FROM responses WHERE id=?", (rowid,)).fetchone()
-            if row is not None:
-                return row[0], row[1]
-        for k, body, rid in self._db.execute(_BY_ONE_H, (_h(key),)):
-            if k == key:
-                return body, rid
-        return None
+        return self.get_many([key]).get(key)
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, tuple[bytes, str]]:
         """The stored answers among `keys` (one query per up to 500 keys)."""

@@ -33,8 +33,8 @@ from tcia_async.engine.errors import EngineStats, NotSent, RequestFailed, RunSto
 from tcia_async.engine.limits import WAIT, Budget, BudgetTooSmall, Limiter
 from tcia_async.engine.packing import Packer, PackResult
 from tcia_async.engine.retry import COOLDOWN, FAIL, STOP, backoff, classify_status, invalid_body_verdict
-from tcia_async.engine.tokens import (OutputEstimator, chat_prompt_bound_from_json, chat_prompt_upper_bound,
-                                      count_chat_prompt, count_embedding_input)
+from tcia_async.engine.tokens import (OutputEstimator, chat_prompt_bound_from_json, count_chat_prompt,
+                                      count_embedding_input)
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut
 
 CHAT = "/v1/chat/completions"
@@ -172,17 +172,15 @@ class Engine:
                 text = text.replace(s, "***")
         return text
 
-    def _reservation(self, budget: Budget, body: dict[str, Any], model: str, chat: bool,
-                     size: int = 0) -> tuple[float, float]:
-        """(tokens to reserve, output tokens charged whatever the answer; -1 when the real completion counts).
+    def _reservation(self, budget: Budget, body: dict[str, Any], size: int, model: str) -> tuple[float, float]:
+        """(tokens to reserve, output tokens charged whatever the answer; -1 when the real completion counts) of a
+        chat body whose JSON is `size` bytes long. (Packed embeddings reserve their counted input: `_packer`.)
 
         Providers charge `max_tokens` against TPM when the request is admitted (OpenAI: "the maximum of max_tokens
         and the estimated number of tokens", platform.openai.com/docs/guides/rate-limits), so with `max_tokens`
         the reservation is prompt + max_tokens and stays; without it the learned output estimate is reserved and
         settled with the real completion.
         """
-        if not chat:
-            return float(count_embedding_input(model, body.get("input"))), 0.0
         n = body.get("n") or 1
         if type(n) is not int or n < 1:
             n = 1
@@ -190,9 +188,9 @@ class Engine:
         if type(cap) is not int or cap <= 0:
             cap = 0
         # Far from the limit the exact prompt count changes no decision: reserve a tokenizer-free upper bound
-        # (settlement puts the provider's real count in its place). Near the limit, count exactly. With `size`,
-        # the length of the body's JSON, the bound costs no walk of the body.
-        prompt = chat_prompt_bound_from_json(size) if size > 0 else chat_prompt_upper_bound(body)
+        # (settlement puts the provider's real count in its place): one from the JSON's length, no walk of the body.
+        # Near the limit, count exactly.
+        prompt = chat_prompt_bound_from_json(size)
         headroom = budget.token_headroom()  # nothing changes the windows until the payment: computed once
         if prompt * 2 + cap * n > headroom:
             prompt = count_chat_prompt(body)
@@ -344,8 +342,7 @@ class Engine:
         try:
             model = body.get("model") or ""
             budget = self._limiter.budget(ep.provider, model)
-            tokens, fixed = (self._reservation(budget, body, model, True, len(data)) if budget.counts_tokens
-                             else (0.0, -1.0))
+            tokens, fixed = self._reservation(budget, body, len(data), model) if budget.counts_tokens else (0.0, -1.0)
             if use_slots:
                 async with self._slots:
                     raw, parsed, rid, _ = await self._exchange(ep, ep.urls[path], data, budget, tokens, model, True,

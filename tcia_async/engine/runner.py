@@ -70,7 +70,8 @@ def check_request(value: Any) -> tuple[str | None, str, dict[str, Any] | None, s
     return cid, url, body, None
 
 
-# The fast path of one input line. A line it does not take goes through `check_request`, which says what is wrong.
+# One input line as a BatchRequest (checked by `check_batch_request`); a line it cannot decode is parsed as plain
+# JSON and `check_request` says what is wrong with it.
 _decode_line = msgspec.json.Decoder(BatchRequest).decode
 
 
@@ -372,25 +373,19 @@ class FileSource(_Source):
                 self._bad(None, lineno, "line_too_long", f"line longer than {limit} bytes")
                 continue
             try:
-                req = _decode_line(raw)
-            except msgspec.DecodeError:  # also a ValidationError: the slow path below says why
-                pass
-            else:
-                url = _URLS.get(req.url)
-                if url is not None and req.custom_id and req.method == "POST":
+                checked = check_batch_request(_decode_line(raw))
+            except msgspec.DecodeError:  # also a ValidationError: parsed as plain JSON, check_request says why
+                try:
+                    value = _loads(raw)
+                except orjson.JSONDecodeError as exc:
+                    if raw.isspace():
+                        continue
                     n += 1
-                    pending.append((req.custom_id, url, req.body, lineno))
+                    self._bad(None, lineno, "bad_input", f"not valid JSON ({exc})")
                     continue
-            try:
-                value = _loads(raw)
-            except orjson.JSONDecodeError as exc:
-                if raw.isspace():
-                    continue
-                n += 1
-                self._bad(None, lineno, "bad_input", f"not valid JSON ({exc})")
-                continue
+                checked = check_request(value)
             n += 1
-            cid, url, body, problem = check_request(value)
+            cid, url, body, problem = checked
             if problem is not None:
                 self._bad(cid, lineno, "bad_input", problem)
             else:

@@ -96,14 +96,10 @@ def count_chat_prompt(body: dict[str, Any]) -> int:
     Only contents are tokenised (roles, names and tools are covered by the constant), which keeps this to a few
     microseconds for a short prompt; header sync corrects any drift against the provider's own count.
     """
-    return _sum_contents(body, counter_for(body.get("model") or ""))
-
-
-def _sum_contents(body: dict[str, Any], measure: Callable[[str], int]) -> int:
-    """The per-request and per-message constants plus `measure` of every message's content."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         return _PER_REQUEST
+    measure = counter_for(body.get("model") or "")
     total = _PER_REQUEST
     for m in messages:
         total += _PER_MESSAGE
@@ -112,15 +108,6 @@ def _sum_contents(body: dict[str, Any], measure: Callable[[str], int]) -> int:
             if c:
                 total += measure(c if isinstance(c, str) else _content_text(c))
     return total
-
-
-def _utf8_len(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def chat_prompt_upper_bound(body: dict[str, Any]) -> int:
-    """An upper bound of `count_chat_prompt` that needs no tokenizer: a token is never shorter than one byte."""
-    return _sum_contents(body, _utf8_len)
 
 
 def chat_prompt_bound_from_json(size: int) -> int:
