@@ -155,3 +155,53 @@ async def test_waiters_are_paced_in_order_on_the_real_clock():
     ts = [t for _, t in got]
     gap = PACE * 1.0 / limit
     assert_paced(ts, [gap] * len(ts), tolerance=1e-4)  # each slept until its computed time
+
+
+def test_admissions_on_credit_never_exceed_any_window(clock, monkeypatch):
+    """`pay_now` admits payments on credit (without the full check) while the windows are cold, and the windows
+    still hold: bursts of payments, each settled at once below its reservation, never put more than a limit in any
+    rolling window, cold or paced."""
+    import random
+
+    rng = random.Random(7)
+    b = Budget(Limits(rpm=3000, rps=200, tpm=150_000))
+    checked = [0]  # admissions made by the full check (each opens credit)
+    real_grant = b._grant
+
+    def counted(now, ticket):
+        checked[0] += 1
+        real_grant(now, ticket)
+
+    monkeypatch.setattr(b, "_grant", counted)
+    times, used = [], []
+    while len(times) < 4000:
+        reserved = float(rng.randint(10, 200))
+        ticket = b.pay_now(reserved)
+        if ticket is WAIT:
+            clock[0] += 0.001
+            continue
+        spent = reserved * rng.random()  # the real usage is settled at once, as an answer would
+        b.settle(ticket, reserved, spent)
+        times.append(clock[0])
+        used.append(spent)
+        # bursts of payments within a millisecond, with idle gaps that let the windows cool down again
+        clock[0] += rng.random() * 0.0001 if rng.random() < 0.995 else rng.random() * 30.0
+    on_credit = len(times) - checked[0]
+    assert on_credit > len(times) / 4, on_credit
+    assert max_in_any_window(times, 60.0) <= 3000
+    assert max_in_any_window(times, 1.0) <= 200
+    assert max_in_any_window(times, 60.0, used) <= 150_000 + 1e-6
+    assert times[-1] - times[0] > 120.0  # long enough for the minute windows to fill and empty
+
+
+def test_cooldown_and_header_sync_end_the_credit(clock):
+    b = Budget(Limits(rpm=10))
+    assert b.pay_now() is not WAIT  # a full check: opens credit
+    b.cooldown(1.0)
+    assert b.pay_now() is WAIT  # not admitted on the credit opened before the cooldown
+    clock[0] += 1.0
+    assert b.pay_now() is not WAIT
+    # The provider reports the minute used up elsewhere: the next payment waits, credit or not.
+    b.sync_headers({"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "0",
+                    "x-ratelimit-reset-requests": "30s"})
+    assert b.pay_now() is WAIT

@@ -340,6 +340,23 @@ def test_dedup_finds_repeats_across_chunks():
     d = Dedup()
     assert d.check([("a", 1), ("b", 2), ("a", 3)]) == {2: 1}
     assert d.check([("c", 4), ("b", 5)]) == {1: 2}
+    assert d.spills == 0
+    d.close()
+
+
+def test_dedup_spills_to_disk_and_still_finds_every_repeat():
+    """With a tiny memory bound the entries go to the temporary database again and again; ids and body counts
+    are the same as if everything had stayed in memory."""
+    d = Dedup(spill_at=3)
+    assert d.check([("a", 1), ("b", 2)]) == {}
+    assert d.occurrences([b"x", b"y", b"x"]) == [0, 0, 1]  # 5 entries: spilled
+    assert d.spills == 1
+    assert d.check([("a", 3), ("c", 4), ("c", 5), ("b", 6)]) == {0: 1, 2: 4, 3: 2}
+    assert d.occurrences([b"x", b"z"]) == [2, 0]
+    assert d.occurrences([b"x", b"y", b"z"]) == [3, 1, 1]  # counts kept across spills, not restarted
+    assert d.check([("c", 7), ("d", 8)]) == {0: 4}
+    assert d.spills >= 3
+    assert len(d._ids) + len(d._bodies) < 3  # memory bounded
     d.close()
 
 

@@ -204,99 +204,146 @@ class Engine:
             guess = min(guess, max(0.0, whole - prompt))
         return float(prompt + guess), -1.0
 
+    def _plan(self, ep: _Endpoint, body: dict[str, Any], size: int) -> tuple[Budget, float, float, str]:
+        """(budget, tokens to reserve, fixed output charge, model) of a chat body whose JSON is `size` bytes."""
+        model = body.get("model") or ""
+        budget = self._limiter.budget(ep.provider, model)
+        if budget.counts_tokens:
+            tokens, fixed = self._reservation(budget, body, size, model)
+            return budget, tokens, fixed, model
+        return budget, 0.0, -1.0, model
+
     async def _exchange(self, ep: _Endpoint, url: str, data: bytes, budget: Budget, tokens: float, model: str,
-                        chat: bool, fixed_out: float = -1.0) -> tuple[bytes, dict[str, Any], str, int]:
-        """Send until answered: (raw body, parsed body, request id, attempts) or RequestFailed / RunStopped."""
+                        chat: bool, fixed_out: float = -1.0, key: bytes | None = None
+                        ) -> tuple[bytes, dict[str, Any], str, int]:
+        """Send until answered: (raw body, parsed body, request id, attempts) or RequestFailed / RunStopped.
+
+        With a cache `key` (chat; its caller saw it was not in flight): the key is in flight until this ends, the
+        answer is stored (`_answered`) and whoever waits for the key gets the answer or the failure
+        (`_abandoned`). This is one coroutine, under the caller's, for the whole request: each layer between the
+        caller and the HTTP exchange costs a frame at every resumption.
+        """
         cfg = self.config
         stats = self.stats
         transport = ep.transport
         request = transport.request
         attempt = 0
-        while True:
-            if self._stopped is not None:
-                raise RunStopped(self._stopped)
-            if self._halted:
-                raise NotSent()
-            attempt += 1
-            try:
-                ticket = budget.pay_now(tokens)
-                if ticket is WAIT:
-                    ticket = await self._held(budget.acquire, tokens)
-            except BudgetTooSmall as exc:
-                raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
-            stats.sent += 1
-            try:
-                async with request(url, data) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-                    headers = resp.headers
-            except TRANSPORT_ERRORS as exc:
-                status, raw, headers = 0, b"", transport.verdict(exc)
-            if status == 200:
+        if key is not None:
+            self._inflight[key] = None  # a list of waiting futures once someone waits
+        try:
+            while True:
+                if self._stopped is not None:
+                    raise RunStopped(self._stopped)
+                if self._halted:
+                    raise NotSent()
+                attempt += 1
                 try:
-                    parsed = _loads(raw)
-                except _JSONError:
-                    verdict = invalid_body_verdict(200, "truncated or non-JSON body")
+                    ticket = budget.pay_now(tokens)
+                    if ticket is WAIT:
+                        ticket = await self._held(budget.acquire, tokens)
+                except BudgetTooSmall as exc:
+                    raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
+                stats.sent += 1
+                try:
+                    async with request(url, data) as resp:
+                        raw = await resp.read()
+                        status = resp.status
+                        headers = resp.headers
+                except TRANSPORT_ERRORS as exc:
+                    status, raw, headers = 0, b"", transport.verdict(exc)
+                if status == 200:
+                    try:
+                        parsed = _loads(raw)
+                    except _JSONError:
+                        verdict = invalid_body_verdict(200, "truncated or non-JSON body")
+                    else:
+                        if type(parsed) is dict and (("choices" in parsed) if chat else ("data" in parsed)):
+                            if budget.silent < 64:
+                                budget.sync_headers(headers)
+                            usage = parsed.get("usage")
+                            if usage:
+                                p = usage.get("prompt_tokens") or 0
+                                c = usage.get("completion_tokens") or 0
+                                stats.prompt_tokens += p
+                                stats.completion_tokens += c
+                                stats.tokens += p + c
+                                if chat:
+                                    self._estimator.observe(model, c)
+                                if ticket:
+                                    budget.settle(ticket, tokens, p + (c if fixed_out < 0 else fixed_out))
+                                if self._prices:
+                                    price = self._prices.get(model)
+                                    if price is not None:
+                                        stats.cost += (p * price.input + c * price.output) / 1e6
+                            self._unreachable_since = None
+                            rid = headers.get("x-request-id", "")
+                            if key is not None:
+                                raw = self._answered(key, raw, parsed, rid)
+                            return raw, parsed, rid, attempt
+                        verdict = invalid_body_verdict(200, "answer without " + ("choices" if chat else "data"))
+                elif status:
+                    self._unreachable_since = None  # it answered: reachable, whatever it said
+                    if status == 429:
+                        stats.rate_limited += 1
+                    budget.sync_headers(headers)
+                    verdict = classify_status(status, raw, headers)
                 else:
-                    if type(parsed) is dict and (("choices" in parsed) if chat else ("data" in parsed)):
-                        if budget.silent < 64:
-                            budget.sync_headers(headers)
-                        usage = parsed.get("usage")
-                        if usage:
-                            p = usage.get("prompt_tokens") or 0
-                            c = usage.get("completion_tokens") or 0
-                            stats.prompt_tokens += p
-                            stats.completion_tokens += c
-                            stats.tokens += p + c
-                            if chat:
-                                self._estimator.observe(model, c)
-                            if ticket:
-                                budget.settle(ticket, tokens, p + (c if fixed_out < 0 else fixed_out))
-                            if self._prices:
-                                price = self._prices.get(model)
-                                if price is not None:
-                                    stats.cost += (p * price.input + c * price.output) / 1e6
-                        self._unreachable_since = None
-                        return raw, parsed, headers.get("x-request-id", ""), attempt
-                    verdict = invalid_body_verdict(200, "answer without " + ("choices" if chat else "data"))
-            elif status:
-                self._unreachable_since = None  # it answered: reachable, whatever it said
-                if status == 429:
-                    stats.rate_limited += 1
-                budget.sync_headers(headers)
-                verdict = classify_status(status, raw, headers)
-            else:
-                verdict = headers
-                if verdict.code == "connection_error":
-                    # Nothing but refused or broken connections for a while (a wrong base URL, the provider down):
-                    # stop the run rather than spend every request's attempts on it. A rerun continues.
-                    now = anyio.current_time()
-                    if self._unreachable_since is None:
-                        self._unreachable_since = now
-                    elif now - self._unreachable_since >= cfg.unreachable_after:
-                        self._stop("unreachable", None, verdict.message)
-                        raise RunStopped(self._stopped or "")
-            kind = verdict.kind
-            if kind == STOP:
-                self._stop(verdict.code, verdict.status, verdict.message)
-                raise RunStopped(self._stopped or "")
-            if kind == FAIL:
-                raise RequestFailed.make(verdict.code, self._scrub(verdict.message), verdict.status, attempt)
-            if attempt >= cfg.max_attempts:
-                raise RequestFailed.make(verdict.code, self._scrub(f"{verdict.message} (after {attempt} attempts)"),
-                                         verdict.status, attempt, retryable=True)
-            stats.retries += 1
-            hint = min(verdict.wait, cfg.backoff_cap) if verdict.wait is not None else None
-            if kind == COOLDOWN:
-                if budget.requests or budget.tokens:
-                    budget.widen_margins()
-                if hint is not None:
-                    # The provider said when: every request of this budget waits, not just this one.
-                    budget.cooldown(hint)
-                    continue
-            # Full jitter always; a server's Retry-After (capped) is a floor, never a reason to retry at once.
-            wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap)
-            await self._held(anyio.sleep, wait if hint is None else max(wait, hint))
+                    verdict = headers
+                    if verdict.code == "connection_error":
+                        # Nothing but refused or broken connections for a while (a wrong base URL, the provider down):
+                        # stop the run rather than spend every request's attempts on it. A rerun continues.
+                        now = anyio.current_time()
+                        if self._unreachable_since is None:
+                            self._unreachable_since = now
+                        elif now - self._unreachable_since >= cfg.unreachable_after:
+                            self._stop("unreachable", None, verdict.message)
+                            raise RunStopped(self._stopped or "")
+                kind = verdict.kind
+                if kind == STOP:
+                    self._stop(verdict.code, verdict.status, verdict.message)
+                    raise RunStopped(self._stopped or "")
+                if kind == FAIL:
+                    raise RequestFailed.make(verdict.code, self._scrub(verdict.message), verdict.status, attempt)
+                if attempt >= cfg.max_attempts:
+                    raise RequestFailed.make(verdict.code, self._scrub(f"{verdict.message} (after {attempt} attempts)"),
+                                             verdict.status, attempt, retryable=True)
+                stats.retries += 1
+                hint = min(verdict.wait, cfg.backoff_cap) if verdict.wait is not None else None
+                if kind == COOLDOWN:
+                    if budget.requests or budget.tokens:
+                        budget.widen_margins()
+                    if hint is not None:
+                        # The provider said when: every request of this budget waits, not just this one.
+                        budget.cooldown(hint)
+                        continue
+                # Full jitter always; a server's Retry-After (capped) is a floor, never a reason to retry at once.
+                wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap)
+                await self._held(anyio.sleep, wait if hint is None else max(wait, hint))
+        except BaseException as exc:
+            if key is not None:
+                self._abandoned(key, exc)
+            raise
+
+    def _answered(self, key: bytes, raw: bytes, parsed: Any, rid: str) -> bytes:
+        """Store the answer to `key` and hand it to the callers waiting for it; returns the stored bytes."""
+        raw = _compact(raw, parsed)
+        if self._cache is not None:
+            self._cache.put(key, raw, rid)
+        waiters = self._inflight.pop(key, None)
+        if waiters:
+            for f in waiters:
+                if not f.done():
+                    f.set_result(raw)
+        return raw
+
+    def _abandoned(self, key: bytes, exc: BaseException) -> None:
+        """`key` is no longer in flight: its waiters get the failure, or send it themselves (cancelled)."""
+        waiters = self._inflight.pop(key, None)
+        if waiters:
+            err = exc if isinstance(exc, (RequestFailed, RunStopped)) else _Abandoned()
+            for f in waiters:
+                if not f.done():
+                    f.set_exception(err)
 
     def _stop(self, code: str, status: int | None, message: str) -> None:
         if self._stopped is not None:
@@ -312,7 +359,7 @@ class Engine:
     # -- one request, with cache and in-flight sharing ----------------------------------------------------------
 
     async def _cached_call(self, ep: _Endpoint, path: str, key: bytes, data: bytes, body: dict[str, Any],
-                           use_slots: bool, check_cache: bool = True) -> tuple[bytes, dict[str, Any] | None, str, bool]:
+                           check_cache: bool = True) -> tuple[bytes, dict[str, Any] | None, str, bool]:
         """(raw, parsed or None, request id, shared) of one chat request, through the cache and the network.
 
         `shared` is True when the answer came from the cache or from an identical request in flight.
@@ -338,33 +385,9 @@ class Engine:
                 check_cache = True
                 continue
             return raw, None, "", True
-        inflight[key] = None  # a list of waiting futures once someone waits
-        try:
-            model = body.get("model") or ""
-            budget = self._limiter.budget(ep.provider, model)
-            tokens, fixed = self._reservation(budget, body, len(data), model) if budget.counts_tokens else (0.0, -1.0)
-            if use_slots:
-                async with self._slots:
-                    raw, parsed, rid, _ = await self._exchange(ep, ep.urls[path], data, budget, tokens, model, True,
-                                                               fixed)
-            else:
-                raw, parsed, rid, _ = await self._exchange(ep, ep.urls[path], data, budget, tokens, model, True, fixed)
-            raw = _compact(raw, parsed)
-            if cache is not None:
-                cache.put(key, raw, rid)
-        except BaseException as exc:
-            waiters = inflight.pop(key, None)
-            if waiters:
-                err = exc if isinstance(exc, (RequestFailed, RunStopped)) else _Abandoned()
-                for f in waiters:
-                    if not f.done():
-                        f.set_exception(err)
-            raise
-        waiters = inflight.pop(key, None)
-        if waiters:
-            for f in waiters:
-                if not f.done():
-                    f.set_result(raw)
+        # Nothing awaits between the check above and `_exchange` marking the key in flight.
+        budget, tokens, fixed, model = self._plan(ep, body, len(data))
+        raw, parsed, rid, _ = await self._exchange(ep, ep.urls[path], data, budget, tokens, model, True, fixed, key)
         return raw, parsed, rid, False
 
     # -- public API -----------------------------------------------------------------------------------------------
@@ -375,7 +398,10 @@ class Engine:
         data = _dumps(body, option=_SORT)
         key = request_key(ep.prefixes[CHAT], sample, data)
         try:
-            raw, parsed, _, cached = await self._cached_call(ep, CHAT, key, data, body, True)
+            # The slot is held while waiting for an identical request in flight too (rare; it cannot deadlock:
+            # the one in flight holds a slot of its own).
+            async with self._slots:
+                raw, parsed, _, cached = await self._cached_call(ep, CHAT, key, data, body)
         except RequestFailed:
             self.stats.failed += 1
             raise
@@ -537,7 +563,7 @@ class Engine:
         """Answer one prepared work item (runner.WorkItem): (raw, parsed or None, request id, from_cache)."""
         if item.path == CHAT:
             # The runner looked the key up in the cache already (in batches).
-            return await self._cached_call(self._chat_ep, CHAT, item.key, item.data, item.body, False, False)
+            return await self._cached_call(self._chat_ep, CHAT, item.key, item.data, item.body, False)
         ep = self._embed_ep
         body = item.body
         inp = body.get("input")
