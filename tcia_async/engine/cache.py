@@ -1,25 +1,26 @@
-"""Content-addressed response cache: SQLite in WAL mode, one row per answered request. Resume lives here.
+"""Content-addressed response cache: SQLite in WAL mode, one row per flushed batch of answers. Resume lives here.
 
 Identity (DESIGN.md): a request's key is a 16-byte BLAKE2b digest of the provider of its base URL (the host name),
 its URL path, an explicit sample index and its canonical body (JSON with sorted keys). Nothing else goes in: no
 API key, no header, no run fingerprint. Editing one input line changes one key.
 
 Guarantees:
-- `put` never blocks on disk: rows wait in memory and are written by `flush`, one transaction per batch
-  (`executemany`), when `batch_rows` are waiting or `flush_interval` seconds after the first waiting row
-  (the engine owns the task that calls `run_flusher`) and on close. A commit appends to the WAL and does not
-  wait for the disk (no fsync). While `run_flusher` runs, the WAL is copied into the database (a checkpoint, the
-  step that does fsync) by a worker thread on a connection of its own, after every `checkpoint_rows` rows
-  written, instead of by whichever commit crosses SQLite's threshold on the event loop; once the WAL holds 32 MB
-  the loop copies the rest itself, so the WAL stays bounded.
-- A key is stored at most once per answer; should two rows ever hold one key, either answer is valid.
-- A waiting row is already visible to `get`/`get_many`, so a rerun inside one process never sends twice.
+- `put` never blocks on disk: answers wait in memory and are written by `flush`, one transaction and one row per
+  batch, when `batch_rows` are waiting or `flush_interval` seconds after the first waiting answer (the engine owns
+  the task that calls `run_flusher`) and on close. A commit appends to the WAL and does not wait for the disk (no
+  fsync). While `run_flusher` runs, the WAL is copied into the database (a checkpoint, the step that does fsync)
+  by a worker thread on a connection of its own, after every `checkpoint_rows` answers written, instead of by
+  whichever commit crosses SQLite's threshold on the event loop; once the WAL holds 32 MB the loop copies the
+  rest itself, so the WAL stays bounded.
+- A key is stored at most once per answer; should two entries ever hold one key, either answer is valid.
+- A waiting answer is already visible to `get`/`get_many`, so a rerun inside one process never sends twice.
 - Keys are indexed in sorted passes (see `_SCHEMA`): every `merge_rows` answers, at `close()`, and when a file a
   killed run left is opened. Until then this cache finds its own answers through an in-memory map (fewer than
   `merge_rows` entries); another process sharing the file sees them once they are indexed.
 - WAL with synchronous=NORMAL: a committed batch survives the process being killed (kill -9) at any moment;
-  a kill loses at most the rows not yet committed (answers in flight or received in the last interval), and never
+  a kill loses at most the answers not yet committed (in flight or received in the last interval), and never
   corrupts the file. Only successful (HTTP 200) answers are stored.
+- A file of formats 2 and 3 (one row per answer) is converted in place when opened, in one transaction.
 """
 
 from __future__ import annotations
@@ -27,45 +28,64 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import sys
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
+from itertools import accumulate, chain
 from pathlib import Path
 
 import anyio
 
-# Rows are appended in rowid order to `responses`, which has no index of its own: an index on a random key takes
-# a random page per row, and SQLite writes every page a commit touches to the WAL (about 4 KB per answer, twice
-# with the checkpoint). Keys are found through `lookup` (the key's first 8 bytes -> row id), filled in sorted
-# passes of `merge_rows` rows: one walk through that index per pass instead of a random page per answer. Rows past
-# `indexed_upto` (fewer than `merge_rows`) are found through an in-memory map until they are merged. A pass holds
-# the event loop: 4,096 rows took about 4 ms (at most 15 ms, up to 100k answers here) for the same CPU per answer
-# as 16,384-row passes, which took 10-26 ms, as long as the collector pauses that once cost 429s (tuning.py).
+# Format 4. Each flush appends ONE row to `batches` holding the whole batch: its keys, answers and request ids
+# concatenated, with the end offsets of each. SQLite's cost is per row inserted: inserting a row per answer (format
+# 3) cost about 4.4 us of CPU per answer on the event loop (sqlite3_step ~6k instructions a row, binding its 5
+# values ~3k, pysqlite's executemany loop), one row per batch about 0.8 us. Python 3.11's sqlite3 runs every `bytes`
+# value through its adaptation protocol (two failed attribute lookups, each building an AttributeError) but binds
+# `bytearray` directly, so blobs are bound as bytearray.
+#
+# `batches` has no index: keys are found through `lookup`, (the key's first 8 bytes as a signed integer, loc) with
+# loc = batch id << 16 | index in the batch, filled from Python in sorted passes of `merge_rows` answers: one walk
+# through the index per pass instead of a random page per answer (SQLite writes every page a commit touches to the
+# WAL, about 4 KB each). Batches past `indexed_upto` are found through an in-memory map until they are merged. The
+# stored key is compared in full on every read (`h` is only half of it).
+#
+# `rids` holds the request ids (HTTP header values, often empty) concatenated, encoded UTF-8 with surrogates
+# passed through (aiohttp decodes headers with surrogateescape); `rid_ends` gives their ends in code points of the
+# decoded text, so any string comes back exactly. Offsets are uint32 little-endian.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
+CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY,
-    h INTEGER NOT NULL,
-    key BLOB NOT NULL,
-    body BLOB NOT NULL,
-    request_id TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    n INTEGER NOT NULL,
+    keys BLOB NOT NULL,
+    ends BLOB NOT NULL,
+    rid_ends BLOB NOT NULL,
+    rids BLOB NOT NULL,
+    bodies BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS lookup (h INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (h, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lookup (h INTEGER NOT NULL, loc INTEGER NOT NULL, PRIMARY KEY (h, loc)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_VERSION = "3"
-_BY_H = "SELECT r.key, r.body, r.request_id FROM lookup l JOIN responses r ON r.id = l.id WHERE l.h "
-# Index every row not in `lookup` yet (idempotent: a pass repeated or interrupted indexes nothing twice).
-_MERGE = """
-INSERT OR IGNORE INTO lookup (h, id)
-SELECT h, id FROM responses WHERE id > (SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'indexed_upto')
-ORDER BY h
-"""
-_MARK_MERGED = ("UPDATE meta SET value = (SELECT CAST(coalesce(max(id), 0) AS TEXT) FROM responses) "
-                "WHERE name = 'indexed_upto'")
-_UNINDEXED = ("SELECT (SELECT coalesce(max(id), 0) FROM responses) > CAST(value AS INTEGER) FROM meta "
-              "WHERE name = 'indexed_upto'")
+_VERSION = "4"
+_OLD_VERSIONS = ("2", "3")  # one row per answer in `responses`: converted when opened
+_SHIFT = 16  # loc = batch id << _SHIFT | index in the batch
+_ROW_ANSWERS = 1 << _SHIFT
+_ROW_BYTES = 256 << 20  # answers per row stay under SQLite's 1 GB limit on a value
+_CONVERT_ANSWERS = 512  # answers per row when converting an older file (the engine's largest batch)
+_INDEX_ANSWERS = 65536  # answers sorted at once when converting (bounds memory)
+_MEMO_BYTES = 8 << 20  # batches read lately, kept decoded for the next lookups (sequential replay)
+_INSERT = "INSERT INTO batches (created, n, keys, ends, rid_ends, rids, bodies) VALUES (?,?,?,?,?,?,?)"
+_READ = "SELECT id, keys, ends, rid_ends, rids, bodies FROM batches WHERE id IN (%s)"
+# `lookup` rows go in as one statement per 256 rows (cheaper than executemany's row-at-a-time loop), the rest of a
+# pass through executemany; both statements stay in sqlite3's statement cache.
+_LOOKUP_ROWS = 256
+_LOOKUP_MANY = "INSERT OR IGNORE INTO lookup (h, loc) VALUES " + ",".join(["(?,?)"] * _LOOKUP_ROWS)
+_LOOKUP_ONE = "INSERT OR IGNORE INTO lookup (h, loc) VALUES (?,?)"
 _from_bytes = int.from_bytes
 _blake2b = hashlib.blake2b
+_SWAP = sys.byteorder != "little"
+assert array("I").itemsize == 4
 
 
 def _h(key: bytes) -> int:
@@ -82,6 +102,68 @@ def request_key(prefix: bytes, sample: int, canonical_body: bytes) -> bytes:
     return _blake2b(b"%s%d\n%s" % (prefix, sample, canonical_body), digest_size=16).digest()
 
 
+def _u32(values: Iterable[int]) -> bytearray:
+    a = array("I", values)
+    if _SWAP:
+        a.byteswap()
+    return bytearray(a)
+
+
+def _from_u32(blob: bytes) -> array:
+    a = array("I")
+    a.frombytes(blob)
+    if _SWAP:
+        a.byteswap()
+    return a
+
+
+def _batch_row(created: float, keys: list[bytes], bodies: Iterable[bytes], rids: Iterable[str]) -> tuple:
+    """The values of one `batches` row (see `_SCHEMA`)."""
+    bodies = tuple(bodies)
+    rids = tuple(rids)
+    return (created, len(keys), bytearray().join(keys), _u32(accumulate(map(len, bodies))),
+            _u32(accumulate(map(len, rids))), bytearray("".join(rids).encode("utf-8", "surrogatepass")),
+            bytearray().join(bodies))
+
+
+def _pieces(bodies: tuple[bytes, ...]) -> list[tuple[int, int]]:
+    """[start, end) ranges of `bodies` that fit in one row each; one range unless a batch is huge."""
+    n = len(bodies)
+    if n <= _ROW_ANSWERS and sum(map(len, bodies)) <= _ROW_BYTES:
+        return [(0, n)]
+    out = []
+    start = size = 0
+    for i, b in enumerate(bodies):
+        if i > start and (size + len(b) > _ROW_BYTES or i - start >= _ROW_ANSWERS):
+            out.append((start, i))
+            start, size = i, 0
+        size += len(b)
+    out.append((start, n))
+    return out
+
+
+def _sorted_flat(pairs: Iterable[tuple[bytes, int]]) -> list[int]:
+    """[h0, loc0, h1, loc1, ...] of (key, loc) pairs, sorted by h."""
+    pairs = list(pairs)
+    by_h = {_from_bytes(k[:8], "little", signed=True): loc for k, loc in pairs}
+    if len(by_h) < len(pairs):  # two keys share their first half
+        return list(chain.from_iterable(sorted((_h(k), loc) for k, loc in pairs)))
+    hs = sorted(by_h)  # sorting ints is cheaper than sorting pairs
+    flat: list[int] = [0] * (2 * len(hs))
+    flat[::2] = hs
+    flat[1::2] = map(by_h.__getitem__, hs)
+    return flat
+
+
+def _insert_lookup(db: sqlite3.Connection, flat: list[int]) -> None:
+    step = 2 * _LOOKUP_ROWS
+    full = len(flat) - len(flat) % step
+    for i in range(0, full, step):
+        db.execute(_LOOKUP_MANY, flat[i:i + step])
+    if full < len(flat):
+        db.executemany(_LOOKUP_ONE, zip(flat[full::2], flat[full + 1::2]))
+
+
 _WAL_CAP_FRAMES = 8192  # pages (32 MB at SQLite's default page size)
 
 
@@ -94,6 +176,27 @@ class CacheError(Exception):
     pass
 
 
+class _Batch:
+    """One `batches` row as read, decoded."""
+
+    __slots__ = ("keys", "ends", "rid_ends", "rids", "bodies")
+
+    def __init__(self, keys: bytes, ends: bytes, rid_ends: bytes, rids: bytes, bodies: bytes) -> None:
+        self.keys = keys
+        self.ends = _from_u32(ends)
+        self.rid_ends = _from_u32(rid_ends)
+        self.rids = rids.decode("utf-8", "surrogatepass")
+        self.bodies = bodies
+
+    def key(self, i: int) -> bytes:
+        return self.keys[16 * i:16 * i + 16]
+
+    def answer(self, i: int) -> tuple[bytes, str]:
+        if i:
+            return self.bodies[self.ends[i - 1]:self.ends[i]], self.rids[self.rid_ends[i - 1]:self.rid_ends[i]]
+        return self.bodies[:self.ends[0]], self.rids[:self.rid_ends[0]]
+
+
 class ResponseCache:
     """See the module docstring."""
 
@@ -102,59 +205,134 @@ class ResponseCache:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._recent: dict[bytes, int] = {}  # committed, not yet in `lookup`: key -> loc
+        self._recent_batches: set[int] = set()  # the batch ids in `_recent`
+        self._memo: dict[int, _Batch] = {}  # batch id -> batch, oldest first; at most _MEMO_BYTES of bodies
+        self._memo_bytes = 0
+        db = None
         try:
             # The engine calls this from one thread at a time (the event loop's, or a worker thread at close).
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._recent: dict[bytes, int] = {}  # committed, not yet in `lookup`: key -> row id
+            self._db = db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
             self._open_format()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, CacheError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, CacheError):
+                raise
             raise CacheError(f"{self.path}: not a usable cache database ({exc})") from None
         self._merge_rows = max(1, merge_rows)
         self._pending: dict[bytes, tuple[bytes, str]] = {}
         self._batch_rows = batch_rows
         self.flush_interval = flush_interval
-        self._signal: anyio.Event | None = None  # set when a row starts waiting; owned by run_flusher
+        self._signal: anyio.Event | None = None  # set when an answer starts waiting; owned by run_flusher
         self._closed = False
         self.writes = 0
         self.checkpoint_rows = checkpoint_rows
         self._ckpt_due: anyio.Event | None = None  # set when checkpoint_rows were written; owned by run_flusher
         self._ckpt_mark = 0  # `writes` at the last checkpoint
 
-    def _open_format(self) -> None:
-        db = self._db
-        row = db.execute("SELECT value FROM meta WHERE name='version'").fetchone()
-        if row is not None and row[0] not in ("2", _VERSION):
-            raise CacheError(f"{self.path}: cache format {row[0]}, this version reads {_VERSION}")
-        if row is None or row[0] == "2":
-            # New, or written by the version that indexed `responses` itself: index every row in `lookup`.
-            self._transaction(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')",
-                              "INSERT OR REPLACE INTO meta VALUES ('indexed_upto', '0')",
-                              "DROP INDEX IF EXISTS responses_h", _MERGE, _MARK_MERGED)
-        else:
-            state = db.execute(_UNINDEXED).fetchone()
-            if state is None:  # no mark (not written by this code): index everything
-                db.execute("INSERT INTO meta VALUES ('indexed_upto', '0')")
-            if state is None or state[0]:
-                self._merge()  # rows a killed run committed but did not index
+    # -- opening --------------------------------------------------------------------------------------------------
 
-    def _transaction(self, *statements: str) -> None:
+    def _open_format(self) -> None:
+        """Create, convert or check the file, then index the batches a killed run committed but did not index."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: two processes opening one new file create it once
         try:
-            for sql in statements:
-                db.execute(sql)
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = None
+            if "meta" in tables:
+                row = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
+                version = row and row[0]
+            if version not in (None, _VERSION, *_OLD_VERSIONS):
+                raise CacheError(f"{self.path}: cache format {version}, this version reads {_VERSION}")
+            if version in _OLD_VERSIONS or (version is None and "responses" in tables):
+                self._convert()
+            elif version is None:
+                for sql in _SCHEMA.strip().split(";\n"):
+                    db.execute(sql)
+                db.execute(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('indexed_upto', '0')")  # none: index everything
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        mark, last = db.execute("SELECT CAST(value AS INTEGER), (SELECT coalesce(max(id), 0) FROM batches) "
+                                "FROM meta WHERE name = 'indexed_upto'").fetchone()
+        if last > mark:
+            self._merge()
+
+    def _convert(self) -> None:
+        """Rewrite a format-2/3 file (a `responses` row per answer) as format 4, inside the open transaction:
+        an interrupted conversion leaves the old file as it was, and the next open starts over."""
+        db = self._db
+        db.execute("DROP TABLE IF EXISTS lookup")  # format 3's (h, row id)
+        for sql in _SCHEMA.strip().split(";\n"):
+            db.execute(sql)
+        rows = db.execute("SELECT key, body, request_id, created FROM responses ORDER BY id")
+        group: list[tuple[bytes, bytes, str]] = []
+        size = 0
+        created = None
+        pairs: list[tuple[bytes, int]] = []
+
+        def write() -> None:
+            keys = [k for k, _, _ in group]
+            cur = db.execute(_INSERT, _batch_row(created, keys, (b for _, b, _ in group), (r for _, _, r in group)))
+            pairs.extend(zip(keys, range(cur.lastrowid << _SHIFT, (cur.lastrowid << _SHIFT) + len(keys))))
+            if len(pairs) >= _INDEX_ANSWERS:
+                _insert_lookup(db, _sorted_flat(pairs))
+                pairs.clear()
+
+        while chunk := rows.fetchmany(4096):
+            for key, body, rid, when in chunk:
+                body = bytes(body) if not isinstance(body, str) else body.encode()
+                # Answers of one old flush (one `created`) stay together.
+                if group and (when != created or len(group) >= _CONVERT_ANSWERS or size + len(body) > _ROW_BYTES):
+                    write()
+                    group, size = [], 0
+                group.append((bytes(key), body, rid or ""))
+                size += len(body)
+                created = when
+        rows.close()
+        if group:
+            write()
+        _insert_lookup(db, _sorted_flat(pairs))
+        db.execute("DROP TABLE responses")  # and format 2's index on it
+        db.execute(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')")
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('indexed_upto', "
+                   "(SELECT CAST(coalesce(max(id), 0) AS TEXT) FROM batches))")
+
+    # -- indexing -------------------------------------------------------------------------------------------------
 
     def _merge(self) -> None:
-        """Index in `lookup`, in one sorted pass, every row not indexed yet (ours and a killed run's)."""
-        self._transaction(_MERGE, _MARK_MERGED)
+        """Index in `lookup`, in sorted passes, every batch not indexed yet: ours from `_recent`, any other (a
+        killed run's, or another process's) read from the file."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            mark = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'indexed_upto'").fetchone()[0]
+            newer = [bid for (bid,) in db.execute("SELECT id FROM batches WHERE id > ?", (mark,))]
+            ours = self._recent_batches
+            others = [bid for bid in newer if bid not in ours]
+            for i in range(0, len(others), 64):
+                part = others[i:i + 64]
+                pairs: list[tuple[bytes, int]] = []
+                for bid, keys in db.execute("SELECT id, keys FROM batches WHERE id IN (%s)" % ",".join("?" * len(part)),
+                                            part):
+                    base = bid << _SHIFT
+                    pairs.extend((keys[j:j + 16], base + j // 16) for j in range(0, len(keys), 16))
+                _insert_lookup(db, _sorted_flat(pairs))
+            if self._recent:
+                _insert_lookup(db, _sorted_flat(self._recent.items()))
+            if newer:
+                db.execute("UPDATE meta SET value = ? WHERE name = 'indexed_upto'", (str(max(newer)),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         self._recent = {}
+        self._recent_batches = set()
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
@@ -163,37 +341,61 @@ class ResponseCache:
         return self.get_many([key]).get(key)
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, tuple[bytes, str]]:
-        """The stored answers among `keys` (one query per up to 500 keys)."""
+        """The stored answers among `keys` (one query per up to 500 keys, each batch read once)."""
         found: dict[bytes, tuple[bytes, str]] = {}
         pending = self._pending
         recent = self._recent
-        by_id: dict[int, bytes] = {}
+        locs: list[int] = []
         ask = []
         for k in keys:
             hit = pending.get(k)
             if hit is not None:
                 found[k] = hit
                 continue
-            rowid = recent.get(k)
-            if rowid is not None:
-                by_id[rowid] = k
+            loc = recent.get(k)
+            if loc is not None:
+                locs.append(loc)
             else:
                 ask.append(k)
         db = self._db
-        ids = list(by_id)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            sql = "SELECT id, body, request_id FROM responses WHERE id IN (%s)" % ",".join("?" * len(chunk))
-            for rowid, body, rid in db.execute(sql, chunk):
-                found[by_id[rowid]] = (body, rid)
-        if ask:
-            wanted = set(ask)
-            for i in range(0, len(ask), 500):
-                chunk = [_h(k) for k in ask[i:i + 500]]
-                for k, body, rid in db.execute(_BY_H + "IN (%s)" % ",".join("?" * len(chunk)), chunk):
-                    if k in wanted:
-                        found[k] = (body, rid)
+        for i in range(0, len(ask), 500):
+            chunk = [_from_bytes(k[:8], "little", signed=True) for k in ask[i:i + 500]]
+            sql = "SELECT loc FROM lookup WHERE h IN (%s)" % ",".join("?" * len(chunk))
+            locs.extend(loc for (loc,) in db.execute(sql, chunk))
+        if not locs:
+            return found
+        wanted = set(keys)
+        memo = self._memo
+        by_batch: dict[int, list[int]] = {}
+        for loc in locs:
+            by_batch.setdefault(loc >> _SHIFT, []).append(loc & (_ROW_ANSWERS - 1))
+        missing = [bid for bid in by_batch if bid not in memo]
+        for i in range(0, len(missing), 500):
+            part = missing[i:i + 500]
+            for bid, *cols in db.execute(_READ % ",".join("?" * len(part)), part):
+                self._remember(bid, _Batch(*cols))
+        for bid, idxs in by_batch.items():
+            batch = memo.get(bid)
+            if batch is None:  # read above, then pushed out of the memo: read it again
+                row = db.execute(_READ % "?", (bid,)).fetchone()
+                if row is None:
+                    continue
+                batch = _Batch(*row[1:])
+            for i in idxs:
+                k = batch.key(i)
+                if k in wanted:  # `h` is only half the key
+                    found[k] = batch.answer(i)
         return found
+
+    def _remember(self, bid: int, batch: _Batch) -> None:
+        memo = self._memo
+        size = len(batch.bodies)
+        if size > _MEMO_BYTES:
+            return
+        memo[bid] = batch
+        self._memo_bytes += size
+        while self._memo_bytes > _MEMO_BYTES:
+            self._memo_bytes -= len(memo.pop(next(iter(memo))).bodies)
 
     # -- writes ---------------------------------------------------------------------------------------------------
 
@@ -208,33 +410,44 @@ class ResponseCache:
             self.flush()
 
     def flush(self) -> None:
-        """Write every waiting row in one transaction."""
+        """Write every waiting answer in one transaction (one row, unless the batch is huge)."""
         if not self._pending or self._closed:
             return
-        now = time.time()
         pending = self._pending
-        rows = [(_from_bytes(k[:8], "little", signed=True), k, b, r, now) for k, (b, r) in pending.items()]
+        keys = list(pending)
+        bodies, rids = zip(*pending.values())
+        now = time.time()
         db = self._db
+        written = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            # The write lock is ours from BEGIN IMMEDIATE: the rows get the ids after the largest, in order.
-            first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM responses").fetchone()[0]
-            db.executemany("INSERT INTO responses (h, key, body, request_id, created) VALUES (?,?,?,?,?)", rows)
+            for a, b in _pieces(bodies):
+                if b - a == len(keys):
+                    row = _batch_row(now, keys, bodies, rids)
+                else:
+                    row = _batch_row(now, keys[a:b], bodies[a:b], rids[a:b])
+                bid = db.execute(_INSERT, row).lastrowid
+                written.append((bid, range(bid << _SHIFT, (bid << _SHIFT) + b - a)))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self._recent.update(zip(pending, range(first, first + len(rows))))
-        self.writes += len(rows)
+        recent = self._recent
+        if len(written) == 1:
+            recent.update(zip(keys, written[0][1]))
+        else:
+            recent.update(zip(keys, chain.from_iterable(r for _, r in written)))
+        self._recent_batches.update(bid for bid, _ in written)
+        self.writes += len(keys)
         pending.clear()
-        if len(self._recent) >= self._merge_rows:
+        if len(recent) >= self._merge_rows:
             self._merge()
         if self._ckpt_due is not None and self.writes - self._ckpt_mark >= self.checkpoint_rows:
             self._ckpt_due.set()
 
     async def run_flusher(self) -> None:
-        """Flush `flush_interval` seconds after a row starts waiting and checkpoint the WAL on a worker thread;
-        runs until cancelled (then flushes)."""
+        """Flush `flush_interval` seconds after an answer starts waiting and checkpoint the WAL on a worker
+        thread; runs until cancelled (then flushes)."""
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._run_checkpoints)
@@ -271,13 +484,16 @@ class ResponseCache:
             if not self._closed:
                 self._db.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
 
-    def keys(self) -> Iterable[bytes]:
-        for (k,) in self._db.execute("SELECT key FROM responses"):
-            yield k
+    def keys(self) -> Iterator[bytes]:
+        """Every stored key (waiting answers are written first)."""
+        self.flush()
+        for (blob,) in self._db.execute("SELECT keys FROM batches ORDER BY id"):
+            for i in range(0, len(blob), 16):
+                yield blob[i:i + 16]
 
     def __len__(self) -> int:
         self.flush()
-        return self._db.execute("SELECT count(*) FROM responses").fetchone()[0]
+        return self._db.execute("SELECT coalesce(sum(n), 0) FROM batches").fetchone()[0]
 
     def close(self) -> None:
         """Write what waits and index it (a run pays for indexing its own answers), then close."""
