@@ -320,6 +320,9 @@ def test_cache_compares_whole_keys(tmp_path):
     c.flush()
     c._merge()  # one sorted pass holding two equal `h`
     assert _lookup_rows(c) == 4
+    with pytest.raises(ValueError, match="16 bytes"):
+        c.put(b"short", b"x")
+    assert c.get_many([b"short", a[:8]]) == {}  # keys of another length are never found
     c.close()
     c2 = ResponseCache(tmp_path / "c.db")
     assert c2.get_many([a, b, absent, d, e]) == {a: (b'{"a":1}', "ra"), b: (b'{"b":1}', "rb"), d: (b"d", ""),

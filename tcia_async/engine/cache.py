@@ -117,41 +117,63 @@ def _from_u32(blob: bytes) -> array:
     return a
 
 
-def _batch_row(created: float, keys: list[bytes], bodies: Iterable[bytes], rids: Iterable[str]) -> tuple:
-    """The values of one `batches` row (see `_SCHEMA`)."""
-    bodies = tuple(bodies)
-    rids = tuple(rids)
-    return (created, len(keys), bytearray().join(keys), _u32(accumulate(map(len, bodies))),
-            _u32(accumulate(map(len, rids))), bytearray("".join(rids).encode("utf-8", "surrogatepass")),
-            bytearray().join(bodies))
+def _batch_rows(created: float, keys: list[bytes], bodies: tuple[bytes, ...], rids: tuple[str, ...]) -> list[tuple]:
+    """The values of the `batches` rows holding these answers (see `_SCHEMA`): one row unless they are more or
+    larger than one row may hold."""
+    ends = list(accumulate(map(len, bodies)))
+    if len(keys) <= _ROW_ANSWERS and ends[-1] <= _ROW_BYTES:
+        return [_row(created, keys, bodies, rids, ends)]
+    rows = []
+    start = 0
+    while start < len(keys):
+        base = ends[start - 1] if start else 0
+        stop = start + 1
+        while stop < len(keys) and stop - start < _ROW_ANSWERS and ends[stop] - base <= _ROW_BYTES:
+            stop += 1
+        rows.append(_row(created, keys[start:stop], bodies[start:stop], rids[start:stop],
+                         [e - base for e in ends[start:stop]]))
+        start = stop
+    return rows
 
 
-def _pieces(bodies: tuple[bytes, ...]) -> list[tuple[int, int]]:
-    """[start, end) ranges of `bodies` that fit in one row each; one range unless a batch is huge."""
-    n = len(bodies)
-    if n <= _ROW_ANSWERS and sum(map(len, bodies)) <= _ROW_BYTES:
-        return [(0, n)]
-    out = []
-    start = size = 0
-    for i, b in enumerate(bodies):
-        if i > start and (size + len(b) > _ROW_BYTES or i - start >= _ROW_ANSWERS):
-            out.append((start, i))
-            start, size = i, 0
-        size += len(b)
-    out.append((start, n))
-    return out
+def _row(created: float, keys: list[bytes], bodies: tuple[bytes, ...], rids: tuple[str, ...],
+         ends: list[int]) -> tuple:
+    text = "\n".join(rids)
+    if text.count("\n") == len(rids) - 1:
+        rid_ends = bytearray()  # no id holds a newline: the ids are `rids` split at newlines
+    else:
+        text = "".join(rids)
+        rid_ends = _u32(accumulate(map(len, rids)))
+    return (created, len(keys), bytearray().join(keys), _u32(ends), rid_ends,
+            bytearray(text.encode("utf-8", "surrogatepass")), bytearray().join(bodies))
 
 
-def _sorted_flat(pairs: Iterable[tuple[bytes, int]]) -> list[int]:
-    """[h0, loc0, h1, loc1, ...] of (key, loc) pairs, sorted by h."""
-    pairs = list(pairs)
-    by_h = {_from_bytes(k[:8], "little", signed=True): loc for k, loc in pairs}
-    if len(by_h) < len(pairs):  # two keys share their first half
-        return list(chain.from_iterable(sorted((_h(k), loc) for k, loc in pairs)))
-    hs = sorted(by_h)  # sorting ints is cheaper than sorting pairs
-    flat: list[int] = [0] * (2 * len(hs))
-    flat[::2] = hs
-    flat[1::2] = map(by_h.__getitem__, hs)
+def _firsts(keys: bytes | bytearray) -> list[int]:
+    """`h` of each key in `keys`, 16-byte keys concatenated, computed in C."""
+    firsts = memoryview(keys).cast("q")[::2]  # the first 8 bytes of each key, in the machine's byte order
+    if _SWAP:
+        firsts = array("q", firsts)
+        firsts.byteswap()
+    return firsts.tolist()
+
+
+def _index_rows(batches: Iterable[tuple[int, bytes]]) -> list[int]:
+    """The `lookup` rows of the answers in `batches` ((batch id, its keys), the keys as stored) sorted by h, as
+    [h0, loc0, h1, loc1, ...]; the loop stays in C (no Python code per answer)."""
+    hs: list[int] = []
+    locs: list[int] = []
+    for bid, keys in batches:
+        if not keys:
+            continue
+        hs += _firsts(keys)
+        locs += range(bid << _SHIFT, (bid << _SHIFT) + len(keys) // 16)
+    by_h = dict(zip(hs, locs))
+    if len(by_h) < len(hs):  # two keys share their first half
+        return list(chain.from_iterable(sorted(zip(hs, locs))))
+    order = sorted(by_h)  # sorting ints is cheaper than sorting pairs
+    flat: list[int] = [0] * (2 * len(order))
+    flat[::2] = order
+    flat[1::2] = map(by_h.__getitem__, order)
     return flat
 
 
@@ -179,22 +201,24 @@ class CacheError(Exception):
 class _Batch:
     """One `batches` row as read, decoded."""
 
-    __slots__ = ("keys", "ends", "rid_ends", "rids", "bodies")
+    __slots__ = ("keys", "ends", "rids", "bodies")
 
     def __init__(self, keys: bytes, ends: bytes, rid_ends: bytes, rids: bytes, bodies: bytes) -> None:
         self.keys = keys
-        self.ends = _from_u32(ends)
-        self.rid_ends = _from_u32(rid_ends)
-        self.rids = rids.decode("utf-8", "surrogatepass")
+        self.ends = [0, *_from_u32(ends)]
+        text = rids.decode("utf-8", "surrogatepass")
+        if rid_ends:
+            cuts = [0, *_from_u32(rid_ends)]
+            self.rids = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+        else:
+            self.rids = text.split("\n")
         self.bodies = bodies
 
     def key(self, i: int) -> bytes:
         return self.keys[16 * i:16 * i + 16]
 
     def answer(self, i: int) -> tuple[bytes, str]:
-        if i:
-            return self.bodies[self.ends[i - 1]:self.ends[i]], self.rids[self.rid_ends[i - 1]:self.rid_ends[i]]
-        return self.bodies[:self.ends[0]], self.rids[:self.rid_ends[0]]
+        return self.bodies[self.ends[i]:self.ends[i + 1]], self.rids[i]
 
 
 class ResponseCache:
@@ -206,7 +230,7 @@ class ResponseCache:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._recent: dict[bytes, int] = {}  # committed, not yet in `lookup`: key -> loc
-        self._recent_batches: set[int] = set()  # the batch ids in `_recent`
+        self._recent_batches: dict[int, bytearray] = {}  # the batches in `_recent`: id -> keys
         self._memo: dict[int, _Batch] = {}  # batch id -> batch, oldest first; at most _MEMO_BYTES of bodies
         self._memo_bytes = 0
         db = None
@@ -274,15 +298,15 @@ class ResponseCache:
         group: list[tuple[bytes, bytes, str]] = []
         size = 0
         created = None
-        pairs: list[tuple[bytes, int]] = []
+        written: list[tuple[int, bytearray]] = []  # (batch id, keys) not in `lookup` yet
 
         def write() -> None:
-            keys = [k for k, _, _ in group]
-            cur = db.execute(_INSERT, _batch_row(created, keys, (b for _, b, _ in group), (r for _, _, r in group)))
-            pairs.extend(zip(keys, range(cur.lastrowid << _SHIFT, (cur.lastrowid << _SHIFT) + len(keys))))
-            if len(pairs) >= _INDEX_ANSWERS:
-                _insert_lookup(db, _sorted_flat(pairs))
-                pairs.clear()
+            keys, bodies, rids = zip(*group)
+            for row in _batch_rows(created, list(keys), bodies, rids):
+                written.append((db.execute(_INSERT, row).lastrowid, row[2]))
+            if len(written) * _CONVERT_ANSWERS >= _INDEX_ANSWERS:
+                _insert_lookup(db, _index_rows(written))
+                written.clear()
 
         while chunk := rows.fetchmany(4096):
             for key, body, rid, when in chunk:
@@ -297,7 +321,7 @@ class ResponseCache:
         rows.close()
         if group:
             write()
-        _insert_lookup(db, _sorted_flat(pairs))
+        _insert_lookup(db, _index_rows(written))
         db.execute("DROP TABLE responses")  # and format 2's index on it
         db.execute(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')")
         db.execute("INSERT OR REPLACE INTO meta VALUES ('indexed_upto', "
@@ -317,14 +341,10 @@ class ResponseCache:
             others = [bid for bid in newer if bid not in ours]
             for i in range(0, len(others), 64):
                 part = others[i:i + 64]
-                pairs: list[tuple[bytes, int]] = []
-                for bid, keys in db.execute("SELECT id, keys FROM batches WHERE id IN (%s)" % ",".join("?" * len(part)),
-                                            part):
-                    base = bid << _SHIFT
-                    pairs.extend((keys[j:j + 16], base + j // 16) for j in range(0, len(keys), 16))
-                _insert_lookup(db, _sorted_flat(pairs))
-            if self._recent:
-                _insert_lookup(db, _sorted_flat(self._recent.items()))
+                sql = "SELECT id, keys FROM batches WHERE id IN (%s)" % ",".join("?" * len(part))
+                _insert_lookup(db, _index_rows(db.execute(sql, part).fetchall()))
+            if ours:
+                _insert_lookup(db, _index_rows(ours.items()))
             if newer:
                 db.execute("UPDATE meta SET value = ? WHERE name = 'indexed_upto'", (str(max(newer)),))
             db.execute("COMMIT")
@@ -332,7 +352,7 @@ class ResponseCache:
             db.execute("ROLLBACK")
             raise
         self._recent = {}
-        self._recent_batches = set()
+        self._recent_batches = {}
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
@@ -346,22 +366,27 @@ class ResponseCache:
         pending = self._pending
         recent = self._recent
         locs: list[int] = []
-        ask = []
-        for k in keys:
-            hit = pending.get(k)
-            if hit is not None:
-                found[k] = hit
-                continue
-            loc = recent.get(k)
-            if loc is not None:
-                locs.append(loc)
-            else:
-                ask.append(k)
+        if (pending and not pending.keys().isdisjoint(keys)) or (recent and not recent.keys().isdisjoint(keys)):
+            ask = []
+            for k in keys:
+                hit = pending.get(k)
+                if hit is not None:
+                    found[k] = hit
+                    continue
+                loc = recent.get(k)
+                if loc is not None:
+                    locs.append(loc)
+                else:
+                    ask.append(k)
+        else:  # the common case (a fresh run asks for answers it does not have), tested without a Python loop
+            ask = keys
         db = self._db
         for i in range(0, len(ask), 500):
-            chunk = [_from_bytes(k[:8], "little", signed=True) for k in ask[i:i + 500]]
-            sql = "SELECT loc FROM lookup WHERE h IN (%s)" % ",".join("?" * len(chunk))
-            locs.extend(loc for (loc,) in db.execute(sql, chunk))
+            part = ask[i:i + 500]
+            joined = b"".join(part)
+            hs = _firsts(joined) if len(joined) == 16 * len(part) else [_h(k) for k in part]
+            sql = "SELECT loc FROM lookup WHERE h IN (?" + ",?" * (len(part) - 1) + ")"
+            locs.extend(loc for (loc,) in db.execute(sql, hs))
         if not locs:
             return found
         wanted = set(keys)
@@ -400,7 +425,9 @@ class ResponseCache:
     # -- writes ---------------------------------------------------------------------------------------------------
 
     def put(self, key: bytes, body: bytes, request_id: str = "") -> None:
-        """Store a successful answer (written with the next batch)."""
+        """Store a successful answer (written with the next batch). `key` is a `request_key` (16 bytes)."""
+        if len(key) != 16:
+            raise ValueError(f"cache keys are 16 bytes, not {len(key)}")
         pending = self._pending
         pending[key] = (body, request_id)
         if len(pending) == 1:
@@ -416,28 +443,24 @@ class ResponseCache:
         pending = self._pending
         keys = list(pending)
         bodies, rids = zip(*pending.values())
-        now = time.time()
+        rows = _batch_rows(time.time(), keys, bodies, rids)
         db = self._db
         written = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            for a, b in _pieces(bodies):
-                if b - a == len(keys):
-                    row = _batch_row(now, keys, bodies, rids)
-                else:
-                    row = _batch_row(now, keys[a:b], bodies[a:b], rids[a:b])
+            for row in rows:
                 bid = db.execute(_INSERT, row).lastrowid
-                written.append((bid, range(bid << _SHIFT, (bid << _SHIFT) + b - a)))
+                written.append((bid, row[2], range(bid << _SHIFT, (bid << _SHIFT) + row[1])))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         recent = self._recent
         if len(written) == 1:
-            recent.update(zip(keys, written[0][1]))
+            recent.update(zip(keys, written[0][2]))
         else:
-            recent.update(zip(keys, chain.from_iterable(r for _, r in written)))
-        self._recent_batches.update(bid for bid, _ in written)
+            recent.update(zip(keys, chain.from_iterable(r for _, _, r in written)))
+        self._recent_batches.update((bid, blob) for bid, blob, _ in written)
         self.writes += len(keys)
         pending.clear()
         if len(recent) >= self._merge_rows:
