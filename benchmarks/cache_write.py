@@ -91,7 +91,7 @@ class _Rows:
 
     def get_many(self, part: list[bytes]) -> dict[bytes, tuple[bytes, str]]:
         wanted = set(part)
-        q = self.by_h + "IN (%s)" % ",".join("?" * len(part))
+        q = self.by_h + "IN (" + ",".join("?" * len(part)) + ")"
         return {k: (b, r) for k, b, r in self.db.execute(q, [_h(k) for k in part]) if k in wanted}
 
     def write(self, rows: list[tuple]) -> None:

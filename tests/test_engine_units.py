@@ -407,7 +407,7 @@ def test_cache_indexes_a_killed_runs_batches_at_open(tmp_path):
     mark = c._db.execute("SELECT value FROM meta WHERE name = 'indexed_upto'").fetchone()[0]
     assert mark == "9"
     assert c.get_many([i.to_bytes(16, "big") for i in range(95)]) == {
-        i.to_bytes(16, "big"): (b'{"n":%d}' % i, "r%d" % i) for i in range(90)}
+        i.to_bytes(16, "big"): (b'{"n":%d}' % i, f"r{i}") for i in range(90)}
     c.close()
 
 

@@ -32,27 +32,30 @@ import sys
 import time
 from array import array
 from collections.abc import Iterable, Iterator
-from itertools import accumulate, chain
+from itertools import accumulate, chain, pairwise
 from pathlib import Path
 
 import anyio
 
 # Format 4. Each flush appends ONE row to `batches` holding the whole batch: its keys, answers and request ids
-# concatenated, with the end offsets of each. SQLite's cost is per row inserted: inserting a row per answer (format
-# 3) cost about 4.4 us of CPU per answer on the event loop (sqlite3_step ~6k instructions a row, binding its 5
-# values ~3k, pysqlite's executemany loop), one row per batch about 0.8 us. Python 3.11's sqlite3 runs every `bytes`
-# value through its adaptation protocol (two failed attribute lookups, each building an AttributeError) but binds
-# `bytearray` directly, so blobs are bound as bytearray.
+# concatenated, with the end offsets of the answers. SQLite's cost is per row inserted (sqlite3_step ~6k
+# instructions a row, binding its values ~3k, pysqlite's executemany loop): with a row per answer (format 3) a flush
+# of 64 answers cost 2.8 us of CPU per answer on the event loop, as one row 1.0 us (benchmarks/cache_write.py has
+# the whole cycle). Python 3.11's sqlite3 runs every `bytes` value through its adaptation protocol (two failed
+# attribute lookups, each building an AttributeError) but binds `bytearray` directly: blobs go in as bytearray.
+# Small columns come first: reading a column stored after a large blob walks the blob's overflow pages.
 #
-# `batches` has no index: keys are found through `lookup`, (the key's first 8 bytes as a signed integer, loc) with
-# loc = batch id << 16 | index in the batch, filled from Python in sorted passes of `merge_rows` answers: one walk
-# through the index per pass instead of a random page per answer (SQLite writes every page a commit touches to the
-# WAL, about 4 KB each). Batches past `indexed_upto` are found through an in-memory map until they are merged. The
-# stored key is compared in full on every read (`h` is only half of it).
+# `batches` has no index: keys are found through `lookup` (h = the key's first 8 bytes as a signed little-endian
+# integer, loc = batch id << 16 | index in the batch), filled from Python in sorted passes of `merge_rows` answers:
+# one walk through the index per pass instead of a random page per answer (SQLite writes every page a commit
+# touches to the WAL, about 4 KB each); a pass of 4,096 holds the event loop about 5 ms. Batches past `indexed_upto`
+# are found through an in-memory map until they are merged. A read compares the stored key in full (`h` is half
+# of it) and reads each batch row once for all the keys it holds; the batches read last (`_MEMO_BYTES`) are kept
+# for the next lookups.
 #
-# `rids` holds the request ids (HTTP header values, often empty) concatenated, encoded UTF-8 with surrogates
-# passed through (aiohttp decodes headers with surrogateescape); `rid_ends` gives their ends in code points of the
-# decoded text, so any string comes back exactly. Offsets are uint32 little-endian.
+# `rids` holds the request ids (HTTP header values, often empty) joined by newlines, UTF-8 with surrogates passed
+# through (aiohttp decodes header bytes with surrogateescape), and `rid_ends` is empty; should an id hold a newline,
+# the ids are concatenated and `rid_ends` gives their ends in code points. Offsets are uint32 little-endian.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY,
@@ -76,7 +79,7 @@ _CONVERT_ANSWERS = 512  # answers per row when converting an older file (the eng
 _INDEX_ANSWERS = 65536  # answers sorted at once when converting (bounds memory)
 _MEMO_BYTES = 8 << 20  # batches read lately, kept decoded for the next lookups (sequential replay)
 _INSERT = "INSERT INTO batches (created, n, keys, ends, rid_ends, rids, bodies) VALUES (?,?,?,?,?,?,?)"
-_READ = "SELECT id, keys, ends, rid_ends, rids, bodies FROM batches WHERE id IN (%s)"
+_READ = "SELECT id, keys, ends, rid_ends, rids, bodies FROM batches WHERE id IN "
 # `lookup` rows go in as one statement per 256 rows (cheaper than executemany's row-at-a-time loop), the rest of a
 # pass through executemany; both statements stay in sqlite3's statement cache.
 _LOOKUP_ROWS = 256
@@ -86,6 +89,11 @@ _from_bytes = int.from_bytes
 _blake2b = hashlib.blake2b
 _SWAP = sys.byteorder != "little"
 assert array("I").itemsize == 4
+
+
+def _marks(n: int) -> str:
+    """(?,?,...) of n parameters."""
+    return "(?" + ",?" * (n - 1) + ")"
 
 
 def _h(key: bytes) -> int:
@@ -199,9 +207,9 @@ class CacheError(Exception):
 
 
 class _Batch:
-    """One `batches` row as read, decoded."""
+    """One `batches` row as read, decoded: answer i is keys[16 i:16 i + 16], bodies[ends[i]:ends[i + 1]], rids[i]."""
 
-    __slots__ = ("keys", "ends", "rids", "bodies")
+    __slots__ = ("bodies", "ends", "keys", "rids")
 
     def __init__(self, keys: bytes, ends: bytes, rid_ends: bytes, rids: bytes, bodies: bytes) -> None:
         self.keys = keys
@@ -209,16 +217,10 @@ class _Batch:
         text = rids.decode("utf-8", "surrogatepass")
         if rid_ends:
             cuts = [0, *_from_u32(rid_ends)]
-            self.rids = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+            self.rids = [text[a:b] for a, b in pairwise(cuts)]
         else:
             self.rids = text.split("\n")
         self.bodies = bodies
-
-    def key(self, i: int) -> bytes:
-        return self.keys[16 * i:16 * i + 16]
-
-    def answer(self, i: int) -> tuple[bytes, str]:
-        return self.bodies[self.ends[i]:self.ends[i + 1]], self.rids[i]
 
 
 class ResponseCache:
@@ -341,7 +343,7 @@ class ResponseCache:
             others = [bid for bid in newer if bid not in ours]
             for i in range(0, len(others), 64):
                 part = others[i:i + 64]
-                sql = "SELECT id, keys FROM batches WHERE id IN (%s)" % ",".join("?" * len(part))
+                sql = "SELECT id, keys FROM batches WHERE id IN " + _marks(len(part))
                 _insert_lookup(db, _index_rows(db.execute(sql, part).fetchall()))
             if ours:
                 _insert_lookup(db, _index_rows(ours.items()))
@@ -383,10 +385,9 @@ class ResponseCache:
         db = self._db
         for i in range(0, len(ask), 500):
             part = ask[i:i + 500]
-            joined = b"".join(part)
+            joined = b"".join(part) if len(part) > 4 else b""  # a few keys: cheaper one by one
             hs = _firsts(joined) if len(joined) == 16 * len(part) else [_h(k) for k in part]
-            sql = "SELECT loc FROM lookup WHERE h IN (?" + ",?" * (len(part) - 1) + ")"
-            locs.extend(loc for (loc,) in db.execute(sql, hs))
+            locs.extend(loc for (loc,) in db.execute("SELECT loc FROM lookup WHERE h IN " + _marks(len(part)), hs))
         if not locs:
             return found
         wanted = set(keys)
@@ -397,19 +398,20 @@ class ResponseCache:
         missing = [bid for bid in by_batch if bid not in memo]
         for i in range(0, len(missing), 500):
             part = missing[i:i + 500]
-            for bid, *cols in db.execute(_READ % ",".join("?" * len(part)), part):
+            for bid, *cols in db.execute(_READ + _marks(len(part)), part):
                 self._remember(bid, _Batch(*cols))
         for bid, idxs in by_batch.items():
             batch = memo.get(bid)
             if batch is None:  # read above, then pushed out of the memo: read it again
-                row = db.execute(_READ % "?", (bid,)).fetchone()
+                row = db.execute(_READ + "(?)", (bid,)).fetchone()
                 if row is None:
                     continue
                 batch = _Batch(*row[1:])
+            stored, ends, rids, bodies = batch.keys, batch.ends, batch.rids, batch.bodies
             for i in idxs:
-                k = batch.key(i)
+                k = stored[16 * i:16 * i + 16]
                 if k in wanted:  # `h` is only half the key
-                    found[k] = batch.answer(i)
+                    found[k] = bodies[ends[i]:ends[i + 1]], rids[i]
         return found
 
     def _remember(self, bid: int, batch: _Batch) -> None:
