@@ -15,7 +15,7 @@ import pytest
 
 from tcia_async.config import Limits
 from tcia_async.engine import retry, tokens
-from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
+from tcia_async.engine.cache import CacheError, ResponseCache, key_prefix, request_key
 from tcia_async.engine.limits import Budget, BudgetTooSmall, parse_go_duration, parse_reset
 from tcia_async.engine.runner import Dedup, check_request
 
@@ -256,30 +256,184 @@ async def test_cache_flusher_commits_on_its_own_and_a_cancelled_one_loses_nothin
     c2.close()
 
 
-def test_cache_finds_answers_across_index_merges_and_reopen(tmp_path):
-    """Answers are found whether they wait in memory, are committed but not yet indexed, or indexed, in one call
-    and across a close and reopen; merges happen every `merge_rows` answers."""
+def _answer(i: int) -> tuple[bytes, str]:
+    return b'{"n":%d}' % i, f"req_{i}"
+
+
+def _lookup_rows(c: ResponseCache) -> int:
+    return c._db.execute("SELECT count(*) FROM lookup").fetchone()[0]
+
+
+def test_cache_finds_answers_in_every_state(tmp_path):
+    """An answer is found while it waits in memory, once committed but not indexed, once indexed, and after a
+    close and reopen, alone or with keys in the other states in one call; merges happen every `merge_rows`."""
     c = ResponseCache(tmp_path / "c.db", batch_rows=7, merge_rows=20)
     keys = [os.urandom(16) for _ in range(53)]
     for i, k in enumerate(keys):
-        c.put(k, b'{"n":%d}' % i, f"req_{i}")
-        if i % 5 == 0:  # some lookups in every state along the way
+        c.put(k, *_answer(i))
+        if i % 5 == 0:  # lookups in every state along the way
             seen = keys[: i + 1]
-            assert c.get_many(seen) == {k2: (b'{"n":%d}' % j, f"req_{j}") for j, k2 in enumerate(seen)}
-    indexed = c._db.execute("SELECT count(*) FROM lookup").fetchone()[0]
-    assert indexed >= 40  # two merges of 20 at least, the rest in the in-memory map or waiting
-    assert all(c.get(k) == (b'{"n":%d}' % i, f"req_{i}") for i, k in enumerate(keys))
+            assert c.get_many(seen) == {k2: _answer(j) for j, k2 in enumerate(seen)}
+    # 53 answers: 7 batches of 7 committed (two merges of 21), 4 waiting.
+    assert _lookup_rows(c) == 42
+    waiting = [k for k in keys if k in c._pending]
+    unindexed = [k for k in keys if k in c._recent]
+    assert len(waiting) == 4 and len(unindexed) == 7
+    indexed = [k for k in keys if k not in c._pending and k not in c._recent]
+    for group in (waiting, unindexed, indexed):
+        for k in group:
+            assert c.get(k) == _answer(keys.index(k))
+        c._memo.clear()  # each group read from the file, not from batches read for the previous one
+    assert c.get_many(keys + [os.urandom(16)]) == {k: _answer(i) for i, k in enumerate(keys)}
     assert c.get(os.urandom(16)) is None
+    assert len(c) == 53  # writes the waiting answers
     c.close()
     c2 = ResponseCache(tmp_path / "c.db")
-    assert c2._db.execute("SELECT count(*) FROM lookup").fetchone()[0] == 53  # close indexed the rest
-    assert c2.get_many(keys + [os.urandom(16)]) == {k: (b'{"n":%d}' % i, f"req_{i}") for i, k in enumerate(keys)}
+    assert _lookup_rows(c2) == 53  # close indexed the rest
+    assert c2._db.execute("SELECT count(*), sum(n) FROM batches").fetchone() == (8, 53)  # one row per flush
+    assert c2.get_many(keys + [os.urandom(16)]) == {k: _answer(i) for i, k in enumerate(keys)}
+    assert sorted(c2.keys()) == sorted(keys)
     c2.close()
+
+
+def test_cache_compares_whole_keys(tmp_path):
+    """The index holds a key's first 8 bytes only: keys sharing them are told apart in every state, and one
+    that was never put is not found through the other."""
+    a, b, absent = b"\x01" * 8 + b"A" * 8, b"\x01" * 8 + b"B" * 8, b"\x01" * 8 + b"C" * 8
+    c = ResponseCache(tmp_path / "c.db", batch_rows=1000, merge_rows=1000)
+    c.put(a, b'{"a":1}', "ra")
+    assert c.get_many([b, absent]) == {}  # waiting
+    c.flush()
+    assert c.get_many([b, absent]) == {}  # committed, not indexed
+    c._merge()
+    assert c.get_many([b, absent]) == {}  # indexed
+    c.put(b, b'{"b":1}', "rb")
+    c.flush()
+    c._merge()
+    assert _lookup_rows(c) == 2
+    c._memo.clear()
+    assert c.get_many([a, b, absent]) == {a: (b'{"a":1}', "ra"), b: (b'{"b":1}', "rb")}
+    assert c.get_many([absent]) == {}
+    d, e = b"\x02" * 8 + b"D" * 8, b"\x02" * 8 + b"E" * 8
+    c.put(d, b"d")
+    c.put(e, b"e")
+    c.flush()
+    c._merge()  # one sorted pass holding two equal `h`
+    assert _lookup_rows(c) == 4
+    with pytest.raises(ValueError, match="16 bytes"):
+        c.put(b"short", b"x")
+    assert c.get_many([b"short", a[:8]]) == {}  # keys of another length are never found
+    c.close()
+    c2 = ResponseCache(tmp_path / "c.db")
+    assert c2.get_many([a, b, absent, d, e]) == {a: (b'{"a":1}', "ra"), b: (b'{"b":1}', "rb"), d: (b"d", ""),
+                                                 e: (b"e", "")}
+    c2.close()
+
+
+def test_cache_keeps_request_ids_and_bodies_exactly(tmp_path):
+    """Request ids come back as they went in (empty, non-ASCII, with a newline, with a lone surrogate as aiohttp
+    decodes a stray byte), and so do bodies of any size, including empty."""
+    rids = ["", "req_1", "", "ïd-ü", "two\nlines", "bad\udcff", "\ud83d", ""]
+    bodies = [b"", b"x" * 100_000, b"{}", b"\x00\xff", b"y", b"z" * 7, b"", b"last"]
+    keys = [os.urandom(16) for _ in rids]
+    c = ResponseCache(tmp_path / "c.db")
+    for k, body, rid in zip(keys, bodies, rids):
+        c.put(k, body, rid)
+    c.close()
+    c2 = ResponseCache(tmp_path / "c.db")
+    assert c2.get_many(keys) == {k: (body, rid) for k, body, rid in zip(keys, bodies, rids)}
+    c2.close()
+
+
+def test_cache_splits_a_huge_batch_into_rows(tmp_path, monkeypatch):
+    """A batch past the bytes or answers one row may hold is written as several rows, in one transaction."""
+    import tcia_async.engine.cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "_ROW_BYTES", 1000)
+    c = ResponseCache(tmp_path / "c.db", batch_rows=10_000)
+    keys = [os.urandom(16) for _ in range(40)]
+    for i, k in enumerate(keys):
+        c.put(k, b"%03d" % i + b"." * (i * 30))
+    c.flush()
+    rows = c._db.execute("SELECT n, length(bodies) FROM batches ORDER BY id").fetchall()
+    assert len(rows) > 10 and sum(n for n, _ in rows) == 40
+    assert all(size <= 1000 or n == 1 for n, size in rows)
+    c.close()
+    c2 = ResponseCache(tmp_path / "c.db")
+    assert c2.get_many(keys) == {k: (b"%03d" % i + b"." * (i * 30), "") for i, k in enumerate(keys)}
+    c2.close()
+
+
+def test_cache_reads_each_batch_once_and_bounds_what_it_keeps(tmp_path, monkeypatch):
+    """Lookups read a batch row once for all the keys they find in it; batches read lately are kept for the next
+    lookups up to a size, the oldest dropped first."""
+    import tcia_async.engine.cache as cache_mod
+
+    c = ResponseCache(tmp_path / "c.db", batch_rows=50)
+    keys = [os.urandom(16) for _ in range(500)]
+    for i, k in enumerate(keys):
+        c.put(k, b"%d" % i + b" " * 200)
+    c.close()
+    c = ResponseCache(tmp_path / "c.db")
+    reads = []
+    c._db.set_trace_callback(lambda sql: reads.append(sql) if "FROM batches" in sql else None)
+    assert len(c.get_many(keys[:120])) == 120
+    assert len(reads) == 1  # one query for three batches
+    assert sorted(c._memo) == [1, 2, 3]
+    assert all(c.get(k) is not None for k in keys[100:150])
+    assert len(reads) == 1  # the third batch was kept
+    monkeypatch.setattr(cache_mod, "_MEMO_BYTES", 25_000)  # two batches of 50 answers of ~203 bytes
+    c._memo.clear()
+    c._memo_bytes = 0
+    assert c.get_many(keys[::-1]) == {k: (b"%d" % i + b" " * 200, "") for i, k in enumerate(keys)}
+    assert len(c._memo) == 2 and c._memo_bytes <= 25_000
+    c.close()
+
+
+def test_cache_indexes_a_killed_runs_batches_at_open(tmp_path):
+    """Batches a run committed and never indexed (killed before its merge) are indexed by the next open, which
+    then finds them through `lookup` alone."""
+    path = tmp_path / "c.db"
+    code = ("import os, sys\n"
+            "from tcia_async.engine.cache import ResponseCache\n"
+            "c = ResponseCache(sys.argv[1], batch_rows=10, merge_rows=10**6)\n"
+            "for i in range(95):\n"
+            "    c.put(i.to_bytes(16, 'big'), b'{\"n\":%d}' % i, 'r%d' % i)\n"
+            "os._exit(0)\n")  # no close: 9 batches committed, 5 answers waiting, nothing indexed
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    c = ResponseCache(path)
+    assert not c._recent
+    assert _lookup_rows(c) == 90
+    mark = c._db.execute("SELECT value FROM meta WHERE name = 'indexed_upto'").fetchone()[0]
+    assert mark == "9"
+    assert c.get_many([i.to_bytes(16, "big") for i in range(95)]) == {
+        i.to_bytes(16, "big"): (b'{"n":%d}' % i, f"r{i}") for i in range(90)}
+    c.close()
+
+
+def test_cache_shared_by_two_processes_indexes_the_others_batches(tmp_path):
+    """A merge indexes every batch past the mark, not only its own: batches of another cache on the same file
+    that never merges (killed) are found by a third."""
+    path = tmp_path / "c.db"
+    a = ResponseCache(path, batch_rows=5, merge_rows=10**6)
+    b = ResponseCache(path, batch_rows=5, merge_rows=10)
+    ka = [os.urandom(16) for _ in range(20)]
+    kb = [os.urandom(16) for _ in range(20)]
+    for i in range(20):
+        a.put(ka[i], b"a%d" % i)
+        b.put(kb[i], b"b%d" % i)
+    assert _lookup_rows(b) == 40  # b's merges took a's batches too
+    a._db.close()  # a killed: its own map is lost
+    b.close()
+    c = ResponseCache(path)
+    assert c.get_many(ka + kb) == {**{k: (b"a%d" % i, "") for i, k in enumerate(ka)},
+                                   **{k: (b"b%d" % i, "") for i, k in enumerate(kb)}}
+    c.close()
 
 
 def test_cache_of_the_previous_format_is_upgraded_in_place(tmp_path):
     """A cache written by the version that indexed `responses` itself (format 2) opens, keeps every answer and
-    drops its old index."""
+    drops its old table and index."""
     path = tmp_path / "old.db"
     db = sqlite3.connect(path, isolation_level=None)
     db.executescript("""
@@ -295,7 +449,10 @@ def test_cache_of_the_previous_format_is_upgraded_in_place(tmp_path):
     db.close()
     c = ResponseCache(path)
     assert c.get_many(keys) == {k: (b'{"n":%d}' % i, "") for i, k in enumerate(keys)}
-    assert c._db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'responses_h'").fetchone()[0] == 0
+    assert c._db.execute("SELECT count(*) FROM sqlite_master WHERE name IN ('responses', 'responses_h')"
+                         ).fetchone()[0] == 0
+    assert c._db.execute("SELECT count(*), sum(n) FROM batches").fetchone() == (1, 30)
+    assert c._db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0] == "4"
     c.close()
     c2 = ResponseCache(path)
     assert c2.get(keys[17]) == (b'{"n":17}', "")
@@ -306,8 +463,102 @@ def test_cache_of_the_previous_format_is_upgraded_in_place(tmp_path):
     db.execute("DELETE FROM lookup")
     db.close()
     c3 = ResponseCache(path)
+    assert _lookup_rows(c3) == 30
     assert c3.get_many(keys) == {k: (b'{"n":%d}' % i, "") for i, k in enumerate(keys)}
     c3.close()
+
+
+_FORMAT3 = """
+    CREATE TABLE responses (id INTEGER PRIMARY KEY, h INTEGER NOT NULL, key BLOB NOT NULL, body BLOB NOT NULL,
+                            request_id TEXT NOT NULL DEFAULT '', created REAL NOT NULL);
+    CREATE TABLE lookup (h INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (h, id)) WITHOUT ROWID;
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta VALUES ('version', '3');
+"""
+
+
+def _write_format3(path, keys: list[bytes], indexed: int) -> None:
+    """A format-3 file as that version wrote it: a row per answer, three flushes (one `created` each), the first
+    `indexed` rows in its `lookup` (a killed run left the rest)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(_FORMAT3)
+    db.executemany("INSERT INTO responses (h, key, body, request_id, created) VALUES (?, ?, ?, ?, ?)",
+                   [(int.from_bytes(k[:8], "little", signed=True), k, b'{"n":%d}' % i, f"req_{i}" if i % 3 else "",
+                     1000.0 + i // 100) for i, k in enumerate(keys)])
+    db.execute("INSERT INTO lookup SELECT h, id FROM responses WHERE id <= ? ORDER BY h", (indexed,))
+    db.execute("INSERT INTO meta VALUES ('indexed_upto', ?)", (str(indexed),))
+    db.close()
+
+
+def _format3_answers(keys: list[bytes]) -> dict[bytes, tuple[bytes, str]]:
+    return {k: (b'{"n":%d}' % i, f"req_{i}" if i % 3 else "") for i, k in enumerate(keys)}
+
+
+def test_cache_of_format_3_is_upgraded_in_place(tmp_path):
+    """A format-3 file (a row per answer, partly indexed) is converted at open: every answer is kept, rows of one
+    old flush share a batch, the old tables go, and the new format survives a reopen."""
+    path = tmp_path / "old3.db"
+    keys = [os.urandom(16) for _ in range(250)]
+    _write_format3(path, keys, indexed=180)
+    c = ResponseCache(path)
+    db = c._db
+    assert db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0] == "4"
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'responses'").fetchone()[0] == 0
+    assert db.execute("SELECT n, created FROM batches ORDER BY id").fetchall() == [(100, 1000.0), (100, 1001.0),
+                                                                                    (50, 1002.0)]
+    assert _lookup_rows(c) == 250
+    assert not c._recent
+    assert c.get_many(keys) == _format3_answers(keys)
+    new = os.urandom(16)
+    c.put(new, b"new", "r")
+    c.close()
+    c2 = ResponseCache(path)
+    assert c2.get_many(keys + [new]) == {**_format3_answers(keys), new: (b"new", "r")}
+    assert len(c2) == 251
+    c2.close()
+
+
+def test_cache_conversion_interrupted_leaves_the_old_file(tmp_path, monkeypatch):
+    """A conversion that fails part-way changes nothing (one transaction): the file is still format 3 with every
+    answer, and the next open converts it."""
+    import tcia_async.engine.cache as cache_mod
+
+    path = tmp_path / "old3.db"
+    keys = [os.urandom(16) for _ in range(250)]
+    _write_format3(path, keys, indexed=250)
+
+    def fail(db, flat):
+        raise sqlite3.OperationalError("disk I/O error (simulated)")
+
+    monkeypatch.setattr(cache_mod, "_insert_lookup", fail)
+    with pytest.raises(cache_mod.CacheError, match="simulated"):
+        ResponseCache(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0] == "3"
+    assert db.execute("SELECT count(*) FROM responses").fetchone()[0] == 250
+    assert db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'batches'").fetchone()[0] == 0
+    db.close()
+    monkeypatch.undo()
+    c = ResponseCache(path)
+    assert c.get_many(keys) == _format3_answers(keys)
+    c.close()
+    c2 = ResponseCache(path)  # opening a converted file again converts nothing
+    assert c2._db.execute("SELECT count(*) FROM batches").fetchone()[0] == 3
+    assert c2.get_many(keys) == _format3_answers(keys)
+    c2.close()
+
+
+def test_cache_of_an_unknown_format_is_refused(tmp_path):
+    path = tmp_path / "new.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL); "
+                     "INSERT INTO meta VALUES ('version', '5');")
+    db.close()
+    with pytest.raises(CacheError, match="cache format 5, this version reads 4"):
+        ResponseCache(path)
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(CacheError, match="not a usable cache database"):
+        ResponseCache(tmp_path / "junk.db")
 
 
 _KILLER = """

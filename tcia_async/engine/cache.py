@@ -1,25 +1,26 @@
-"""Content-addressed response cache: SQLite in WAL mode, one row per answered request. Resume lives here.
+"""Content-addressed response cache: SQLite in WAL mode, one row per flushed batch of answers. Resume lives here.
 
 Identity (DESIGN.md): a request's key is a 16-byte BLAKE2b digest of the provider of its base URL (the host name),
 its URL path, an explicit sample index and its canonical body (JSON with sorted keys). Nothing else goes in: no
 API key, no header, no run fingerprint. Editing one input line changes one key.
 
 Guarantees:
-- `put` never blocks on disk: rows wait in memory and are written by `flush`, one transaction per batch
-  (`executemany`), when `batch_rows` are waiting or `flush_interval` seconds after the first waiting row
-  (the engine owns the task that calls `run_flusher`) and on close. A commit appends to the WAL and does not
-  wait for the disk (no fsync). While `run_flusher` runs, the WAL is copied into the database (a checkpoint, the
-  step that does fsync) by a worker thread on a connection of its own, after every `checkpoint_rows` rows
-  written, instead of by whichever commit crosses SQLite's threshold on the event loop; once the WAL holds 32 MB
-  the loop copies the rest itself, so the WAL stays bounded.
-- A key is stored at most once per answer; should two rows ever hold one key, either answer is valid.
-- A waiting row is already visible to `get`/`get_many`, so a rerun inside one process never sends twice.
+- `put` never blocks on disk: answers wait in memory and are written by `flush`, one transaction and one row per
+  batch, when `batch_rows` are waiting or `flush_interval` seconds after the first waiting answer (the engine owns
+  the task that calls `run_flusher`) and on close. A commit appends to the WAL and does not wait for the disk (no
+  fsync). While `run_flusher` runs, the WAL is copied into the database (a checkpoint, the step that does fsync)
+  by a worker thread on a connection of its own, after every `checkpoint_rows` answers written, instead of by
+  whichever commit crosses SQLite's threshold on the event loop; once the WAL holds 32 MB the loop copies the
+  rest itself, so the WAL stays bounded.
+- A key is stored at most once per answer; should two entries ever hold one key, either answer is valid.
+- A waiting answer is already visible to `get`/`get_many`, so a rerun inside one process never sends twice.
 - Keys are indexed in sorted passes (see `_SCHEMA`): every `merge_rows` answers, at `close()`, and when a file a
   killed run left is opened. Until then this cache finds its own answers through an in-memory map (fewer than
   `merge_rows` entries); another process sharing the file sees them once they are indexed.
 - WAL with synchronous=NORMAL: a committed batch survives the process being killed (kill -9) at any moment;
-  a kill loses at most the rows not yet committed (answers in flight or received in the last interval), and never
+  a kill loses at most the answers not yet committed (in flight or received in the last interval), and never
   corrupts the file. Only successful (HTTP 200) answers are stored.
+- A file of formats 2 and 3 (one row per answer) is converted in place when opened, in one transaction.
 """
 
 from __future__ import annotations
@@ -27,45 +28,72 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import sys
 import time
-from collections.abc import Iterable
+from array import array
+from collections.abc import Iterable, Iterator
+from itertools import accumulate, chain, pairwise
 from pathlib import Path
 
 import anyio
 
-# Rows are appended in rowid order to `responses`, which has no index of its own: an index on a random key takes
-# a random page per row, and SQLite writes every page a commit touches to the WAL (about 4 KB per answer, twice
-# with the checkpoint). Keys are found through `lookup` (the key's first 8 bytes -> row id), filled in sorted
-# passes of `merge_rows` rows: one walk through that index per pass instead of a random page per answer. Rows past
-# `indexed_upto` (fewer than `merge_rows`) are found through an in-memory map until they are merged. A pass holds
-# the event loop: 4,096 rows took about 4 ms (at most 15 ms, up to 100k answers here) for the same CPU per answer
-# as 16,384-row passes, which took 10-26 ms, as long as the collector pauses that once cost 429s (tuning.py).
+# Format 4. Each flush appends ONE row to `batches` holding the whole batch: its keys, answers and request ids
+# concatenated, with the end offsets of the answers. SQLite's cost is per row inserted (sqlite3_step ~6k
+# instructions a row, binding its values ~3k, pysqlite's executemany loop): with a row per answer (format 3) a flush
+# of 64 answers cost 2.8 us of CPU per answer on the event loop, as one row 1.0 us (benchmarks/cache_write.py has
+# the whole cycle). Python 3.11's sqlite3 runs every `bytes` value through its adaptation protocol (two failed
+# attribute lookups, each building an AttributeError) but binds `bytearray` directly: blobs go in as bytearray.
+# Small columns come first: reading a column stored after a large blob walks the blob's overflow pages.
+#
+# `batches` has no index: keys are found through `lookup` (h = the key's first 8 bytes as a signed little-endian
+# integer, loc = batch id << 16 | index in the batch), filled from Python in sorted passes of `merge_rows` answers:
+# one walk through the index per pass instead of a random page per answer (SQLite writes every page a commit
+# touches to the WAL, about 4 KB each); a pass of 4,096 holds the event loop about 5 ms. Batches past `indexed_upto`
+# are found through an in-memory map until they are merged. A read compares the stored key in full (`h` is half
+# of it) and reads each batch row once for all the keys it holds; the batches read last (`_MEMO_BYTES`) are kept
+# for the next lookups.
+#
+# `rids` holds the request ids (HTTP header values, often empty) joined by newlines, UTF-8 with surrogates passed
+# through (aiohttp decodes header bytes with surrogateescape), and `rid_ends` is empty; should an id hold a newline,
+# the ids are concatenated and `rid_ends` gives their ends in code points. Offsets are uint32 little-endian.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
+CREATE TABLE IF NOT EXISTS batches (
     id INTEGER PRIMARY KEY,
-    h INTEGER NOT NULL,
-    key BLOB NOT NULL,
-    body BLOB NOT NULL,
-    request_id TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    n INTEGER NOT NULL,
+    keys BLOB NOT NULL,
+    ends BLOB NOT NULL,
+    rid_ends BLOB NOT NULL,
+    rids BLOB NOT NULL,
+    bodies BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS lookup (h INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (h, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lookup (h INTEGER NOT NULL, loc INTEGER NOT NULL, PRIMARY KEY (h, loc)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-_VERSION = "3"
-_BY_H = "SELECT r.key, r.body, r.request_id FROM lookup l JOIN responses r ON r.id = l.id WHERE l.h "
-# Index every row not in `lookup` yet (idempotent: a pass repeated or interrupted indexes nothing twice).
-_MERGE = """
-INSERT OR IGNORE INTO lookup (h, id)
-SELECT h, id FROM responses WHERE id > (SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'indexed_upto')
-ORDER BY h
-"""
-_MARK_MERGED = ("UPDATE meta SET value = (SELECT CAST(coalesce(max(id), 0) AS TEXT) FROM responses) "
-                "WHERE name = 'indexed_upto'")
-_UNINDEXED = ("SELECT (SELECT coalesce(max(id), 0) FROM responses) > CAST(value AS INTEGER) FROM meta "
-              "WHERE name = 'indexed_upto'")
+_VERSION = "4"
+_OLD_VERSIONS = ("2", "3")  # one row per answer in `responses`: converted when opened
+_SHIFT = 16  # loc = batch id << _SHIFT | index in the batch
+_ROW_ANSWERS = 1 << _SHIFT
+_ROW_BYTES = 256 << 20  # answers per row stay under SQLite's 1 GB limit on a value
+_CONVERT_ANSWERS = 512  # answers per row when converting an older file (the engine's largest batch)
+_INDEX_ANSWERS = 65536  # answers sorted at once when converting (bounds memory)
+_MEMO_BYTES = 8 << 20  # batches read lately, kept decoded for the next lookups (sequential replay)
+_INSERT = "INSERT INTO batches (created, n, keys, ends, rid_ends, rids, bodies) VALUES (?,?,?,?,?,?,?)"
+_READ = "SELECT id, keys, ends, rid_ends, rids, bodies FROM batches WHERE id IN "
+# `lookup` rows go in as one statement per 256 rows (cheaper than executemany's row-at-a-time loop), the rest of a
+# pass through executemany; both statements stay in sqlite3's statement cache.
+_LOOKUP_ROWS = 256
+_LOOKUP_MANY = "INSERT OR IGNORE INTO lookup (h, loc) VALUES " + ",".join(["(?,?)"] * _LOOKUP_ROWS)
+_LOOKUP_ONE = "INSERT OR IGNORE INTO lookup (h, loc) VALUES (?,?)"
 _from_bytes = int.from_bytes
 _blake2b = hashlib.blake2b
+_SWAP = sys.byteorder != "little"
+assert array("I").itemsize == 4
+
+
+def _marks(n: int) -> str:
+    """(?,?,...) of n parameters."""
+    return "(?" + ",?" * (n - 1) + ")"
 
 
 def _h(key: bytes) -> int:
@@ -82,6 +110,90 @@ def request_key(prefix: bytes, sample: int, canonical_body: bytes) -> bytes:
     return _blake2b(b"%s%d\n%s" % (prefix, sample, canonical_body), digest_size=16).digest()
 
 
+def _u32(values: Iterable[int]) -> bytearray:
+    a = array("I", values)
+    if _SWAP:
+        a.byteswap()
+    return bytearray(a)
+
+
+def _from_u32(blob: bytes) -> array:
+    a = array("I")
+    a.frombytes(blob)
+    if _SWAP:
+        a.byteswap()
+    return a
+
+
+def _batch_rows(created: float, keys: list[bytes], bodies: tuple[bytes, ...], rids: tuple[str, ...]) -> list[tuple]:
+    """The values of the `batches` rows holding these answers (see `_SCHEMA`): one row unless they are more or
+    larger than one row may hold."""
+    ends = list(accumulate(map(len, bodies)))
+    if len(keys) <= _ROW_ANSWERS and ends[-1] <= _ROW_BYTES:
+        return [_row(created, keys, bodies, rids, ends)]
+    rows = []
+    start = 0
+    while start < len(keys):
+        base = ends[start - 1] if start else 0
+        stop = start + 1
+        while stop < len(keys) and stop - start < _ROW_ANSWERS and ends[stop] - base <= _ROW_BYTES:
+            stop += 1
+        rows.append(_row(created, keys[start:stop], bodies[start:stop], rids[start:stop],
+                         [e - base for e in ends[start:stop]]))
+        start = stop
+    return rows
+
+
+def _row(created: float, keys: list[bytes], bodies: tuple[bytes, ...], rids: tuple[str, ...],
+         ends: list[int]) -> tuple:
+    text = "\n".join(rids)
+    if text.count("\n") == len(rids) - 1:
+        rid_ends = bytearray()  # no id holds a newline: the ids are `rids` split at newlines
+    else:
+        text = "".join(rids)
+        rid_ends = _u32(accumulate(map(len, rids)))
+    return (created, len(keys), bytearray().join(keys), _u32(ends), rid_ends,
+            bytearray(text.encode("utf-8", "surrogatepass")), bytearray().join(bodies))
+
+
+def _firsts(keys: bytes | bytearray) -> list[int]:
+    """`h` of each key in `keys`, 16-byte keys concatenated, computed in C."""
+    firsts = memoryview(keys).cast("q")[::2]  # the first 8 bytes of each key, in the machine's byte order
+    if _SWAP:
+        firsts = array("q", firsts)
+        firsts.byteswap()
+    return firsts.tolist()
+
+
+def _index_rows(batches: Iterable[tuple[int, bytes]]) -> list[int]:
+    """The `lookup` rows of the answers in `batches` ((batch id, its keys), the keys as stored) sorted by h, as
+    [h0, loc0, h1, loc1, ...]; the loop stays in C (no Python code per answer)."""
+    hs: list[int] = []
+    locs: list[int] = []
+    for bid, keys in batches:
+        if not keys:
+            continue
+        hs += _firsts(keys)
+        locs += range(bid << _SHIFT, (bid << _SHIFT) + len(keys) // 16)
+    by_h = dict(zip(hs, locs))
+    if len(by_h) < len(hs):  # two keys share their first half
+        return list(chain.from_iterable(sorted(zip(hs, locs))))
+    order = sorted(by_h)  # sorting ints is cheaper than sorting pairs
+    flat: list[int] = [0] * (2 * len(order))
+    flat[::2] = order
+    flat[1::2] = map(by_h.__getitem__, order)
+    return flat
+
+
+def _insert_lookup(db: sqlite3.Connection, flat: list[int]) -> None:
+    step = 2 * _LOOKUP_ROWS
+    full = len(flat) - len(flat) % step
+    for i in range(0, full, step):
+        db.execute(_LOOKUP_MANY, flat[i:i + step])
+    if full < len(flat):
+        db.executemany(_LOOKUP_ONE, zip(flat[full::2], flat[full + 1::2]))
+
+
 _WAL_CAP_FRAMES = 8192  # pages (32 MB at SQLite's default page size)
 
 
@@ -94,6 +206,23 @@ class CacheError(Exception):
     pass
 
 
+class _Batch:
+    """One `batches` row as read, decoded: answer i is keys[16 i:16 i + 16], bodies[ends[i]:ends[i + 1]], rids[i]."""
+
+    __slots__ = ("bodies", "ends", "keys", "rids")
+
+    def __init__(self, keys: bytes, ends: bytes, rid_ends: bytes, rids: bytes, bodies: bytes) -> None:
+        self.keys = keys
+        self.ends = [0, *_from_u32(ends)]
+        text = rids.decode("utf-8", "surrogatepass")
+        if rid_ends:
+            cuts = [0, *_from_u32(rid_ends)]
+            self.rids = [text[a:b] for a, b in pairwise(cuts)]
+        else:
+            self.rids = text.split("\n")
+        self.bodies = bodies
+
+
 class ResponseCache:
     """See the module docstring."""
 
@@ -102,59 +231,130 @@ class ResponseCache:
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._recent: dict[bytes, int] = {}  # committed, not yet in `lookup`: key -> loc
+        self._recent_batches: dict[int, bytearray] = {}  # the batches in `_recent`: id -> keys
+        self._memo: dict[int, _Batch] = {}  # batch id -> batch, oldest first; at most _MEMO_BYTES of bodies
+        self._memo_bytes = 0
+        db = None
         try:
             # The engine calls this from one thread at a time (the event loop's, or a worker thread at close).
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._recent: dict[bytes, int] = {}  # committed, not yet in `lookup`: key -> row id
+            self._db = db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
             self._open_format()
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, CacheError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, CacheError):
+                raise
             raise CacheError(f"{self.path}: not a usable cache database ({exc})") from None
         self._merge_rows = max(1, merge_rows)
         self._pending: dict[bytes, tuple[bytes, str]] = {}
         self._batch_rows = batch_rows
         self.flush_interval = flush_interval
-        self._signal: anyio.Event | None = None  # set when a row starts waiting; owned by run_flusher
+        self._signal: anyio.Event | None = None  # set when an answer starts waiting; owned by run_flusher
         self._closed = False
         self.writes = 0
         self.checkpoint_rows = checkpoint_rows
         self._ckpt_due: anyio.Event | None = None  # set when checkpoint_rows were written; owned by run_flusher
         self._ckpt_mark = 0  # `writes` at the last checkpoint
 
-    def _open_format(self) -> None:
-        db = self._db
-        row = db.execute("SELECT value FROM meta WHERE name='version'").fetchone()
-        if row is not None and row[0] not in ("2", _VERSION):
-            raise CacheError(f"{self.path}: cache format {row[0]}, this version reads {_VERSION}")
-        if row is None or row[0] == "2":
-            # New, or written by the version that indexed `responses` itself: index every row in `lookup`.
-            self._transaction(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')",
-                              "INSERT OR REPLACE INTO meta VALUES ('indexed_upto', '0')",
-                              "DROP INDEX IF EXISTS responses_h", _MERGE, _MARK_MERGED)
-        else:
-            state = db.execute(_UNINDEXED).fetchone()
-            if state is None:  # no mark (not written by this code): index everything
-                db.execute("INSERT INTO meta VALUES ('indexed_upto', '0')")
-            if state is None or state[0]:
-                self._merge()  # rows a killed run committed but did not index
+    # -- opening --------------------------------------------------------------------------------------------------
 
-    def _transaction(self, *statements: str) -> None:
+    def _open_format(self) -> None:
+        """Create, convert or check the file, then index the batches a killed run committed but did not index."""
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: two processes opening one new file create it once
         try:
-            for sql in statements:
-                db.execute(sql)
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = None
+            if "meta" in tables:
+                row = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
+                version = row and row[0]
+            if version not in (None, _VERSION, *_OLD_VERSIONS):
+                raise CacheError(f"{self.path}: cache format {version}, this version reads {_VERSION}")
+            if version in _OLD_VERSIONS or (version is None and "responses" in tables):
+                self._convert()
+            elif version is None:
+                for sql in _SCHEMA.strip().split(";\n"):
+                    db.execute(sql)
+                db.execute(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('indexed_upto', '0')")  # none: index everything
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        mark, last = db.execute("SELECT CAST(value AS INTEGER), (SELECT coalesce(max(id), 0) FROM batches) "
+                                "FROM meta WHERE name = 'indexed_upto'").fetchone()
+        if last > mark:
+            self._merge()
+
+    def _convert(self) -> None:
+        """Rewrite a format-2/3 file (a `responses` row per answer) as format 4, inside the open transaction:
+        an interrupted conversion leaves the old file as it was, and the next open starts over."""
+        db = self._db
+        db.execute("DROP TABLE IF EXISTS lookup")  # format 3's (h, row id)
+        for sql in _SCHEMA.strip().split(";\n"):
+            db.execute(sql)
+        rows = db.execute("SELECT key, body, request_id, created FROM responses ORDER BY id")
+        group: list[tuple[bytes, bytes, str]] = []
+        size = 0
+        created = None
+        written: list[tuple[int, bytearray]] = []  # (batch id, keys) not in `lookup` yet
+
+        def write() -> None:
+            keys, bodies, rids = zip(*group)
+            for row in _batch_rows(created, list(keys), bodies, rids):
+                written.append((db.execute(_INSERT, row).lastrowid, row[2]))
+            if len(written) * _CONVERT_ANSWERS >= _INDEX_ANSWERS:
+                _insert_lookup(db, _index_rows(written))
+                written.clear()
+
+        while chunk := rows.fetchmany(4096):
+            for key, body, rid, when in chunk:
+                body = bytes(body) if not isinstance(body, str) else body.encode()
+                # Answers of one old flush (one `created`) stay together.
+                if group and (when != created or len(group) >= _CONVERT_ANSWERS or size + len(body) > _ROW_BYTES):
+                    write()
+                    group, size = [], 0
+                group.append((bytes(key), body, rid or ""))
+                size += len(body)
+                created = when
+        rows.close()
+        if group:
+            write()
+        _insert_lookup(db, _index_rows(written))
+        db.execute("DROP TABLE responses")  # and format 2's index on it
+        db.execute(f"INSERT OR REPLACE INTO meta VALUES ('version', '{_VERSION}')")
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('indexed_upto', "
+                   "(SELECT CAST(coalesce(max(id), 0) AS TEXT) FROM batches))")
+
+    # -- indexing -------------------------------------------------------------------------------------------------
 
     def _merge(self) -> None:
-        """Index in `lookup`, in one sorted pass, every row not indexed yet (ours and a killed run's)."""
-        self._transaction(_MERGE, _MARK_MERGED)
+        """Index in `lookup`, in sorted passes, every batch not indexed yet: ours from `_recent`, any other (a
+        killed run's, or another process's) read from the file."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            mark = db.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE name = 'indexed_upto'").fetchone()[0]
+            newer = [bid for (bid,) in db.execute("SELECT id FROM batches WHERE id > ?", (mark,))]
+            ours = self._recent_batches
+            others = [bid for bid in newer if bid not in ours]
+            for i in range(0, len(others), 64):
+                part = others[i:i + 64]
+                sql = "SELECT id, keys FROM batches WHERE id IN " + _marks(len(part))
+                _insert_lookup(db, _index_rows(db.execute(sql, part).fetchall()))
+            if ours:
+                _insert_lookup(db, _index_rows(ours.items()))
+            if newer:
+                db.execute("UPDATE meta SET value = ? WHERE name = 'indexed_upto'", (str(max(newer)),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         self._recent = {}
+        self._recent_batches = {}
 
     # -- reads ----------------------------------------------------------------------------------------------------
 
@@ -163,42 +363,73 @@ class ResponseCache:
         return self.get_many([key]).get(key)
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, tuple[bytes, str]]:
-        """The stored answers among `keys` (one query per up to 500 keys)."""
+        """The stored answers among `keys` (one query per up to 500 keys, each batch read once)."""
         found: dict[bytes, tuple[bytes, str]] = {}
         pending = self._pending
         recent = self._recent
-        by_id: dict[int, bytes] = {}
-        ask = []
-        for k in keys:
-            hit = pending.get(k)
-            if hit is not None:
-                found[k] = hit
-                continue
-            rowid = recent.get(k)
-            if rowid is not None:
-                by_id[rowid] = k
-            else:
-                ask.append(k)
+        locs: list[int] = []
+        if (pending and not pending.keys().isdisjoint(keys)) or (recent and not recent.keys().isdisjoint(keys)):
+            ask = []
+            for k in keys:
+                hit = pending.get(k)
+                if hit is not None:
+                    found[k] = hit
+                    continue
+                loc = recent.get(k)
+                if loc is not None:
+                    locs.append(loc)
+                else:
+                    ask.append(k)
+        else:  # the common case (a fresh run asks for answers it does not have), tested without a Python loop
+            ask = keys
         db = self._db
-        ids = list(by_id)
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            sql = "SELECT id, body, request_id FROM responses WHERE id IN (%s)" % ",".join("?" * len(chunk))
-            for rowid, body, rid in db.execute(sql, chunk):
-                found[by_id[rowid]] = (body, rid)
-        if ask:
-            wanted = set(ask)
-            for i in range(0, len(ask), 500):
-                chunk = [_h(k) for k in ask[i:i + 500]]
-                for k, body, rid in db.execute(_BY_H + "IN (%s)" % ",".join("?" * len(chunk)), chunk):
-                    if k in wanted:
-                        found[k] = (body, rid)
+        for i in range(0, len(ask), 500):
+            part = ask[i:i + 500]
+            joined = b"".join(part) if len(part) > 4 else b""  # a few keys: cheaper one by one
+            hs = _firsts(joined) if len(joined) == 16 * len(part) else [_h(k) for k in part]
+            locs.extend(loc for (loc,) in db.execute("SELECT loc FROM lookup WHERE h IN " + _marks(len(part)), hs))
+        if not locs:
+            return found
+        wanted = set(keys)
+        memo = self._memo
+        by_batch: dict[int, list[int]] = {}
+        for loc in locs:
+            by_batch.setdefault(loc >> _SHIFT, []).append(loc & (_ROW_ANSWERS - 1))
+        missing = [bid for bid in by_batch if bid not in memo]
+        for i in range(0, len(missing), 500):
+            part = missing[i:i + 500]
+            for bid, *cols in db.execute(_READ + _marks(len(part)), part):
+                self._remember(bid, _Batch(*cols))
+        for bid, idxs in by_batch.items():
+            batch = memo.get(bid)
+            if batch is None:  # read above, then pushed out of the memo: read it again
+                row = db.execute(_READ + "(?)", (bid,)).fetchone()
+                if row is None:
+                    continue
+                batch = _Batch(*row[1:])
+            stored, ends, rids, bodies = batch.keys, batch.ends, batch.rids, batch.bodies
+            for i in idxs:
+                k = stored[16 * i:16 * i + 16]
+                if k in wanted:  # `h` is only half the key
+                    found[k] = bodies[ends[i]:ends[i + 1]], rids[i]
         return found
+
+    def _remember(self, bid: int, batch: _Batch) -> None:
+        memo = self._memo
+        size = len(batch.bodies)
+        if size > _MEMO_BYTES:
+            return
+        memo[bid] = batch
+        self._memo_bytes += size
+        while self._memo_bytes > _MEMO_BYTES:
+            self._memo_bytes -= len(memo.pop(next(iter(memo))).bodies)
 
     # -- writes ---------------------------------------------------------------------------------------------------
 
     def put(self, key: bytes, body: bytes, request_id: str = "") -> None:
-        """Store a successful answer (written with the next batch)."""
+        """Store a successful answer (written with the next batch). `key` is a `request_key` (16 bytes)."""
+        if len(key) != 16:
+            raise ValueError(f"cache keys are 16 bytes, not {len(key)}")
         pending = self._pending
         pending[key] = (body, request_id)
         if len(pending) == 1:
@@ -208,33 +439,40 @@ class ResponseCache:
             self.flush()
 
     def flush(self) -> None:
-        """Write every waiting row in one transaction."""
+        """Write every waiting answer in one transaction (one row, unless the batch is huge)."""
         if not self._pending or self._closed:
             return
-        now = time.time()
         pending = self._pending
-        rows = [(_from_bytes(k[:8], "little", signed=True), k, b, r, now) for k, (b, r) in pending.items()]
+        keys = list(pending)
+        bodies, rids = zip(*pending.values())
+        rows = _batch_rows(time.time(), keys, bodies, rids)
         db = self._db
+        written = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            # The write lock is ours from BEGIN IMMEDIATE: the rows get the ids after the largest, in order.
-            first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM responses").fetchone()[0]
-            db.executemany("INSERT INTO responses (h, key, body, request_id, created) VALUES (?,?,?,?,?)", rows)
+            for row in rows:
+                bid = db.execute(_INSERT, row).lastrowid
+                written.append((bid, row[2], range(bid << _SHIFT, (bid << _SHIFT) + row[1])))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        self._recent.update(zip(pending, range(first, first + len(rows))))
-        self.writes += len(rows)
+        recent = self._recent
+        if len(written) == 1:
+            recent.update(zip(keys, written[0][2]))
+        else:
+            recent.update(zip(keys, chain.from_iterable(r for _, _, r in written)))
+        self._recent_batches.update((bid, blob) for bid, blob, _ in written)
+        self.writes += len(keys)
         pending.clear()
-        if len(self._recent) >= self._merge_rows:
+        if len(recent) >= self._merge_rows:
             self._merge()
         if self._ckpt_due is not None and self.writes - self._ckpt_mark >= self.checkpoint_rows:
             self._ckpt_due.set()
 
     async def run_flusher(self) -> None:
-        """Flush `flush_interval` seconds after a row starts waiting and checkpoint the WAL on a worker thread;
-        runs until cancelled (then flushes)."""
+        """Flush `flush_interval` seconds after an answer starts waiting and checkpoint the WAL on a worker
+        thread; runs until cancelled (then flushes)."""
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._run_checkpoints)
@@ -271,13 +509,16 @@ class ResponseCache:
             if not self._closed:
                 self._db.execute("PRAGMA wal_autocheckpoint=1000")  # SQLite's default
 
-    def keys(self) -> Iterable[bytes]:
-        for (k,) in self._db.execute("SELECT key FROM responses"):
-            yield k
+    def keys(self) -> Iterator[bytes]:
+        """Every stored key (waiting answers are written first)."""
+        self.flush()
+        for (blob,) in self._db.execute("SELECT keys FROM batches ORDER BY id"):
+            for i in range(0, len(blob), 16):
+                yield blob[i:i + 16]
 
     def __len__(self) -> int:
         self.flush()
-        return self._db.execute("SELECT count(*) FROM responses").fetchone()[0]
+        return self._db.execute("SELECT coalesce(sum(n), 0) FROM batches").fetchone()[0]
 
     def close(self) -> None:
         """Write what waits and index it (a run pays for indexing its own answers), then close."""
