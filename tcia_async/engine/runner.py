@@ -14,6 +14,7 @@ Duplicate custom_ids are found with a private temporary SQLite table, so memory 
 from __future__ import annotations
 
 import sqlite3
+from binascii import hexlify as _hexlify
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any
@@ -35,18 +36,16 @@ _loads = orjson.loads
 _SORT = orjson.OPT_SORT_KEYS
 
 
-class WorkItem:
-    """One request ready to send: its body as canonical JSON bytes and its cache key."""
+class WorkItem(msgspec.Struct, gc=False):
+    """One request ready to send: its body as canonical JSON bytes and its cache key. (A Struct: built in C, no
+    Python frame per input line; untracked by the collector, as it holds no cycle.)"""
 
-    __slots__ = ("custom_id", "path", "body", "data", "key", "line")
-
-    def __init__(self, custom_id: str, path: str, body: dict[str, Any], data: bytes, key: bytes, line: int) -> None:
-        self.custom_id = custom_id
-        self.path = path
-        self.body = body
-        self.data = data
-        self.key = key
-        self.line = line
+    custom_id: str
+    path: str
+    body: dict[str, Any]
+    data: bytes
+    key: bytes
+    line: int
 
 
 def check_request(value: Any) -> tuple[str | None, str, dict[str, Any] | None, str | None]:
@@ -189,6 +188,7 @@ class Dedup:
 
 
 def result_id(key: bytes) -> str:
+    """The result line's `id`: from the first 12 bytes of the key (FileSink.ok writes the same)."""
     return "batch_req_" + key.hex()[:24]
 
 
@@ -264,7 +264,7 @@ class FileSink:
 
     def ok(self, item: WorkItem, raw: bytes, parsed: Any, rid: str, cached: bool) -> None:
         self._write(b'{"id":"batch_req_%s","custom_id":%s,"response":{"status_code":200,"request_id":%s,"body":%s},'
-                    b'"error":null}\n' % (item.key.hex()[:24].encode(), _dumps(item.custom_id), _dumps(rid), raw))
+                    b'"error":null}\n' % (_hexlify(item.key[:12]), _dumps(item.custom_id), _dumps(rid), raw))
         self.written += 1
 
     def fail(self, item: WorkItem, error: ErrorOut) -> None:
