@@ -6,6 +6,7 @@ import hashlib
 import os
 import sqlite3
 import subprocess
+import signal
 import sys
 import time
 
@@ -622,3 +623,75 @@ def test_dedup_spills_to_disk_and_still_finds_every_repeat():
 ])
 def test_bad_requests_are_named(value, problem):
     assert problem in check_request(value)[3]
+
+
+# -- the writer process --------------------------------------------------------------------------------------------
+
+
+def test_cache_writer_process_keeps_answers_visible_and_writes_them_all(tmp_path):
+    """writer="process": answers handed to the child are found in every state (waiting here, sent, indexed
+    there), and all of them are in the file after close."""
+    path = tmp_path / "c.db"
+    c = ResponseCache(path, batch_rows=10, merge_rows=30, writer="process")
+    keys = [os.urandom(16) for _ in range(205)]
+    for i, k in enumerate(keys):
+        c.put(k, b'{"n":%d}' % i, f"r{i}")
+        if i % 50 == 0:
+            assert c.get(keys[i]) == (b'{"n":%d}' % i, f"r{i}")  # waiting here
+            assert c.get(keys[0]) == (b'{"n":0}', "r0")
+    assert c._writer is not None and c._writer.sent == 20
+    assert c.get_many(keys) == {k: (b'{"n":%d}' % i, f"r{i}") for i, k in enumerate(keys)}
+    c.close()
+    assert c._writer.proc.returncode == 0
+    c2 = ResponseCache(path)
+    assert len(c2) == 205 and _lookup_rows(c2) == 205  # written and indexed by the child
+    assert c2.get_many(keys) == {k: (b'{"n":%d}' % i, f"r{i}") for i, k in enumerate(keys)}
+    c2.close()
+
+
+def test_cache_writer_process_survives_its_parent_killed(tmp_path):
+    """kill -9 of the process using the cache: the writer child still writes and indexes every answer it was
+    handed; a Ctrl-C at the terminal (SIGINT to the parent's process group) does not reach it."""
+    path = tmp_path / "c.db"
+    pidfile = tmp_path / "writer.pid"
+    code = ("import os, signal, sys\n"
+            "from tcia_async.engine.cache import ResponseCache\n"
+            "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "c = ResponseCache(sys.argv[1], batch_rows=10, merge_rows=10**6, writer='process')\n"
+            "open(sys.argv[2], 'w').write(str(c._writer.proc.pid))\n"
+            "os.killpg(os.getpgrp(), signal.SIGINT)\n"  # the terminal's Ctrl-C, while the child starts
+            "for i in range(95):\n"
+            "    c.put(i.to_bytes(16, 'big'), b'{\"n\":%d}' % i, 'r%d' % i)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")  # 9 batches handed over, 5 answers waiting here
+    proc = subprocess.run([sys.executable, "-c", code, str(path), str(pidfile)], start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the writer process did not exit after its parent died")
+    c = ResponseCache(path)
+    assert len(c) == 90 and _lookup_rows(c) == 90  # written and indexed by the orphaned child
+    assert c.get_many([i.to_bytes(16, "big") for i in range(95)]) == {
+        i.to_bytes(16, "big"): (b'{"n":%d}' % i, f"r{i}") for i in range(90)}
+    c.close()
+
+
+def test_cache_writer_process_failure_is_a_clear_error(tmp_path):
+    """A writer child that dies makes the next hand-over (or close) raise CacheError instead of losing answers
+    silently, and close does not hang."""
+    c = ResponseCache(tmp_path / "c.db", batch_rows=5, writer="process")
+    c._writer.proc.kill()
+    c._writer.proc.wait()
+    with pytest.raises(CacheError, match="writer process"):
+        for i in range(50):
+            c.put(os.urandom(16), b"{}")
+    with pytest.raises(CacheError):
+        c.close()
+    with pytest.raises(ValueError, match="writer"):
+        ResponseCache(tmp_path / "d.db", writer="thread")

@@ -106,7 +106,9 @@ class Engine:
         if cfg.cache_path:
             # Answers received but not yet committed are what a kill -9 makes us pay for again: keep them under a
             # quarter of the concurrency (and 50 ms), so a resumed run repeats fewer calls than one round in flight.
-            self._cache = ResponseCache(cfg.cache_path, batch_rows=max(8, min(512, cfg.concurrency // 4)))
+            # Its writes go to a process of its own (cache.py, "The writer process"): off this loop's CPU.
+            self._cache = ResponseCache(cfg.cache_path, batch_rows=max(8, min(512, cfg.concurrency // 4)),
+                                        writer="process")
         await chat_t.open()
         if embed_t is not chat_t:
             await embed_t.open()
