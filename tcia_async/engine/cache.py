@@ -603,7 +603,10 @@ class _Writer:
     """The parent's end of a writer process."""
 
     def __init__(self, path: Path, merge_rows: int) -> None:
-        argv = [sys.executable, "-I", os.path.abspath(__file__), "--writer", str(path), str(merge_rows)]
+        # This file, run as a script; -P: its directory (engine/) does not go on sys.path, where its module names
+        # could shadow others. The environment and site-packages are the parent's (anyio and msgspec come from
+        # there, user installs included).
+        argv = [sys.executable, "-P", os.path.abspath(__file__), "--writer", str(path), str(merge_rows)]
         # A session of its own: a Ctrl-C at the terminal reaches the parent only (which then closes the pipe),
         # never the child in the middle of a write; it ignores SIGINT too, should one be sent to it directly.
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
@@ -611,6 +614,14 @@ class _Writer:
         self._in = self.proc.stdin.fileno()  # type: ignore[union-attr]
         self._out = self.proc.stdout.fileno()  # type: ignore[union-attr]
         os.set_blocking(self._out, False)
+        # `send` blocks the loop once the pipe is full, e.g. while the child waits for the disk at a checkpoint:
+        # on Linux, let the pipe hold 1 MB (a few thousand answers) instead of 64 KB.
+        try:
+            import fcntl
+
+            fcntl.fcntl(self._in, fcntl.F_SETPIPE_SZ, 1 << 20)
+        except (ImportError, AttributeError, OSError):
+            pass
         self.sent = 0  # frames sent
         self._waiting: deque[tuple[int, list[tuple[bytes, tuple[bytes, str]]]]] = deque()  # (frame, answers)
         self._buf = b""
