@@ -104,9 +104,9 @@ class Engine:
         self._embed_ep = self._chat_ep if embed_t is chat_t else _Endpoint(embed_t)
         self._slots = asyncio.Semaphore(max(1, cfg.concurrency))
         if cfg.cache_path:
-            # Answers received but not yet committed are what a kill -9 makes us pay for again: keep them under a
+            # Its writes go to a process of its own (cache.py, "The writer process"): off this loop's CPU. Answers
+            # received but not yet handed to it are what a kill -9 makes us pay for again: keep them under a
             # quarter of the concurrency (and 50 ms), so a resumed run repeats fewer calls than one round in flight.
-            # Its writes go to a process of its own (cache.py, "The writer process"): off this loop's CPU.
             self._cache = ResponseCache(cfg.cache_path, batch_rows=max(8, min(512, cfg.concurrency // 4)),
                                         writer="process")
         await chat_t.open()
