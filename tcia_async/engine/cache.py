@@ -708,6 +708,17 @@ def _writer_main(path: str, merge_rows: int) -> int:
     inp = sys.stdin.buffer
     out = sys.stdout.buffer
     frames = 0
+    parent = [True]  # still listening
+
+    def report(data: bytes) -> None:
+        # A parent that died (kill -9) reads nothing more: the answers it handed over are written all the same.
+        if parent[0]:
+            try:
+                out.write(data)
+                out.flush()
+            except OSError:
+                parent[0] = False
+
     try:
         cache = ResponseCache(path, merge_rows=merge_rows)
         try:
@@ -726,20 +737,14 @@ def _writer_main(path: str, merge_rows: int) -> int:
                 cache._write_rows(keys, rows)
                 frames += 1
                 if cache.merges != merged_before:
-                    out.write(_ACK + frames.to_bytes(8, "little"))
-                    out.flush()
+                    report(_ACK + frames.to_bytes(8, "little"))
         finally:
             cache.close()
-        out.write(_ACK + frames.to_bytes(8, "little"))
-        out.flush()
+        report(_ACK + frames.to_bytes(8, "little"))
         return 0
     except BaseException as exc:  # reported to the parent, which raises CacheError
         message = f"{type(exc).__name__}: {exc}".encode()
-        try:
-            out.write(_ERR + len(message).to_bytes(4, "little") + message)
-            out.flush()
-        except OSError:
-            pass
+        report(_ERR + len(message).to_bytes(4, "little") + message)
         return 1
 
 
