@@ -8,10 +8,11 @@ Guarantees:
 - `put` never blocks on disk: answers wait in memory and are written by `flush`, one transaction and one row per
   batch, when `batch_rows` are waiting or `flush_interval` seconds after the first waiting answer (the engine owns
   the task that calls `run_flusher`) and on close. A commit appends to the WAL and does not wait for the disk (no
-  fsync). While `run_flusher` runs, the WAL is copied into the database (a checkpoint, the step that does fsync)
-  by a worker thread on a connection of its own, after every `checkpoint_rows` answers written, instead of by
-  whichever commit crosses SQLite's threshold on the event loop; once the WAL holds 32 MB the loop copies the
-  rest itself, so the WAL stays bounded.
+  fsync). With the inline writer, while `run_flusher` runs, the WAL is copied into the database (a checkpoint,
+  the step that does fsync) by a worker thread on a connection of its own, after every `checkpoint_rows` answers
+  written, instead of by whichever commit crosses SQLite's threshold on the event loop; once the WAL holds 32 MB
+  the loop copies the rest itself, so the WAL stays bounded. (A writer process checkpoints as SQLite does by
+  default: in that process, its fsync blocks nobody.)
 - A key is stored at most once per answer; should two entries ever hold one key, either answer is valid.
 - A waiting answer is already visible to `get`/`get_many`, so a rerun inside one process never sends twice.
 - Keys are indexed in sorted passes (see `_SCHEMA`): every `merge_rows` answers, at `close()`, and when a file a
