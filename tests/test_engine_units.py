@@ -696,3 +696,19 @@ def test_cache_writer_process_failure_is_a_clear_error(tmp_path):
         c.close()
     with pytest.raises(ValueError, match="writer"):
         ResponseCache(tmp_path / "d.db", writer="thread")
+
+
+def test_cache_writes_inline_where_no_process_can_start(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError("no processes here")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    c = ResponseCache(tmp_path / "c.db", batch_rows=5, writer="process")
+    assert c._writer is None
+    keys = [os.urandom(16) for _ in range(12)]
+    for k in keys:
+        c.put(k, b"{}")
+    c.close()
+    c2 = ResponseCache(tmp_path / "c.db")
+    assert len(c2) == 12 and set(c2.get_many(keys)) == set(keys)
+    c2.close()

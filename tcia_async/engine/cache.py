@@ -274,9 +274,11 @@ class ResponseCache:
             raise ValueError(f"writer is 'inline' or 'process', not {writer!r}")
         self._unindexed: dict[bytes, tuple[bytes, str]] = {}
         self._writer: _Writer | None = None
-        if writer == "process":
+        if writer == "process" and sys.executable:  # (an embedding interpreter may have no executable to run)
             try:
                 self._writer = _Writer(self.path, self._merge_rows)
+            except OSError:
+                self._writer = None  # no process can be started here: write inline (same results, loop's CPU)
             except BaseException:
                 self._db.close()
                 raise
