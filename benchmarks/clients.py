@@ -3,6 +3,7 @@
     python benchmarks/clients.py CLIENT --base-url URL --input REQUESTS.jsonl --output RESULTS.jsonl -c C
 
 CLIENT is `engine` (tcia_async's Engine through its Python API), `raw` (aiohttp + uvloop + orjson: the floor),
+`lean` (a minimal HTTP/1.1 client on an asyncio Protocol: not a product, it shows what the HTTP library costs),
 `openai_sdk` (AsyncOpenAI + a semaphore), `litellm` or `curator`. Every client reads the same Batch-format input
 file line by line and writes one result line per request, so they do the same work around the HTTP calls.
 
@@ -143,6 +144,92 @@ async def run_raw(args: argparse.Namespace) -> None:
             with Window() as w:
                 await asyncio.gather(*(worker() for _ in range(args.concurrency)))
                 out.flush()
+    report(args, w, ok, failed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# lean: a minimal HTTP/1.1 client on an asyncio Protocol (not a product: the headroom above aiohttp)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class _LeanConnection(asyncio.Protocol):
+    """One keep-alive connection, one request at a time. Reads Content-Length responses only (what the
+    simulator sends); no chunked bodies, TLS, redirects or timeouts: enough to measure, not to use."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future | None = None
+        self.body_at = -1  # where the body starts, once the head is in
+        self.length = 0
+        self.status = 0
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if self.body_at < 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).lower()
+            start = head.find(b"\ncontent-length:")
+            if start < 0:
+                raise ValueError("lean client: a response without Content-Length")
+            start += 16
+            stop = head.find(b"\r", start)
+            self.length = int(head[start:stop if stop > 0 else None])
+            self.status = int(head[9:12])
+            self.body_at = end + 4
+        if len(buf) - self.body_at >= self.length:
+            body = bytes(buf[self.body_at:self.body_at + self.length])
+            del buf[:self.body_at + self.length]
+            self.body_at = -1
+            waiter, self.waiter = self.waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result((self.status, body))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError(f"connection lost ({exc})"))
+
+
+async def run_lean(args: argparse.Namespace) -> None:
+    """The floor under the floor: C workers, each on its own keep-alive connection, writing prebuilt request
+    bytes and parsing the response head by hand, orjson both ways, results buffered as `raw` writes them. It
+    shows how much of a request's CPU the HTTP library takes (plain HTTP on loopback only)."""
+    from urllib.parse import urlsplit
+
+    gc_setting(args)
+    loop = asyncio.get_running_loop()
+    url = urlsplit(args.base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    path = url.path.rstrip("/") + "/chat/completions"
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {os.environ.get('OPENAI_API_KEY', 'x')}\r\n"
+            "Content-Type: application/json\r\nContent-Length: ").encode()
+    ok = failed = 0
+    with open(args.input, "rb") as src, open(args.output, "wb", buffering=1 << 16) as out:
+
+        async def worker() -> None:
+            nonlocal ok, failed
+            transport, conn = await loop.create_connection(_LeanConnection, host, port)
+            try:
+                for raw in src:  # the shared file iterator, as in run_raw
+                    req = orjson.loads(raw)
+                    data = orjson.dumps(req["body"])
+                    conn.waiter = loop.create_future()
+                    transport.write(b"%s%d\r\n\r\n%s" % (head, len(data), data))
+                    status, body = await conn.waiter
+                    out.write(result_line(req["custom_id"], status, orjson.loads(body) if status == 200 else body))
+                    if status == 200:
+                        ok += 1
+                    else:
+                        failed += 1
+            finally:
+                transport.close()
+
+        with Window() as w:
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            out.flush()
     report(args, w, ok, failed)
 
 
@@ -326,7 +413,7 @@ async def run_engine(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="one measured benchmark client")
-    p.add_argument("client", choices=["engine", "raw", "openai_sdk", "litellm", "curator"])
+    p.add_argument("client", choices=["engine", "raw", "lean", "openai_sdk", "litellm", "curator"])
     p.add_argument("--base-url", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -343,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.client == "curator":
         run_curator(args)
         return 0
-    runner = {"raw": run_raw, "openai_sdk": run_openai_sdk, "litellm": run_litellm, "engine": run_engine}
+    runner = {"raw": run_raw, "lean": run_lean, "openai_sdk": run_openai_sdk, "litellm": run_litellm,
+              "engine": run_engine}
     coro = runner[args.client](args)
     if args.client == "engine":
         import anyio
