@@ -100,8 +100,8 @@ _SWAP = sys.byteorder != "little"
 assert array("I").itemsize == 4
 
 
-def _marks(n: int) -> str:
-    """(?,?,...) of n parameters."""
+def sql_params(n: int) -> str:
+    """`(?,?,...)`: the placeholders of n parameters, for `IN` lists."""
     return "(?" + ",?" * (n - 1) + ")"
 
 
@@ -367,7 +367,7 @@ class ResponseCache:
             others = [bid for bid in newer if bid not in ours]
             for i in range(0, len(others), 64):
                 part = others[i:i + 64]
-                sql = "SELECT id, keys FROM batches WHERE id IN " + _marks(len(part))
+                sql = "SELECT id, keys FROM batches WHERE id IN " + sql_params(len(part))
                 _insert_lookup(db, _index_rows(db.execute(sql, part).fetchall()))
             if ours:
                 _insert_lookup(db, _index_rows(ours.items()))
@@ -414,7 +414,7 @@ class ResponseCache:
             part = ask[i:i + 500]
             joined = b"".join(part) if len(part) > 4 else b""  # a few keys: cheaper one by one
             hs = _firsts(joined) if len(joined) == 16 * len(part) else [_h(k) for k in part]
-            locs.extend(loc for (loc,) in db.execute("SELECT loc FROM lookup WHERE h IN " + _marks(len(part)), hs))
+            locs.extend(loc for (loc,) in db.execute("SELECT loc FROM lookup WHERE h IN " + sql_params(len(part)), hs))
         if not locs:
             return found
         wanted = set(keys)
@@ -425,7 +425,7 @@ class ResponseCache:
         missing = [bid for bid in by_batch if bid not in memo]
         for i in range(0, len(missing), 500):
             part = missing[i:i + 500]
-            for bid, *cols in db.execute(_READ + _marks(len(part)), part):
+            for bid, *cols in db.execute(_READ + sql_params(len(part)), part):
                 self._remember(bid, _Batch(*cols))
         for bid, idxs in by_batch.items():
             batch = memo.get(bid)

@@ -217,6 +217,23 @@ def _num(value: str | None) -> float | None:
     return x if 0.0 <= x < float("inf") else None
 
 
+def _room(windows: list[_Window]) -> float:
+    """What every one of `windows` can still admit (no expiry applied); unlimited without windows."""
+    room = _INF
+    for w in windows:
+        r = w.limit - w.used
+        if r < room:
+            room = r
+    return room
+
+
+def _admit_last(windows: list[_Window], amount: float) -> None:
+    """Add `amount` to each window's use and to its last entry (where admissions on credit merged)."""
+    for w in windows:
+        w.used += amount
+        w.entries[-1][2] += amount
+
+
 class Budget:
     """The rate budget of one (provider, model). See the module docstring for what it guarantees."""
 
@@ -256,33 +273,17 @@ class Budget:
         those admissions merged into: nothing adds an entry while credit runs)."""
         self._credit_until = 0.0
         self._ticket = None
-        a = self._acc_req
-        if a:
+        if self._acc_req:
+            _admit_last(self.requests, self._acc_req)
             self._acc_req = 0.0
-            for w in self.requests:
-                w.used += a
-                w.entries[-1][2] += a
-        a = self._acc_tok
-        if a:
+        if self._acc_tok:
+            _admit_last(self.tokens, self._acc_tok)
             self._acc_tok = 0.0
-            for w in self.tokens:
-                w.used += a
-                w.entries[-1][2] += a
 
     def _measure(self) -> None:
         """Recompute `_room_req`/`_room_tok` from the windows (after a fold, so nothing is pending)."""
-        room = _INF
-        for w in self.requests:
-            r = w.limit - w.used
-            if r < room:
-                room = r
-        self._room_req = room
-        room = _INF
-        for w in self.tokens:
-            r = w.limit - w.used
-            if r < room:
-                room = r
-        self._room_tok = room
+        self._room_req = _room(self.requests)
+        self._room_tok = _room(self.tokens)
 
     def _grant(self, now: float, ticket: list[list[float]] | None) -> None:
         """Open credit after an admission at `now`: until the end of the current merge interval of every window,
@@ -401,17 +402,13 @@ class Budget:
                 self._wake()
             return
         now = _monotonic()
-        room = _INF
         for w, entry in zip(self.tokens, ticket):
             if entry[1] > now:  # still in the window
                 if entry[2] + delta < 0.0:
                     delta = -entry[2]
                 entry[2] += delta
                 w.used += delta
-            r = w.limit - w.used
-            if r < room:
-                room = r
-        self._room_tok = room - self._acc_tok
+        self._room_tok = _room(self.tokens) - self._acc_tok
         if delta < 0 and self._queued:
             self._wake()
 

@@ -23,7 +23,7 @@ import anyio
 import msgspec
 import orjson
 
-from tcia_async.engine.cache import request_key
+from tcia_async.engine.cache import request_key, sql_params
 from tcia_async.engine.core import CHAT, SUPPORTED_URLS, Engine
 from tcia_async.engine.errors import NotSent, RequestFailed, RunStopped
 from tcia_async.io import MAX_LINE_BYTES
@@ -133,7 +133,7 @@ class Dedup:
         value = "line" if table == "seen" else "n"
         for i in range(0, len(keys), 500):
             part = keys[i:i + 500]
-            q = f"SELECT {column}, {value} FROM {table} WHERE {column} IN ({','.join('?' * len(part))})"
+            q = f"SELECT {column}, {value} FROM {table} WHERE {column} IN {sql_params(len(part))}"
             if table == "bodies":
                 part = [bytearray(k) for k in part]
             for k, v in self._db.execute(q, part):
