@@ -398,7 +398,7 @@ async def run_engine(args: argparse.Namespace) -> None:
     async with Engine(config) as engine:
         with open(args.output, "wb", buffering=1 << 16) as fh:
             sink = FileSink(fh)
-            run = Run(engine, FileSource(engine, args.input, sink), sink)
+            run = Run(engine.requests, engine.embedding_entry, FileSource(engine.requests, args.input, sink), sink)
             w.start()
             await run.run()
     # The window closes once the results file is flushed and the engine closed (its cache commits its last

@@ -31,19 +31,6 @@ REQUIRED = {
 }
 
 
-def _engine_ready() -> bool:
-    proc = subprocess.run([sys.executable, "-c", "from tcia_async.engine import Engine"], capture_output=True,
-                          cwd=ROOT)
-    return proc.returncode == 0
-
-
-def _generate_ready() -> bool:
-    if importlib.util.find_spec("tcia_async.flows.generate") is None:
-        return False
-    proc = subprocess.run([sys.executable, "-m", "tcia_async", "generate", "--help"], capture_output=True, cwd=ROOT)
-    return proc.returncode == 0
-
-
 def _run_bench(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run the harness to its end. If the test is cut short (our timeout, pytest-timeout, Ctrl-C), end it with
     SIGTERM, which it turns into its clean-up (simulator and clients ended, scratch removed); a SIGKILL, as
@@ -84,31 +71,23 @@ def test_bench_tiny_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["latency_bound"]["floor_efficiency"] > 0
     # Not-yet-built parts are skipped with a reason, never faked.
     assert summary["pipeline"]["overlap_ratio"] is None and "skipped" in summary["pipeline"]
-    if (BENCH / "hnsw.py").exists():
-        assert 0 < summary["hnsw"]["recall_at_10"] <= 1 and summary["hnsw"]["qps"] > 0
-    else:
-        assert summary["hnsw"]["recall_at_10"] is None and summary["hnsw"]["skipped"]
+    assert 0 < summary["hnsw"]["recall_at_10"] <= 1 and summary["hnsw"]["qps"] > 0
 
-    if _engine_ready():
-        assert t["engine_rps"] > 0 and t["ratio_floor"] > 0 and t["ratio_sdk"] > 0
-        assert t["clients"]["engine"]["ok"] == t["n"]
-        assert summary["latency_bound"]["efficiency"] > 0
-        assert summary["rate_limited"]["completed_share"] is not None
-    else:
-        assert t["engine_rps"] is None and summary["throughput"]["engine_skipped"]
-    if _generate_ready():
-        r = summary["resume"]
-        assert r["rerun_complete"] is True, r
-        assert r["duplicates"] is not None and r["in_flight_at_kill"] is not None
-        assert summary["memory"]["peak_rss_mb"] > 0
-    else:
-        assert summary["resume"]["skipped"] and summary["memory"]["skipped"]
+    # The engine's scenarios all ran, every request answered.
+    assert t["engine_rps"] > 0 and t["ratio_floor"] > 0 and t["ratio_sdk"] > 0
+    assert t["clients"]["engine"]["ok"] == t["n"]
+    assert summary["latency_bound"]["efficiency"] > 0
+    assert summary["rate_limited"]["completed_share"] is not None
+    r = summary["resume"]
+    assert r["rerun_complete"] is True, r
+    assert r["duplicates"] is not None and r["in_flight_at_kill"] is not None
+    assert summary["memory"]["peak_rss_mb"] > 0
 
     report = (out / "report.md").read_text()
     assert "| scenario | figure | value | target | status |" in report
     assert "engine req/s ÷ raw aiohttp floor" in report
     rows = {(r["scenario"], r["key"]): r for r in summary["targets"]}
-    assert rows[("throughput", "ratio_floor")]["target"] == ">= 0.75"
+    assert rows[("throughput", "ratio_floor")]["target"] == ">= 0.65"
     for png in summary["plots"]["files"]:
         assert (out / png).stat().st_size > 0
     if importlib.util.find_spec("matplotlib") is None:
@@ -192,7 +171,6 @@ def _descendants(root: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from Linux /proc")
-@pytest.mark.skipif(not _generate_ready(), reason="tcia-async generate is not there yet")
 @pytest.mark.timeout(90)
 def test_sigterm_leaves_no_child_process_or_scratch_behind(tmp_path: Path) -> None:
     # `resume` runs a simulator and a `tcia-async generate` child, each in a session of its own: a signal to the

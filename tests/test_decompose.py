@@ -24,7 +24,7 @@ from tcia_async.tcia.decompose import (
     normalise,
     normalise_category,
 )
-from tcia_async.tcia.schema import response_format_for, strict_schema
+from tcia_async.engine.schema import response_format_for, strict_schema
 
 DATA = Path(__file__).resolve().parent.parent / "tcia_async" / "data"
 
@@ -261,7 +261,8 @@ class _RecordingEngine:
         self.answer = answer
         self.calls: list[tuple[dict[str, Any], type, int]] = []
 
-    async def chat_json(self, body: dict[str, Any], typ: type, *, sample: int = 0) -> Any:
+    async def chat_json(self, body: dict[str, Any], typ: type, *, schema_name: str | None = None, sample: int = 0,
+                        stage: str = "", priority: int = 0) -> Any:
         self.calls.append((body, typ, sample))
         return self.answer
 

@@ -4,22 +4,22 @@ A window that starts full may let its whole limit go at once; once saturated, it
 spaced out (each admission alone at the provider), never more than `limit` in any rolling period, and without
 losing more than one spread of time over the run. A window far above the demand must never be paced.
 
-Most tests drive the budget on a fake clock: `_try_pay` returns the computed wait an `acquire` would sleep for,
-and the test advances the clock by exactly that wait, so admission times are deterministic.
+The budget runs on a fake clock (tests/fakeclock.py): `try_pay` returns the computed wait an `acquire` would
+sleep for and the test advances the clock by exactly that wait, or `acquire` sleeps in fake time, so admission
+times are deterministic.
 """
 
 from __future__ import annotations
 
 import bisect
-import time
 
 import anyio
 import anyio.lowlevel
 import pytest
 
+from fakeclock import FakeClock
 from tcia_async.config import Limits
-from tcia_async.engine import limits as limits_mod
-from tcia_async.engine.limits import PACE, PACE_SLACK, WAIT, Budget
+from tcia_async.engine.limits import PACE, PACE_SLACK, Budget
 
 
 @pytest.fixture
@@ -28,23 +28,21 @@ def anyio_backend():
 
 
 @pytest.fixture
-def clock(monkeypatch):
-    now = [1000.0]
-    monkeypatch.setattr(limits_mod, "_monotonic", lambda: now[0])
-    return now
+def clock():
+    return FakeClock()
 
 
-def admit(b: Budget, clock: list[float], n: int, amounts=None) -> list[float]:
+def admit(b: Budget, clock: FakeClock, n: int, amounts=None) -> list[float]:
     """Admission times of `n` payments made as fast as the budget allows (each waits its computed time)."""
     times = []
     while len(times) < n:
         amount = amounts[len(times)] if amounts else 0.0
-        wait, _ = b._try_pay(amount)
+        wait, _ = b.try_pay(amount)
         if wait == 0.0:
-            times.append(clock[0])
+            times.append(clock.t)
         else:
             assert wait > 0.0
-            clock[0] += wait
+            clock.advance(wait)
     return times
 
 
@@ -69,8 +67,8 @@ def max_in_any_window(times: list[float], period: float, amounts=None) -> float:
 
 def test_first_window_bursts_then_admissions_are_paced(clock):
     limit = 20
-    b = Budget(Limits(rps=limit))
-    t0 = clock[0]
+    b = Budget(Limits(rps=limit), clock=clock)
+    t0 = clock.t
     times = admit(b, clock, 5 * limit)
     assert times[:limit] == [t0] * limit  # it starts full: the whole limit at once
     gap = PACE * 1.0 / limit
@@ -86,7 +84,7 @@ def test_first_window_bursts_then_admissions_are_paced(clock):
 
 def test_paced_steady_state_never_exceeds_limit_and_keeps_the_rate(clock):
     limit = 50
-    b = Budget(Limits(rps=limit))
+    b = Budget(Limits(rps=limit), clock=clock)
     times = admit(b, clock, 12 * limit)
     assert max_in_any_window(times, 1.0) <= limit
     # in steady state every period still admits the whole limit (less only the paced margin)
@@ -97,16 +95,16 @@ def test_paced_steady_state_never_exceeds_limit_and_keeps_the_rate(clock):
 
 def test_cold_window_is_never_paced(clock):
     # Limits far above the demand (what the engine benchmark configures): no admission ever waits.
-    b = Budget(Limits(rpm=1e9, tpm=1e12))
+    b = Budget(Limits(rpm=1e9, tpm=1e12), clock=clock)
     for _ in range(2000):
-        assert b.pay_now(50.0) is not WAIT
+        assert b.try_pay(50.0)[0] == 0.0
     for w in b.requests + b.tokens:
         assert w.next_at == 0.0 and w.hot_until == 0.0
 
 
 def test_token_window_paces_by_amount_and_settles(clock):
     limit = 1000.0
-    b = Budget(Limits(tpm=limit))
+    b = Budget(Limits(tpm=limit), clock=clock)
     amounts = [300.0, 300.0, 300.0, 250.0, 100.0, 400.0, 50.0, 200.0, 300.0, 120.0] * 3
     times = admit(b, clock, len(amounts), amounts)
     assert max_in_any_window(times, 60.0, amounts) <= limit
@@ -116,10 +114,10 @@ def test_token_window_paces_by_amount_and_settles(clock):
     # settle still returns what a paced reservation did not use
     w = b.tokens[0]
     while True:
-        wait, ticket = b._try_pay(100.0)
+        wait, ticket = b.try_pay(100.0)
         if wait == 0.0:
             break
-        clock[0] += wait
+        clock.advance(wait)
     before = w.used
     b.settle(ticket, 100.0, 40.0)
     assert w.used == pytest.approx(before - 60.0)
@@ -127,81 +125,107 @@ def test_token_window_paces_by_amount_and_settles(clock):
 
 def test_window_cools_down_after_demand_stops(clock):
     limit = 10
-    b = Budget(Limits(rps=limit))
+    b = Budget(Limits(rps=limit), clock=clock)
     admit(b, clock, 3 * limit)  # saturated and paced
-    clock[0] += 5.0  # idle for longer than a period: the window is empty and cold again
-    t = clock[0]
+    clock.advance(5.0)  # idle for longer than a period: the window is empty and cold again
+    t = clock.t
     times = admit(b, clock, limit)
     assert times == [t] * limit  # a fresh burst is allowed again
 
 
 @pytest.mark.anyio
-async def test_waiters_are_paced_in_order_on_the_real_clock():
+async def test_waiters_sleep_their_computed_time_and_are_served_in_order(clock):
     limit = 10
-    b = Budget(Limits(rps=limit))
-    for _ in range(limit):
-        await b.acquire()
+    b = Budget(Limits(rps=limit), clock=clock)
     got: list[tuple[int, float]] = []
 
     async def one(i):
         await b.acquire()
-        got.append((i, time.monotonic()))
+        got.append((i, clock.now()))
 
     async with anyio.create_task_group() as tg:
-        for i in range(6):
-            tg.start_soon(one, i)
-            await anyio.lowlevel.checkpoint()
+        tg.start_soon(clock.autojump)
+        t0 = clock.now()
+        for _ in range(limit):
+            await b.acquire()
+        assert clock.now() == t0  # it starts full: the whole limit at once
+        async with anyio.create_task_group() as waiters:
+            for i in range(6):
+                waiters.start_soon(one, i)
+                await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
     assert [i for i, _ in got] == list(range(6))  # first come, first served
     ts = [t for _, t in got]
-    gap = PACE * 1.0 / limit
-    assert_paced(ts, [gap] * len(ts), tolerance=1e-4)  # each slept until its computed time
+    assert ts[0] >= t0 + 1.0  # the first window's admissions had to leave first
+    assert_paced(ts, [PACE * 1.0 / limit] * len(ts), tolerance=1e-6)  # each slept until its computed time
 
 
-def test_admissions_on_credit_never_exceed_any_window(clock, monkeypatch):
-    """`pay_now` admits payments on credit (without the full check) while the windows are cold, and the windows
-    still hold: bursts of payments, each settled at once below its reservation, never put more than a limit in any
-    rolling window, cold or paced."""
-    import random
+@pytest.mark.anyio
+async def test_a_higher_priority_waiter_goes_first(clock):
+    b = Budget(Limits(rps=1), clock=clock)
+    order: list[str] = []
 
-    rng = random.Random(7)
-    b = Budget(Limits(rpm=3000, rps=200, tpm=150_000))
-    checked = [0]  # admissions made by the full check (each opens credit)
-    real_grant = b._grant
+    async def one(name, priority):
+        await b.acquire(priority=priority)
+        order.append(name)
 
-    def counted(now, ticket):
-        checked[0] += 1
-        real_grant(now, ticket)
-
-    monkeypatch.setattr(b, "_grant", counted)
-    times, used = [], []
-    while len(times) < 4000:
-        reserved = float(rng.randint(10, 200))
-        ticket = b.pay_now(reserved)
-        if ticket is WAIT:
-            clock[0] += 0.001
-            continue
-        spent = reserved * rng.random()  # the real usage is settled at once, as an answer would
-        b.settle(ticket, reserved, spent)
-        times.append(clock[0])
-        used.append(spent)
-        # bursts of payments within a millisecond, with idle gaps that let the windows cool down again
-        clock[0] += rng.random() * 0.0001 if rng.random() < 0.995 else rng.random() * 30.0
-    on_credit = len(times) - checked[0]
-    assert on_credit > len(times) / 4, on_credit
-    assert max_in_any_window(times, 60.0) <= 3000
-    assert max_in_any_window(times, 1.0) <= 200
-    assert max_in_any_window(times, 60.0, used) <= 150_000 + 1e-6
-    assert times[-1] - times[0] > 120.0  # long enough for the minute windows to fill and empty
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(clock.autojump)
+        await b.acquire()  # the window is full now
+        async with anyio.create_task_group() as waiters:
+            for name in ("early-0", "early-1", "early-2"):
+                waiters.start_soon(one, name, 0)
+                await anyio.lowlevel.checkpoint()
+            waiters.start_soon(one, "later-stage", 5)
+        tg.cancel_scope.cancel()
+    assert order == ["later-stage", "early-0", "early-1", "early-2"]
 
 
-def test_cooldown_and_header_sync_end_the_credit(clock):
-    b = Budget(Limits(rpm=10))
-    assert b.pay_now() is not WAIT  # a full check: opens credit
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_leaves_the_queue_and_the_next_one_is_served(clock):
+    b = Budget(Limits(rps=1), clock=clock)
+    served: list[str] = []
+
+    async def one(name):
+        await b.acquire()
+        served.append(name)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(clock.autojump)
+        await b.acquire()
+        async with anyio.create_task_group() as waiters:
+            with anyio.CancelScope() as first:
+                waiters.start_soon(one, "second")
+                await anyio.lowlevel.checkpoint()
+                first.cancel()
+                await b.acquire()  # cancelled while first in line
+            served.append("never")
+        tg.cancel_scope.cancel()
+    assert served == ["never", "second"] or served == ["second", "never"]
+    assert not b._waiters
+
+
+def test_restamp_moves_an_admission_to_its_real_departure(clock):
+    b = Budget(Limits(rps=2), clock=clock)
+    _, first = b.try_pay()
+    clock.advance(0.9)
+    b.restamp(first)  # it left only now (it waited for a connection slot)
+    _, second = b.try_pay()
+    clock.advance(0.2)  # 1.1 s after the first admission, 0.2 s after it left
+    wait, _ = b.try_pay()
+    assert wait > 0.0  # both still count: the provider saw them within the last second
+    clock.advance(wait)
+    assert b.try_pay()[0] == 0.0
+
+
+def test_cooldown_and_header_sync_block_payments(clock):
+    b = Budget(Limits(rpm=10), clock=clock)
+    assert b.try_pay()[0] == 0.0
     b.cooldown(1.0)
-    assert b.pay_now() is WAIT  # not admitted on the credit opened before the cooldown
-    clock[0] += 1.0
-    assert b.pay_now() is not WAIT
-    # The provider reports the minute used up elsewhere: the next payment waits, credit or not.
+    assert b.try_pay()[0] == pytest.approx(1.0)
+    clock.advance(1.0)
+    assert b.try_pay()[0] == 0.0
+    # The provider reports the minute used up elsewhere: the next payment waits until its reset.
     b.sync_headers({"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "0",
                     "x-ratelimit-reset-requests": "30s"})
-    assert b.pay_now() is WAIT
+    assert b.try_pay()[0] == pytest.approx(30.0)

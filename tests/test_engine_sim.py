@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 import pytest
 
 from tcia_async.config import EngineConfig, Limits
 from tcia_async.engine import Engine, RequestFailed, RunStopped
-from tcia_async.records import BatchRequest
+from tcia_async.records import BatchRequest, Decomposition
 from tcia_async.sim import SimConfig, Simulator
 
 pytestmark = pytest.mark.anyio
@@ -57,31 +59,32 @@ async def test_identical_requests_in_flight_share_one_call(tmp_path):
         assert all(r == results[0] for r in results)
 
 
-class Decomp(msgspec.Struct):
-    complex: bool
-    tasks: list
+class NeverMatched(msgspec.Struct):
+    # The simulator does not honour `pattern`: its answers never decode, so every attempt fails.
+    code: Annotated[str, msgspec.Meta(pattern="^xxxxx-never$")]
 
 
-class NeedsField(msgspec.Struct):
-    missing_field: int
-
-
-SCHEMA = {"type": "json_schema", "json_schema": {"name": "tcia_decompose", "schema": {
-    "type": "object", "properties": {"complex": {"type": "boolean"}, "language": {"type": "array"},
-                                     "tasks": {"type": "array"}}, "required": ["complex", "tasks"]}}}
-
-
-async def test_chat_json_decodes_and_schema_mismatch_is_bounded(sim, tmp_path):
-    async with Engine(cfg(sim, tmp_path, schema_attempts=3)) as e:
-        body = chat("<instruction>Summarise the text. Use at most 50 words.</instruction>", response_format=SCHEMA)
-        d = await e.chat_json(body, Decomp)
-        assert d.complex is True and d.tasks
-        with pytest.raises(RequestFailed) as info:
-            await e.chat_json(body, NeedsField)
-        assert info.value.error.code == "schema_mismatch"
-        assert info.value.error.attempts == 3
-    # sample 0 was shared with the first call; samples 1000 and 2000 were asked once each
-    assert sim.stats()["requests"] == 3
+async def test_chat_json_returns_the_type_and_retries_with_the_error(tmp_path):
+    body = chat("Decompose this instruction.\n<instruction>Summarise the text. Use at most 50 words.</instruction>")
+    async with Simulator(SimConfig(batch_delay_s=None, record_bodies=100)) as sim:
+        async with Engine(cfg(sim, tmp_path, schema_attempts=3)) as e:
+            d = await e.chat_json(body, Decomposition, schema_name="tcia_decompose")
+            assert isinstance(d, Decomposition) and d.complex is True and d.tasks  # a typed answer
+            with pytest.raises(RequestFailed) as info:
+                await e.chat_json(body, NeverMatched)
+            assert info.value.error.code == "schema_mismatch"
+            assert info.value.error.attempts == 3 and "NeverMatched" in info.value.error.message
+        assert sim.stats()["requests"] == 4
+        # The second and third attempts carried the bad answer and what was wrong with it.
+        asked = [b for b in sim.bodies() if b["response_format"]["json_schema"]["name"] == "NeverMatched"]
+        assert [len(b["messages"]) for b in asked] == [1, 3, 5]
+        follow_up = asked[1]["messages"][2]["content"]
+        assert "does not match the required JSON schema" in follow_up and "xxxxx-never" in follow_up
+        # A rerun replays the same decisions from the cache: nothing is sent.
+        async with Engine(cfg(sim, tmp_path, schema_attempts=3)) as e:
+            with pytest.raises(RequestFailed):
+                await e.chat_json(body, NeverMatched)
+            assert e.stats.sent == 0
 
 
 async def test_embed_packs_concurrent_calls_and_unpacks_in_order(sim, tmp_path):
@@ -141,7 +144,7 @@ async def test_header_sync_learns_the_limit(tmp_path):
         async with Engine(cfg(sim, tmp_path, concurrency=1)) as e:
             for i in range(3):
                 await e.chat(chat(f"q {i}"))
-            b = e._limiter.budget(e._chat_ep.provider, MODEL)
+            b = e.budget(MODEL)
             assert [w.limit for w in b.requests] == [30]
             assert b.requests[0].used >= 3
 

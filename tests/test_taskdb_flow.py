@@ -174,13 +174,13 @@ async def test_a_failed_decomposition_is_recorded_and_the_build_goes_on(tmp_path
         def __init__(self, engine):
             self.engine = engine
 
-        async def chat_json(self, body, typ, sample=0):
+        async def chat_json(self, body, typ, **kw):
             if "SQL query" in body["messages"][-1]["content"]:
                 raise RequestFailed(ErrorOut(code="schema_mismatch", message="answer did not fit", attempts=3))
-            return await self.engine.chat_json(body, typ, sample=sample)
+            return await self.engine.chat_json(body, typ, **kw)
 
-        async def embed(self, texts, model):
-            return await self.engine.embed(texts, model=model)
+        async def embed(self, texts, model, **kw):
+            return await self.engine.embed(texts, model=model, **kw)
 
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     warnings: list[str] = []

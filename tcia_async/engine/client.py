@@ -1,12 +1,10 @@
-"""The HTTP side: one aiohttp session per base URL, OpenAI-compatible POSTs, transport errors classified.
+"""The HTTP side: one aiohttp session per base URL, OpenAI-compatible POSTs, failures below HTTP classified.
 
-`Transport.request(url, data)` is the POST of prepared JSON bytes as an async context manager giving the
-response (`status`, `headers`, `await read()`); the attempt loop (core.py) enters it itself, one coroutine layer
-fewer per request than a wrapper would cost. A transport failure (timeout, refused or reset connection,
-truncated body) is one of `TRANSPORT_ERRORS`, and `Transport.verdict(exc)` classifies it. The connector's limit
-is raised to the engine's concurrency (aiohttp's default of 100 starves a larger pool) and the headers are built
-once. The User-Agent is set in them rather than skipped: aiohttp turns a skip list into a new multidict on every
-request.
+`Transport.post(url, data)` sends prepared JSON bytes and returns (status, headers, body), reading at most
+`max_body` bytes: a larger (or endless) body is an error, so one answer cannot take the process's memory. A
+failure below HTTP (timeout, refused or reset connection, truncated body) raises one of `TRANSPORT_ERRORS`, and
+`Transport.verdict(exc)` classifies it. The connector's limit is raised to the engine's concurrency (aiohttp's
+default of 100 starves a larger pool).
 """
 
 from __future__ import annotations
@@ -21,14 +19,27 @@ from tcia_async import __version__
 from tcia_async.engine.retry import Verdict, connection_verdict, timeout_verdict
 
 
+class BodyTooLarge(Exception):
+    """The answer's body was longer than the transport's cap."""
+
+
 # What a failed exchange below HTTP raises: a timeout, or a refused, reset or truncated connection.
 TRANSPORT_ERRORS = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
 
 def provider_of(base_url: str) -> str:
-    """The provider part of a request's identity: the base URL's host name, lower-case (no port, no path)."""
-    host = urlsplit(base_url).hostname
-    return (host or base_url).lower()
+    """The provider part of a request's identity: scheme, host, port and path of the base URL, normalised
+    (`https://API.openai.com/v1/` and `https://api.openai.com:443/v1` are one provider; ports differ: two)."""
+    parts = urlsplit(base_url.strip())
+    scheme = (parts.scheme or "http").lower()
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme, 0)
+    except ValueError:
+        port = 0
+    return f"{scheme}://{host}:{port}{parts.path.rstrip('/')}"
 
 
 def is_loopback(base_url: str) -> bool:
@@ -47,7 +58,8 @@ def endpoint_url(base_url: str, path: str) -> str:
 class Transport:
     """aiohttp session for one base URL. Use `await open()` / `await close()` (the Engine does)."""
 
-    def __init__(self, base_url: str, api_key: str | None, concurrency: int, timeout: float) -> None:
+    def __init__(self, base_url: str, api_key: str | None, concurrency: int, timeout: float,
+                 max_body: int = 256 << 20) -> None:
         self.base_url = base_url
         self.provider = provider_of(base_url)
         self._headers = {"Content-Type": "application/json", "Accept": "application/json",
@@ -56,8 +68,8 @@ class Transport:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._concurrency = max(1, concurrency)
         self.timeout = timeout
+        self.max_body = max_body
         self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, str] = {}
 
     async def open(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._concurrency, limit_per_host=self._concurrency,
@@ -72,21 +84,33 @@ class Transport:
             self._session = None
 
     def url(self, path: str) -> str:
-        u = self._urls.get(path)
-        if u is None:
-            u = self._urls[path] = endpoint_url(self.base_url, path)
-        return u
+        return endpoint_url(self.base_url, path)
 
-    def request(self, url: str, data: bytes) -> Any:
-        """The POST of `data` (JSON bytes) to `url`: `async with transport.request(url, data) as resp`. Raises
-        one of TRANSPORT_ERRORS when the exchange fails below HTTP."""
-        return self._session.post(url, data=data)  # type: ignore[union-attr]
+    async def post(self, url: str, data: bytes) -> tuple[int, Any, bytes]:
+        """(status, headers, body) of the POST of `data` to `url`. Raises one of TRANSPORT_ERRORS, or
+        BodyTooLarge past `max_body` bytes."""
+        assert self._session is not None, "Transport.open() first"
+        async with self._session.post(url, data=data) as resp:
+            length = resp.content_length
+            if length is not None and length <= self.max_body:
+                return resp.status, resp.headers, await resp.read()
+            if length is not None:
+                raise BodyTooLarge(f"answer of {length} bytes, over the cap of {self.max_body}")
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise BodyTooLarge(f"answer longer than the cap of {self.max_body} bytes")
+                parts.append(chunk)
+            return resp.status, resp.headers, b"".join(parts)
 
     def verdict(self, exc: BaseException) -> Verdict:
         """The retry verdict of a transport failure (one of TRANSPORT_ERRORS)."""
         if isinstance(exc, asyncio.TimeoutError):
             return timeout_verdict(self.timeout)
-        return connection_verdict(exc)  # type: ignore[arg-type]
+        return connection_verdict(exc)
 
 
-__all__ = ["TRANSPORT_ERRORS", "Transport", "Verdict", "provider_of", "endpoint_url", "is_loopback"]
+__all__ = ["TRANSPORT_ERRORS", "BodyTooLarge", "Transport", "Verdict", "provider_of", "endpoint_url",
+           "is_loopback"]

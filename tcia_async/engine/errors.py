@@ -26,7 +26,8 @@ class RequestFailed(Exception):
 
 
 class RunStopped(Exception):
-    """The provider refused the whole run (quota exhausted, key rejected): stop cleanly, keep state, rerun later."""
+    """The provider refused the whole run (quota exhausted, key rejected, unreachable): stop cleanly, keep state,
+    rerun later."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -34,22 +35,46 @@ class RunStopped(Exception):
 
 
 class NotSent(Exception):
-    """The engine was halted (`Engine.halt`, the CLI's first Ctrl-C) before this request went out: it has no
-    answer and no result; a rerun sends it."""
+    """The engine was halted (`Engine.halt`, the CLI's first Ctrl-C) or is closing before this request went out:
+    it has no answer and no result; a rerun sends it."""
 
 
-class EngineStats(msgspec.Struct, kw_only=True):
-    """Counters of one Engine. `ok`/`failed` count requests (a cached answer is `ok` and `cached`); `sent` counts
-    HTTP attempts, `retries` attempts after the first, `rate_limited` 429 answers; tokens and cost are what the
-    network answers reported (cached answers cost nothing)."""
+class Counters(msgspec.Struct, kw_only=True):
+    """Counters of a set of requests. `ok`/`failed` count calls (a cached answer is `ok` and `cached`); `sent`
+    counts HTTP attempts, `retries` attempts after the first, `rate_limited` 429 answers. Tokens and cost are
+    what answers from the network reported (a cached answer costs nothing); `cached_tokens` is the part of
+    `prompt_tokens` the provider served from its prompt cache, and `cost_full` the cost at full input price.
+    `wire_s` sums the time answered attempts spent on the wire."""
 
-    sent: int = 0
-    cached: int = 0
     ok: int = 0
+    cached: int = 0
     failed: int = 0
+    sent: int = 0
     retries: int = 0
     rate_limited: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
     tokens: int = 0
     cost: float = 0.0
+    cost_full: float = 0.0
+    wire_s: float = 0.0
+
+
+class EngineStats(Counters, kw_only=True):
+    """The engine's totals, and the same counters per stage (the `stage=` of each call; "" when none was given)
+    and per model. `in_flight` is the number of requests on the wire now."""
+
+    in_flight: int = 0
+    stages: dict[str, Counters] = {}
+    models: dict[str, Counters] = {}
+
+    def views(self, stage: str, model: str) -> tuple[Counters, Counters, Counters]:
+        """The three counters one request adds to: the totals, its stage's and its model's."""
+        s = self.stages.get(stage)
+        if s is None:
+            s = self.stages[stage] = Counters()
+        m = self.models.get(model)
+        if m is None:
+            m = self.models[model] = Counters()
+        return self, s, m

@@ -1,20 +1,21 @@
-"""`generate`: Batch-format requests in, one result per custom_id out, through cache, limits and retries.
+"""`generate`: Batch-format requests in, one result per line out, through the engine's one request path.
 
 Shape (no task and no record per input line):
-- a source reads requests lazily in chunks of 256, turns bad ones into error results at once (naming the line),
-  computes cache keys, and looks each chunk up in the cache with one query; cached answers go straight out;
-- a feeder keeps a bounded queue of the rest (at most 2 x concurrency waiting) filled;
-- a fixed pool of `concurrency` worker tasks takes requests from the queue and sends them (engine.core);
+- a source reads requests lazily in chunks of 256, turns bad lines into error results at once (naming the line),
+  computes cache keys and looks each chunk up in the cache with one query; cached answers go straight out;
+- a feeder keeps a bounded queue of the rest filled (at most 2 x workers waiting);
+- a fixed pool of workers takes requests from the queue and sends them (request.py: a worker waiting for budget
+  holds no connection slot, so there are twice as many workers as slots);
 - results go to a sink as they complete: a file (the CLI) or a bounded queue read by `Engine.generate`.
 
-`Run.drain()` stops taking new requests and lets the ones in flight finish; `Run.abandon()` cancels them.
-Duplicate custom_ids are found with a private temporary SQLite table, so memory stays flat in the number of lines.
+`Run.drain()` stops taking new requests and lets the ones in flight finish; `Run.abandon()` cancels the waits.
+Repeated custom_ids are found with `Dedup`, whose memory stays flat in the number of lines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from binascii import hexlify as _hexlify
 from collections import deque
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any
@@ -23,22 +24,21 @@ import anyio
 import msgspec
 import orjson
 
-from tcia_async.engine.cache import request_key, sql_params
-from tcia_async.engine.core import CHAT, SUPPORTED_URLS, Engine
+from tcia_async.engine.cache import sql_params
 from tcia_async.engine.errors import NotSent, RequestFailed, RunStopped
+from tcia_async.engine.request import CHAT, SUPPORTED_URLS, Answer, Requests, canonical
 from tcia_async.io import MAX_LINE_BYTES
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut, ResponseOut
 
 CHUNK = 256
-_URLS = {u: u for u in SUPPORTED_URLS}
-_dumps = orjson.dumps
-_loads = orjson.loads
-_SORT = orjson.OPT_SORT_KEYS
+_BOM = b"\xef\xbb\xbf"
+
+# embedding_entry(body, key, stage) -> a future of the line's PackResult (Engine.embedding_entry)
+EmbedEntry = Callable[[dict[str, Any], bytes, str], "asyncio.Future[Any]"]
 
 
 class WorkItem(msgspec.Struct, gc=False):
-    """One request ready to send: its body as canonical JSON bytes and its cache key. (A Struct: built in C, no
-    Python frame per input line; untracked by the collector, as it holds no cycle.)"""
+    """One request ready to send: its body as canonical JSON bytes and its cache key."""
 
     custom_id: str
     path: str
@@ -48,50 +48,36 @@ class WorkItem(msgspec.Struct, gc=False):
     line: int
 
 
-def check_request(value: Any) -> tuple[str | None, str, dict[str, Any] | None, str | None]:
-    """(custom_id, url, body, problem) of one parsed input line; `problem` is None when it can be sent."""
+def check_request(value: Any) -> tuple[Any, str, dict[str, Any] | None, str | None]:
+    """(custom_id as written, url, body, problem) of one parsed input line; `problem` is None when it can be
+    sent."""
     if not isinstance(value, dict):
         return None, "", None, "line is not a JSON object"
     cid = value.get("custom_id")
     if not isinstance(cid, str) or not cid:
-        return None, "", None, "missing or empty custom_id (a string)"
+        what = "missing" if cid is None else f"{orjson.dumps(cid).decode()[:80]} is not a non-empty string"
+        return cid, "", None, f"custom_id {what} (a non-empty string is required)"
     url = value.get("url", CHAT)
-    if type(url) is str:
-        url = _URLS.get(url, url)  # the module's constants: compared with `is`
     body = value.get("body")
     if not isinstance(body, dict):
-        return cid, url, None, "missing body (a JSON object)"
+        return cid, str(url), None, "missing body (a JSON object)"
     if url not in SUPPORTED_URLS:
-        return cid, url, None, f"unsupported url {url!r} (supported: {', '.join(SUPPORTED_URLS)})"
+        return cid, str(url), None, f"unsupported url {url!r} (supported: {', '.join(SUPPORTED_URLS)})"
     method = value.get("method", "POST")
     if method != "POST":
         return cid, url, None, f"unsupported method {method!r} (only POST)"
     return cid, url, body, None
 
 
-# One input line as a BatchRequest (checked by `check_batch_request`); a line it cannot decode is parsed as plain
-# JSON and `check_request` says what is wrong with it.
 _decode_line = msgspec.json.Decoder(BatchRequest).decode
-
-
-def check_batch_request(req: BatchRequest) -> tuple[str | None, str, dict[str, Any] | None, str | None]:
-    """`check_request` of a BatchRequest Struct, without building a dict first (the common case is one lookup)."""
-    cid, url, body = req.custom_id, req.url, req.body
-    if type(cid) is str and cid and type(body) is dict and req.method == "POST":
-        u = _URLS.get(url)
-        if u is not None:
-            return cid, u, body, None
-    return check_request({"custom_id": cid, "url": url, "body": body, "method": req.method})
 
 
 class Dedup:
     """Remembers custom_ids (with the line that used each first) and how often each chat body came.
 
-    Memory stays bounded: the entries live in two dicts until they hold `spill_at` entries together; then both are
-    written, sorted, to a private temporary on-disk SQLite database and emptied. From the first spill on, each
-    call also asks the database about the ids and bodies its dicts do not know (one query per 500). Below
-    `spill_at` (a run of up to about 32k chat lines) no database is opened: it measured about 4 µs per line,
-    the dicts about 0.2 µs.
+    Memory stays bounded: the entries live in two dicts until they hold `spill_at` entries together; then both
+    are written to a private temporary on-disk SQLite database and emptied; from then on each call also asks
+    the database about what its dicts do not know.
     """
 
     def __init__(self, spill_at: int = 65536) -> None:
@@ -101,77 +87,58 @@ class Dedup:
         self._db: sqlite3.Connection | None = None
         self.spills = 0
 
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect("")  # "" = private temporary database, deleted on close; pages spill to disk
-        # Its contents are thrown away at the end: no rollback journal and no syncs (it is never rolled back).
-        db.execute("PRAGMA journal_mode=OFF")
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute("CREATE TABLE seen (cid TEXT PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID")
-        db.execute("CREATE TABLE bodies (k BLOB PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID")
-        return db
-
     def _spill(self) -> None:
-        db = self._db
-        if db is None:
-            db = self._db = self._open()
-        with db:
-            # Ids in the dict are never in the database (a known id is a repeat and is not added); a body's count
-            # in the dict includes the database's, so it replaces the row. Keys as bytearrays: bound directly,
-            # without the sqlite3 module's adaptation of `bytes` (about 3,000 instructions a value on 3.11).
-            db.executemany("INSERT INTO seen VALUES (?, ?)", sorted(self._ids.items()))
-            db.executemany("INSERT OR REPLACE INTO bodies VALUES (?, ?)",
-                           [(bytearray(k), n) for k, n in sorted(self._bodies.items())])
+        if self._db is None:
+            self._db = sqlite3.connect("")  # "": a private temporary database, deleted on close
+            self._db.execute("PRAGMA journal_mode=OFF")
+            self._db.execute("CREATE TABLE seen (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID")
+            self._db.execute("CREATE TABLE bodies (k BLOB PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID")
+        with self._db:
+            # An id in the dict is never in the database; a body's count in the dict includes the database's.
+            self._db.executemany("INSERT INTO seen VALUES (?, ?)", self._ids.items())
+            self._db.executemany("INSERT OR REPLACE INTO bodies VALUES (?, ?)", self._bodies.items())
         self._ids.clear()
         self._bodies.clear()
         self.spills += 1
 
-    def _stored(self, table: str, column: str, keys: list[Any]) -> dict[Any, int]:
-        """{key: value} of the database rows among `keys` (none before the first spill)."""
+    def _stored(self, table: str, keys: list[Any]) -> dict[Any, int]:
         found: dict[Any, int] = {}
-        if self._db is None or not keys:
+        if self._db is None:
             return found
-        value = "line" if table == "seen" else "n"
         for i in range(0, len(keys), 500):
             part = keys[i:i + 500]
-            q = f"SELECT {column}, {value} FROM {table} WHERE {column} IN {sql_params(len(part))}"
-            if table == "bodies":
-                part = [bytearray(k) for k in part]
-            for k, v in self._db.execute(q, part):
-                found[k] = v  # a BLOB comes back as bytes: equal to the key
+            for k, v in self._db.execute(f"SELECT k, v FROM {table} WHERE k IN {sql_params(len(part))}", part):
+                found[k] = v
         return found
-
-    def _maybe_spill(self) -> None:
-        if len(self._ids) + len(self._bodies) >= self._spill_at:
-            self._spill()
 
     def occurrences(self, keys: list[bytes]) -> list[int]:
         """For each key in order, how many times it was passed before, in this call or an earlier one."""
         bodies = self._bodies
-        stored = self._stored("bodies", "k", [k for k in keys if k not in bodies]) if self._db is not None else {}
+        stored = self._stored("bodies", [k for k in keys if k not in bodies])
         out: list[int] = []
-        get = bodies.get
         for k in keys:
-            c = get(k)
+            c = bodies.get(k)
             if c is None:
                 c = stored.get(k, 0)
             out.append(c)
             bodies[k] = c + 1
-        self._maybe_spill()
+        if len(self._ids) + len(bodies) >= self._spill_at:
+            self._spill()
         return out
 
     def check(self, entries: list[tuple[str, int]]) -> dict[int, int]:
         """Record `(custom_id, line)` pairs in order; return {index in entries: first line} for repeats."""
         ids = self._ids
+        stored = self._stored("seen", [c for c, _ in entries if c not in ids])
         repeats: dict[int, int] = {}
-        stored = self._stored("seen", "cid", [c for c, _ in entries if c not in ids]) if self._db is not None else {}
-        claim = ids.setdefault
         for i, (cid, line) in enumerate(entries):
-            first = stored.get(cid) if stored else None
+            first = stored.get(cid)
             if first is None:
-                first = claim(cid, line)
+                first = ids.setdefault(cid, line)
             if first != line:
                 repeats[i] = first
-        self._maybe_spill()
+        if len(ids) + len(self._bodies) >= self._spill_at:
+            self._spill()
         return repeats
 
     def close(self) -> None:
@@ -188,102 +155,96 @@ class Dedup:
 
 
 def result_id(key: bytes) -> str:
-    """The result line's `id`: from the first 12 bytes of the key (FileSink.ok writes the same)."""
-    return "batch_req_" + key.hex()[:24]
+    """The result line's `id`, from the first 12 bytes of the request's key."""
+    return "batch_req_" + key[:12].hex()
 
 
 class QueueSink:
     """Results as BatchResult Structs in a bounded queue, for `Engine.generate`."""
 
     def __init__(self, limit: int) -> None:
-        self.items: deque[BatchResult] = deque()
+        self._items: deque[BatchResult] = deque()
         self.limit = limit
-        self.full = False
-        self.finished = False
+        self.done = False
         self.error: BaseException | None = None
-        self._ready: anyio.Event | None = None
-        self._space: anyio.Event | None = None
+        self._changed = anyio.Event()
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.limit
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
 
     def _put(self, res: BatchResult) -> None:
-        self.items.append(res)
-        if len(self.items) >= self.limit:
-            self.full = True
-        if self._ready is not None:
-            self._ready.set()
-            self._ready = None
+        self._items.append(res)
+        self._notify()
 
-    def ok(self, item: WorkItem, raw: bytes, parsed: Any, rid: str, cached: bool) -> None:
-        body = parsed if parsed is not None else _loads(raw)
+    def ok(self, item: WorkItem, answer: Answer) -> None:
         self._put(BatchResult(id=result_id(item.key), custom_id=item.custom_id,
-                              response=ResponseOut(status_code=200, request_id=rid, body=body)))
+                              response=ResponseOut(status_code=200, request_id=answer.request_id,
+                                                   body=answer.parsed())))
 
     def fail(self, item: WorkItem, error: ErrorOut) -> None:
         self._put(BatchResult(id=result_id(item.key), custom_id=item.custom_id, error=error))
 
-    def bad(self, custom_id: str | None, line: int, error: ErrorOut) -> None:
-        self._put(BatchResult(id=f"batch_req_line{line}", custom_id=custom_id or "", error=error))
+    def bad(self, custom_id: Any, line: int, error: ErrorOut) -> None:
+        self._put(BatchResult(id=f"batch_req_line{line}", custom_id=custom_id, error=error))
 
-    def pop(self) -> BatchResult:
-        res = self.items.popleft()
-        if self.full and len(self.items) <= self.limit // 2:
-            self.full = False
-            if self._space is not None:
-                self._space.set()
-                self._space = None
+    def finish(self) -> None:
+        self.done = True
+        self._notify()
+
+    async def get(self) -> BatchResult | None:
+        """The next result, or None once the run has finished and every result was taken."""
+        while not self._items:
+            if self.done:
+                return None
+            await self._changed.wait()
+        res = self._items.popleft()
+        self._notify()
         return res
 
     async def wait_space(self) -> None:
-        while self.full:
-            if self._space is None:
-                self._space = anyio.Event()
-            await self._space.wait()
-
-    async def wait(self) -> None:
-        if self.items or self.finished:
-            return
-        if self._ready is None:
-            self._ready = anyio.Event()
-        await self._ready.wait()
-
-    def wake(self) -> None:
-        if self._ready is not None:
-            self._ready.set()
-            self._ready = None
+        while self.full and not self.done:
+            await self._changed.wait()
 
 
 class FileSink:
-    """Results as Batch output lines appended to a binary file (the CLI). Counts what it wrote."""
+    """Results as Batch output lines appended to a binary file (the CLI). Counts what it wrote, by outcome."""
 
     full = False
 
     def __init__(self, fh: Any, on_bad: Callable[[ErrorOut], None] | None = None) -> None:
         self._write = fh.write
-        self._on_bad = on_bad  # told of every bad input line too (the CLI shows the first few on stderr)
+        self._on_bad = on_bad  # told of every bad input line too (the CLI names the first few on stderr)
         self.written = 0
         self.failed = 0
+        self.by_code: dict[str, int] = {}
 
-    def ok(self, item: WorkItem, raw: bytes, parsed: Any, rid: str, cached: bool) -> None:
-        self._write(b'{"id":"batch_req_%s","custom_id":%s,"response":{"status_code":200,"request_id":%s,"body":%s},'
-                    b'"error":null}\n' % (_hexlify(item.key[:12]), _dumps(item.custom_id), _dumps(rid), raw))
+    def ok(self, item: WorkItem, answer: Answer) -> None:
+        self._write(b'{"id":"%s","custom_id":%s,"response":{"status_code":200,"request_id":%s,"body":%s},'
+                    b'"error":null}\n' % (result_id(item.key).encode(), orjson.dumps(item.custom_id),
+                                          orjson.dumps(answer.request_id), answer.raw))
         self.written += 1
 
     def fail(self, item: WorkItem, error: ErrorOut) -> None:
         self._line(result_id(item.key), item.custom_id, error)
 
-    def bad(self, custom_id: str | None, line: int, error: ErrorOut) -> None:
+    def bad(self, custom_id: Any, line: int, error: ErrorOut) -> None:
         self._line(f"batch_req_line{line}", custom_id, error)
         if self._on_bad is not None:
             self._on_bad(error)
 
-    def _line(self, rid: str, custom_id: str | None, error: ErrorOut) -> None:
-        err = {"code": error.code, "message": error.message, "status": error.status, "attempts": error.attempts}
-        if error.line is not None:
-            err["line"] = error.line
-        self._write(_dumps({"id": rid, "custom_id": custom_id, "response": None, "error": err}) + b"\n")
+    def _line(self, rid: str, custom_id: Any, error: ErrorOut) -> None:
+        self._write(orjson.dumps({"id": rid, "custom_id": custom_id, "response": None,
+                                  "error": msgspec.to_builtins(error)}) + b"\n")
         self.written += 1
         self.failed += 1
+        self.by_code[error.code] = self.by_code.get(error.code, 0) + 1
 
-    async def wait_space(self) -> None:  # pragma: no cover - a file is never full
+    async def wait_space(self) -> None:  # a file is never full
         return
 
 
@@ -293,56 +254,57 @@ class FileSink:
 
 
 class _Source:
-    def __init__(self, engine: Engine, sink: Any, name: str) -> None:
-        self._engine = engine
+    def __init__(self, requests: Requests, sink: Any, name: str, stage: str) -> None:
+        self._requests = requests
         self._sink = sink
         self._name = name
+        self._stage = stage
         self._dedup = Dedup()
         self._claims: list[tuple[str, int]] = []  # (custom_id, line) of bad lines since the last chunk
         self.lines = 0  # input lines seen (requests and bad lines)
-        ep_chat = engine._chat_ep
-        ep_embed = engine._embed_ep
-        self._prefixes = {CHAT: ep_chat.prefixes[CHAT], "/v1/embeddings": ep_embed.prefixes["/v1/embeddings"]}
 
-    def _bad(self, custom_id: str | None, line: int, code: str, reason: str) -> None:
-        self._engine.stats.failed += 1
-        if custom_id is not None and code == "bad_input":
+    def _bad(self, custom_id: Any, line: int, code: str, reason: str) -> None:
+        for v in self._requests.stats.views(self._stage, ""):
+            v.failed += 1
+        if isinstance(custom_id, str) and custom_id and code == "bad_input":
             self._claims.append((custom_id, line))  # its result is out: a later line may not use the id again
         self._sink.bad(custom_id, line, ErrorOut(code=code, message=f"{self._name}:{line}: {reason}", line=line))
 
-    def _finish(self, pending: list[tuple[str, str, dict[str, Any], int]]) -> list[WorkItem]:
-        """Turn checked lines into work items, reporting repeated custom_ids (the first line with an id owns it,
-        a bad line included)."""
-        if self._claims:
-            # Record the bad lines' ids in line order with the good ones; only the good ones can be repeats here.
-            order = sorted([(line, cid, i) for i, (cid, _, _, line) in enumerate(pending)] +
-                           [(line, cid, -1) for cid, line in self._claims])
-            self._claims.clear()
-            found = self._dedup.check([(cid, line) for line, cid, _ in order])
-            repeats = {order[j][2]: first for j, first in found.items() if order[j][2] >= 0}
+    def _line(self, value: Any, lineno: int, pending: list[tuple[str, str, dict[str, Any], int]]) -> None:
+        cid, url, body, problem = check_request(value)
+        if problem is not None:
+            self._bad(cid, lineno, "bad_input", problem)
         else:
-            repeats = self._dedup.check([(cid, line) for cid, _, _, line in pending])
+            pending.append((cid, url, body, lineno))  # type: ignore[arg-type]
+
+    def _finish(self, pending: list[tuple[str, str, dict[str, Any], int]]) -> list[WorkItem]:
+        """Checked lines -> work items; a repeated custom_id is an error (the first line with an id owns it,
+        a bad line included)."""
+        order = sorted([(line, cid, i) for i, (cid, _, _, line) in enumerate(pending)] +
+                       [(line, cid, -1) for cid, line in self._claims])
+        self._claims.clear()
+        found = self._dedup.check([(cid, line) for line, cid, _ in order])
+        repeats = {order[j][2]: first for j, first in found.items() if order[j][2] >= 0}
         items: list[WorkItem] = []
-        prefixes = self._prefixes
         for i, (cid, url, body, line) in enumerate(pending):
             first = repeats.get(i)
             if first is not None:
-                self._bad(cid, line, "duplicate_custom_id", f"custom_id {cid!r} already used on line {first}")
+                self._bad(cid, line, "duplicate_custom_id", f"custom_id {cid!r} already used on line {first}; "
+                          "this line was not sent")
                 continue
             try:
-                data = _dumps(body, option=_SORT)
+                data = canonical(body)
             except TypeError as exc:
                 self._bad(cid, line, "bad_input", f"body cannot be encoded as JSON ({exc})")
                 continue
-            items.append(WorkItem(cid, url, body, data, request_key(prefixes[url], 0, data), line))
+            items.append(WorkItem(cid, url, body, data, self._requests.endpoint(url).key(url, data), line))
         # Two lines with the same chat body are two samples, as in the provider's Batch API: the k-th repeat of a
         # body (counted over the whole input, so a rerun counts the same) is sample k, its own key and answer.
         # Embeddings are deterministic: repeats share one answer.
-        chat = [it for it in items if it.path is CHAT]
-        if chat:
-            for it, k in zip(chat, self._dedup.occurrences([it.key for it in chat])):
-                if k:
-                    it.key = request_key(prefixes[CHAT], k, it.data)
+        chat = [it for it in items if it.path == CHAT]
+        for it, k in zip(chat, self._dedup.occurrences([it.key for it in chat])):
+            if k:
+                it.key = self._requests.chat_ep.key(CHAT, it.data, k)
         return items
 
     def close(self) -> None:
@@ -350,56 +312,50 @@ class _Source:
 
 
 class FileSource(_Source):
-    """Batch-format lines from a JSONL file, read lazily (blank lines are skipped; lines numbered from 1)."""
+    """Batch-format lines from a JSONL file, read lazily (blank lines are skipped; lines numbered from 1; a
+    UTF-8 byte-order mark at the start is ignored)."""
 
-    def __init__(self, engine: Engine, path: str, sink: Any, max_line_bytes: int = MAX_LINE_BYTES) -> None:
-        super().__init__(engine, sink, str(path))
+    def __init__(self, requests: Requests, path: str, sink: Any, max_line_bytes: int = MAX_LINE_BYTES,
+                 stage: str = "generate") -> None:
+        super().__init__(requests, sink, str(path), stage)
         self._fh = open(path, "rb")
         self._lineno = 0
         self._max = max_line_bytes
 
     async def next_chunk(self) -> list[WorkItem] | None:
         pending: list[tuple[str, str, dict[str, Any], int]] = []
-        readline = self._fh.readline
-        limit = self._max
-        lineno = self._lineno
         n = 0
         while n < CHUNK:
-            raw = readline(limit + 1)
+            raw = self._fh.readline(self._max + 1)
             if not raw:
                 break
-            lineno += 1
-            if len(raw) > limit and not raw.endswith(b"\n"):
+            self._lineno += 1
+            if self._lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            if len(raw) > self._max and not raw.endswith(b"\n"):
                 while True:  # swallow the rest of the long line in bounded pieces
-                    more = readline(1 << 20)
+                    more = self._fh.readline(1 << 20)
                     if not more or more.endswith(b"\n"):
                         break
                 n += 1
-                self._bad(None, lineno, "line_too_long", f"line longer than {limit} bytes")
+                self._bad(None, self._lineno, "line_too_long", f"line longer than {self._max} bytes")
                 continue
             try:
-                checked = check_batch_request(_decode_line(raw))
-            except msgspec.DecodeError:  # also a ValidationError: parsed as plain JSON, check_request says why
+                req = _decode_line(raw)
+                value: Any = {"custom_id": req.custom_id, "url": req.url, "body": req.body, "method": req.method}
+            except msgspec.DecodeError:  # a ValidationError too: parsed as plain JSON, check_request says why
                 try:
-                    value = _loads(raw)
+                    value = orjson.loads(raw)
                 except orjson.JSONDecodeError as exc:
                     if raw.isspace():
                         continue
                     n += 1
-                    self._bad(None, lineno, "bad_input", f"not valid JSON ({exc})")
+                    self._bad(None, self._lineno, "bad_input", f"not valid JSON ({exc})")
                     continue
-                checked = check_request(value)
             n += 1
-            cid, url, body, problem = checked
-            if problem is not None:
-                self._bad(cid, lineno, "bad_input", problem)
-            else:
-                pending.append((cid, url, body, lineno))  # type: ignore[arg-type]
-        self._lineno = lineno
+            self._line(value, self._lineno, pending)
         self.lines += n
-        if n == 0:
-            return None
-        return self._finish(pending)
+        return self._finish(pending) if n else None
 
     def close(self) -> None:
         super().close()
@@ -409,14 +365,11 @@ class FileSource(_Source):
 class RequestSource(_Source):
     """BatchRequest Structs (or dicts of the same shape) from a sync or async iterable."""
 
-    def __init__(self, engine: Engine, requests: Iterable[Any] | AsyncIterable[Any], sink: Any) -> None:
-        super().__init__(engine, sink, "<requests>")
-        if hasattr(requests, "__aiter__"):
-            self._ait = requests.__aiter__()  # type: ignore[union-attr]
-            self._it = None
-        else:
-            self._ait = None
-            self._it = iter(requests)  # type: ignore[arg-type]
+    def __init__(self, requests: Requests, items: Iterable[Any] | AsyncIterable[Any], sink: Any,
+                 stage: str = "generate") -> None:
+        super().__init__(requests, sink, "<requests>", stage)
+        self._ait = items.__aiter__() if hasattr(items, "__aiter__") else None  # type: ignore[union-attr]
+        self._it = None if self._ait is not None else iter(items)  # type: ignore[arg-type]
 
     async def next_chunk(self) -> list[WorkItem] | None:
         pending: list[tuple[str, str, dict[str, Any], int]] = []
@@ -432,19 +385,11 @@ class RequestSource(_Source):
                 except StopAsyncIteration:
                     break
             n += 1
-            line = self.lines + n
             if isinstance(req, BatchRequest):
-                cid, url, body, problem = check_batch_request(req)
-            else:
-                cid, url, body, problem = check_request(req)
-            if problem is not None:
-                self._bad(cid, line, "bad_input", problem)
-            else:
-                pending.append((cid, url, body, line))  # type: ignore[arg-type]
+                req = {"custom_id": req.custom_id, "url": req.url, "body": req.body, "method": req.method}
+            self._line(req, self.lines + n, pending)
         self.lines += n
-        if n == 0:
-            return None
-        return self._finish(pending)
+        return self._finish(pending) if n else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,17 +400,19 @@ class RequestSource(_Source):
 class Run:
     """One pass over a source with a fixed pool of workers. See the module docstring."""
 
-    def __init__(self, engine: Engine, source: Any, sink: Any, workers: int | None = None) -> None:
-        self.engine = engine
+    def __init__(self, requests: Requests, embedding_entry: EmbedEntry, source: Any, sink: Any, *,
+                 stage: str = "generate", workers: int | None = None) -> None:
+        self.requests = requests
+        self._embedding_entry = embedding_entry
         self.source = source
         self.sink = sink
-        self.workers = max(1, workers or engine.config.concurrency)
+        self.stage = stage
+        self.workers = max(1, workers or 2 * requests.config.concurrency)
         self.stopped: str | None = None  # RunStopped message
         self.draining = False
         self.in_flight = 0
         self._queue: deque[WorkItem] = deque()
         self._high = max(2 * self.workers, CHUNK)
-        self._low = self.workers
         self._feeding = True
         self._work_ready: anyio.Event | None = None  # set when the queue gets items or feeding ends
         self._need_more: anyio.Event | None = None  # set when the queue runs low
@@ -486,104 +433,90 @@ class Run:
         self.draining = True
         self._queue.clear()
         self._wake_workers()
-        if self._need_more is not None:
-            self._need_more.set()
+        self._wake_feeder()
 
     def abandon(self) -> None:
-        """Cancel everything now (requests in flight get no result; a rerun sends them)."""
+        """Cancel everything that waits now (requests still on the wire finish first; their answers are cached,
+        and get no result line: a rerun writes them from the cache)."""
         self.drain()
         if self._scope is not None:
             self._scope.cancel()
 
     def _wake_workers(self) -> None:
-        ev = self._work_ready
-        if ev is not None:
+        if self._work_ready is not None:
+            self._work_ready.set()
             self._work_ready = None
-            ev.set()
+
+    def _wake_feeder(self) -> None:
+        if self._need_more is not None:
+            self._need_more.set()
+            self._need_more = None
 
     async def _feed(self) -> None:
-        engine = self.engine
-        stats = engine.stats
-        sink = self.sink
-        queue = self._queue
-        next_chunk = self.source.next_chunk
+        cache = self.requests.cache
+        stats = self.requests.stats
         try:
             while not self.draining:
-                while len(queue) >= self._high and not self.draining:
-                    ev = self._need_more = anyio.Event()
-                    await ev.wait()
+                while len(self._queue) >= self._high and not self.draining:
+                    self._need_more = anyio.Event()
+                    await self._need_more.wait()
                 if self.draining:
                     break
-                chunk = await next_chunk()
+                chunk = await self.source.next_chunk()
                 if chunk is None:
                     break
-                cache = engine.cache
                 hits = cache.get_many([it.key for it in chunk]) if (cache is not None and chunk) else {}
                 for it in chunk:
                     hit = hits.get(it.key)
-                    if hit is not None:
-                        stats.ok += 1
-                        stats.cached += 1
-                        sink.ok(it, hit[0], None, hit[1], True)
-                    else:
-                        queue.append(it)
-                if queue:
+                    if hit is None:
+                        self._queue.append(it)
+                        continue
+                    for v in stats.views(self.stage, str(it.body.get("model") or "")):
+                        v.ok += 1
+                        v.cached += 1
+                    self.sink.ok(it, Answer(hit[0], None, hit[1], True))
+                if self._queue:
                     self._wake_workers()
-                if sink.full:
-                    await sink.wait_space()
+                await self.sink.wait_space()
                 # Let workers and answers in: a fully cached rerun must not hold the loop for the whole file.
                 await anyio.lowlevel.checkpoint()
         finally:
             self._feeding = False
             self._wake_workers()
 
+    async def _send(self, item: WorkItem) -> Answer:
+        if item.path == CHAT:
+            return await self.requests.call(CHAT, item.body, item.data, item.key, stage=self.stage,
+                                            check_cache=False)  # the feeder looked it up already
+        result = await self._embedding_entry(item.body, item.key, self.stage)
+        views = self.requests.stats.views(self.stage, str(item.body.get("model") or ""))
+        for v in views:
+            v.ok += 1
+        body = result.body()
+        return Answer(orjson.dumps(body), body, "", False)
+
     async def _work(self) -> None:
         queue = self._queue
-        engine = self.engine
-        stats = engine.stats
-        sink = self.sink
-        run_item = engine._run_item
-        cached_call = engine._cached_call
-        plan = engine._plan
-        exchange = engine._exchange
-        inflight = engine._inflight
-        chat_ep = engine._chat_ep
-        chat_url = chat_ep.urls[CHAT]
         while True:
             if not queue:
                 if not self._feeding or self.draining:
                     return
-                if self._need_more is not None:
-                    self._need_more.set()
-                    self._need_more = None
-                ev = self._work_ready
-                if ev is None:
-                    ev = self._work_ready = anyio.Event()
-                await ev.wait()
+                self._wake_feeder()
+                if self._work_ready is None:
+                    self._work_ready = anyio.Event()
+                await self._work_ready.wait()
                 continue
             item = queue.popleft()
-            if len(queue) < self._low and self._need_more is not None:
-                self._need_more.set()
-                self._need_more = None
+            if len(queue) < self.workers:
+                self._wake_feeder()
             self.in_flight += 1
             try:
-                if item.path is CHAT:
-                    # The feeder looked the key up in the cache already (in batches). What `cached_call` does after
-                    # that, without its frame: unless an identical request is in flight (another caller of this
-                    # engine; then share its answer), plan the payment and send.
-                    key = item.key
-                    if key in inflight:
-                        raw, parsed, rid, shared = await cached_call(chat_ep, CHAT, key, item.data, item.body, False)
-                    else:
-                        budget, tokens, fixed, model = plan(chat_ep, item.body, len(item.data))
-                        raw, parsed, rid, _ = await exchange(chat_ep, chat_url, item.data, budget, tokens, model, True,
-                                                             fixed, key)
-                        shared = False
-                else:
-                    raw, parsed, rid, shared = await run_item(item)
+                answer = await self._send(item)
             except RequestFailed as exc:
-                stats.failed += 1
-                sink.fail(item, exc.error)
+                if item.path != CHAT:
+                    for v in self.requests.stats.views(self.stage, str(item.body.get("model") or "")):
+                        v.failed += 1
+                self.sink.fail(item, exc.error)
             except RunStopped as exc:
                 if self.stopped is None:
                     self.stopped = exc.message
@@ -592,11 +525,8 @@ class Run:
             except NotSent:
                 pass  # halted before it went out: no result, a rerun sends it
             else:
-                stats.ok += 1
-                if shared:
-                    stats.cached += 1
-                sink.ok(item, raw, parsed, rid, shared)
+                self.sink.ok(item, answer)
             finally:
                 self.in_flight -= 1
-            if sink.full:
-                await sink.wait_space()
+            if self.sink.full:
+                await self.sink.wait_space()

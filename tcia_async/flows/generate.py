@@ -1,12 +1,13 @@
-"""`tcia-async generate`: an OpenAI Batch-format JSONL file in, one result line per custom_id out.
+"""`tcia-async generate`: an OpenAI Batch-format JSONL file in, one result line per input line out.
 
-A thin shell over the engine (tcia_async.engine.runner). Settings come from flags, then the `[engine]` table of
-`--config`, then OPENAI_BASE_URL, then defaults. The cache defaults to RESULTS + ".cache.db" next to the results:
-rerunning the same command after a crash, Ctrl-C or a quota stop replays every answered request from it and sends
-only the rest, and rewrites RESULTS complete.
+A thin shell over the engine (engine/runner.py). Settings come from flags, then the `[engine]` table of
+`--config`, then $OPENAI_BASE_URL, then defaults, and are checked together (a bad value names its flag, variable
+or file key). Every path is checked before anything is opened for writing: the input, the results, the cache
+and the summary must be four different files. Results are written to `RESULTS.partial` and renamed into place
+when the run finishes, so a refused, failed or interrupted run never damages a previous results file.
 
-Exit codes: 0 every line has its result (answers or classified errors); 2 usage or configuration error;
-3 stopped early on quota/auth (rerun to continue); 130 interrupted (rerun to continue).
+The cache defaults to RESULTS + ".cache.db": rerunning the same command after a crash, Ctrl-C or a stop replays
+every answered request from it, sends only the rest, and writes RESULTS complete.
 """
 
 from __future__ import annotations
@@ -18,27 +19,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
+from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
+from tcia_async.flows.common import Interrupts, Staged, UsageError, by_kind, cache_files, check_paths, primary
+
+EPILOG = """exit codes: 0 every line has its answer; 4 finished, but some lines ended in an error (the summary
+counts them by kind; each has an error result); 2 usage, configuration or path error (nothing written);
+3 stopped: quota, auth, or the provider failing on everything for unreachable_after seconds (rerun to
+continue); 130 interrupted (rerun to continue)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
     p.add_argument("input", metavar="INPUT.jsonl", help="requests in the OpenAI Batch input format")
     p.add_argument("-o", "--output", metavar="RESULTS.jsonl", required=True,
-                   help="results in the OpenAI Batch output format (rewritten on every run)")
+                   help="results in the OpenAI Batch output format, one line per input line (written as "
+                   "RESULTS.partial, renamed into place when the run finishes)")
     p.add_argument("--base-url", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1 "
                    "(default: config, then $OPENAI_BASE_URL, then https://api.openai.com/v1)")
     p.add_argument("--embedding-base-url", help="base URL for /v1/embeddings lines (default: --base-url)")
     p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key "
                    "(default OPENAI_API_KEY); the key is never written anywhere")
-    p.add_argument("--concurrency", type=int, metavar="N", help="requests in flight at most (default 256)")
-    p.add_argument("--rpm", type=float, help="requests per minute limit (default: learned from the provider's headers)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="requests on the wire at most (default 256)")
+    p.add_argument("--rpm", type=float, help="requests per minute limit (default: learned from the provider's "
+                   "headers)")
     p.add_argument("--tpm", type=float, help="tokens per minute limit")
     p.add_argument("--rps", type=float, help="requests per second limit")
     p.add_argument("--tps", type=float, help="tokens per second limit")
-    p.add_argument("--max-attempts", type=int, metavar="N", help="attempts per request for transient failures (default 8)")
+    p.add_argument("--max-attempts", type=int, metavar="N", help="attempts per request for transient failures "
+                   "(default 8)")
     p.add_argument("--timeout", type=float, metavar="S", help="seconds per attempt (default 600)")
-    p.add_argument("--grace", type=float, metavar="S", help="after Ctrl-C, seconds to let requests in flight finish "
-                   "(default 30)")
+    p.add_argument("--grace", type=float, metavar="S", help="after Ctrl-C, seconds to let requests in flight "
+                   "finish (default 30)")
     p.add_argument("--cache", metavar="PATH", help="response cache (SQLite); default RESULTS.cache.db")
     p.add_argument("--no-cache", action="store_true", help="no cache: nothing is resumable")
     p.add_argument("--config", metavar="TOML", help="settings file with an [engine] table (limits, prices, ...)")
@@ -50,47 +61,30 @@ def default_cache_path(output: str) -> str:
     return str(output) + ".cache.db"
 
 
+_FLAGS = {"base_url": "--base-url", "embedding_base_url": "--embedding-base-url", "api_key_env": "--api-key-env",
+          "concurrency": "--concurrency", "max_attempts": "--max-attempts", "timeout": "--timeout",
+          "drain_timeout": "--grace", "limits.rpm": "--rpm", "limits.tpm": "--tpm", "limits.rps": "--rps",
+          "limits.tps": "--tps"}
+
+
 def build_config(args: argparse.Namespace) -> Any:
     """The EngineConfig from flags > --config [engine] > $OPENAI_BASE_URL > defaults (ConfigError when wrong)."""
-    from tcia_async.config import ConfigError, Limits, load_engine_config, load_toml
+    from tcia_async.config import load_engine_config, load_toml
 
-    file_engine: dict[str, Any] = {}
-    if args.config:
-        file_engine = load_toml(args.config).get("engine", {}) or {}
-    overrides: dict[str, Any] = {
-        "base_url": args.base_url,
-        "embedding_base_url": args.embedding_base_url,
-        "api_key_env": args.api_key_env,
-        "concurrency": args.concurrency,
-        "max_attempts": args.max_attempts,
-        "timeout": args.timeout,
-        "drain_timeout": args.grace,
-    }
-    if args.base_url is None and "base_url" not in file_engine and os.environ.get("OPENAI_BASE_URL"):
-        overrides["base_url"] = os.environ["OPENAI_BASE_URL"]
-    cfg = load_engine_config(args.config, **overrides)
-    limits = Limits(rpm=cfg.limits.rpm, tpm=cfg.limits.tpm, rps=cfg.limits.rps, tps=cfg.limits.tps)
-    for name in ("rpm", "tpm", "rps", "tps"):
-        value = getattr(args, name)
-        if value is not None:
-            if value <= 0:
-                raise ConfigError(f"--{name} must be positive")
-            setattr(limits, name, value)
-    cfg.limits = limits
+    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in _FLAGS.items()}
+    origins = dict(_FLAGS)
+    if args.base_url is None and os.environ.get("OPENAI_BASE_URL"):
+        file_engine = load_toml(args.config).get("engine", {}) if args.config else {}
+        if not isinstance(file_engine, dict) or "base_url" not in file_engine:
+            overrides["base_url"] = os.environ["OPENAI_BASE_URL"]
+            origins["base_url"] = "$OPENAI_BASE_URL"
+    cfg = load_engine_config(args.config, overrides, origins)
     if args.no_cache:
         cfg.cache_path = None
     elif args.cache:
         cfg.cache_path = args.cache
     elif not cfg.cache_path:
         cfg.cache_path = default_cache_path(args.output)
-    if cfg.concurrency < 1:
-        raise ConfigError("--concurrency must be at least 1")
-    if cfg.max_attempts < 1:
-        raise ConfigError("--max-attempts must be at least 1")
-    if cfg.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
-    if not cfg.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"base URL {cfg.base_url!r} must start with http:// or https://")
     return cfg
 
 
@@ -102,8 +96,6 @@ class _State:
     SHOWN_BAD = 10  # bad input lines named on stderr; all of them are in RESULTS
 
     def __init__(self) -> None:
-        self.interrupted = False
-        self.hard = False
         self.total: int | None = None
         self.started = time.perf_counter()
         self.bad = 0
@@ -120,10 +112,7 @@ def _count_lines(path: str) -> int:
     n = 0
     last = b"\n"
     with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(1 << 20)
-            if not chunk:
-                break
+        while chunk := fh.read(1 << 20):
             n += chunk.count(b"\n")
             last = chunk[-1:]
     return n + (0 if last == b"\n" else 1)
@@ -140,126 +129,147 @@ def _fmt_progress(engine: Any, written: int, state: _State, with_cost: bool) -> 
     return line
 
 
-async def _main(args: argparse.Namespace, cfg: Any, state: _State) -> dict[str, Any]:
-    import signal
-
+async def _main(args: argparse.Namespace, cfg: Any, state: _State, staged: Staged) -> dict[str, Any]:
     import anyio
 
     from tcia_async.engine import Engine
     from tcia_async.engine.runner import FileSink, FileSource, Run
 
-    out_path = Path(args.output)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     with_cost = bool(cfg.prices)
     tty = sys.stderr.isatty()
     async with Engine(cfg) as engine:
-        with open(out_path, "wb", buffering=1 << 16) as fh:
-            sink = FileSink(fh, on_bad=state.report_bad)
-            run = Run(engine, FileSource(engine, args.input, sink), sink)
+        sink = FileSink(staged.fh, on_bad=state.report_bad)
+        run = Run(engine.requests, engine.embedding_entry, FileSource(engine.requests, args.input, sink), sink)
 
-            async def count_total() -> None:
-                state.total = await anyio.to_thread.run_sync(_count_lines, args.input, abandon_on_cancel=True)
+        def first() -> None:
+            _err(f"interrupted: no new requests; {engine.stats.in_flight} on the wire get up to "
+                 f"{cfg.drain_timeout:g} s to finish (Ctrl-C again to stop at once)")
+            run.drain()
+            engine.halt()  # requests waiting for budget or a retry are not sent now
+            tg.start_soon(grace)
 
-            async def grace() -> None:
-                await anyio.sleep(cfg.drain_timeout)
-                run.abandon()
+        def second() -> None:
+            engine.cut()
+            run.abandon()
 
-            async def watch_signals(tg: Any) -> None:
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        if not state.interrupted:
-                            state.interrupted = True
-                            _err(f"interrupted: no new requests; {run.in_flight} in flight get up to "
-                                 f"{cfg.drain_timeout:g} s to finish (Ctrl-C again to stop at once)")
-                            run.drain()
-                            engine.halt()  # requests waiting for budget or a retry are not sent now
-                            tg.start_soon(grace)
-                        else:
-                            state.hard = True
-                            run.abandon()
+        interrupts = Interrupts(first, second)
 
-            async def progress() -> None:
-                every = 0.5 if tty else 10.0
-                while True:
-                    await anyio.sleep(every)  # a display refresh on a timer, not a wait for state
-                    text = _fmt_progress(engine, sink.written, state, with_cost)
-                    if tty:
-                        print("\r\x1b[2K" + text, end="", file=sys.stderr, flush=True)
-                    else:
-                        print(text, file=sys.stderr, flush=True)
+        async def grace() -> None:
+            await anyio.sleep(cfg.drain_timeout)
+            second()
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch_signals, tg)
-                tg.start_soon(count_total)
-                if not args.quiet:
-                    tg.start_soon(progress)
-                await run.run()
-                tg.cancel_scope.cancel()
-            fh.flush()
-            if not args.quiet and tty:
-                print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
+        async def count_total() -> None:
+            state.total = await anyio.to_thread.run_sync(_count_lines, args.input, abandon_on_cancel=True)
+
+        async def progress() -> None:
+            every = 0.5 if tty else 10.0
+            while True:
+                await anyio.sleep(every)  # a display refresh on a timer, not a wait for state
+                text = _fmt_progress(engine, sink.written, state, with_cost)
+                print("\r\x1b[2K" + text if tty else text, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(interrupts.watch)
+            tg.start_soon(count_total)
+            if not args.quiet:
+                tg.start_soon(progress)
+            await run.run()
+            tg.cancel_scope.cancel()
+        staged.fh.flush()
+        if not args.quiet and tty:
+            print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
         stats = engine.stats
-        elapsed = time.perf_counter() - state.started
-        status = "stopped" if run.stopped else ("interrupted" if state.interrupted else "complete")
-        return {
-            "status": status,
-            "input": str(args.input),
-            "results": str(out_path),
-            "cache": cfg.cache_path,
-            "lines": source_lines(run),
-            "results_written": sink.written,
-            "ok": stats.ok,
-            "failed": stats.failed,
-            "cached": stats.cached,
-            "sent": stats.sent,
-            "retries": stats.retries,
-            "rate_limited": stats.rate_limited,
-            "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens, "total": stats.tokens},
-            "cost_usd": round(stats.cost, 6) if with_cost else None,
-            "elapsed_s": round(elapsed, 3),
-            "req_per_s": round(sink.written / elapsed, 1) if elapsed > 0 else None,
-            "stopped_reason": run.stopped,
-        }
+    elapsed = time.perf_counter() - state.started
+    if run.stopped:
+        status = "stopped"
+    elif interrupts.interrupted:
+        status = "interrupted"
+    else:
+        status = "complete" if sink.failed == 0 else "complete with errors"
+    return {
+        "status": status,
+        "input": str(args.input),
+        "results": str(staged.final),
+        "cache": cfg.cache_path,
+        "lines": run.source.lines,
+        "results_written": sink.written,
+        "ok": sink.written - sink.failed,
+        "failed": sink.failed,
+        "failed_by_code": sink.by_code,
+        "cached": stats.cached,
+        "sent": stats.sent,
+        "retries": stats.retries,
+        "rate_limited": stats.rate_limited,
+        "tokens": {"prompt": stats.prompt_tokens, "cached_prompt": stats.cached_tokens,
+                   "completion": stats.completion_tokens, "total": stats.tokens},
+        "cost_usd": round(stats.cost, 6) if with_cost else None,
+        "elapsed_s": round(elapsed, 3),
+        "req_per_s": round(sink.written / elapsed, 1) if elapsed > 0 else None,
+        "stopped_reason": run.stopped,
+    }
 
 
-def source_lines(run: Any) -> int:
-    return run.source.lines
+_CODES = {"complete": EXIT_OK, "complete with errors": EXIT_SOME_FAILED, "stopped": EXIT_STOPPED,
+          "interrupted": EXIT_INTERRUPTED}
 
 
 def run_cli(args: argparse.Namespace) -> int:
     from tcia_async.config import ConfigError
+    from tcia_async.engine.cache import CacheError
+    from tcia_async.engine.client import is_loopback
 
     try:
         cfg = build_config(args)
-    except ConfigError as exc:
+        out = Path(args.output)
+        writes: dict[str, Any] = {"--output": out, "the partial results (--output + .partial)":
+                                  out.with_name(out.name + ".partial"), "--summary-json": args.summary_json}
+        if cfg.cache_path:
+            for i, f in enumerate(cache_files(cfg.cache_path)):
+                writes["--cache" if i == 0 else f"the cache's {f.rsplit('.', 1)[-1]} file"] = f
+        check_paths({"INPUT": args.input, "--config": args.config}, writes)
+    except (ConfigError, UsageError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    if not os.path.isfile(args.input):
-        _err(f"{args.input}: no such file")
-        return EXIT_USAGE
-    from tcia_async.engine.client import is_loopback
-
     if not cfg.api_key() and not is_loopback(cfg.base_url):
         _err(f"no API key: set ${cfg.api_key_env} (or name another variable with --api-key-env)")
         return EXIT_USAGE
 
-    import anyio
-
-    from tcia_async.engine.cache import CacheError
-    from tcia_async.engine.tuning import event_loop_options, tune_gc
+    from tcia_async.engine.tuning import tune_gc
+    from tcia_async.flows.common import run_async
 
     tune_gc()
     state = _State()
+    staged: Staged | None = None
     try:
-        summary = anyio.run(_main, args, cfg, state, backend="asyncio", backend_options=event_loop_options())
-    except CacheError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
+        if cfg.cache_path:
+            # Open (and lock) the cache before the results file is touched: a busy or broken cache must not cost
+            # the previous results.
+            from tcia_async.engine.cache import ResponseCache
+
+            ResponseCache(cfg.cache_path).close()
+        staged = Staged(out)
+        summary = run_async(_main, args, cfg, state, staged)
     except KeyboardInterrupt:  # a Ctrl-C that arrived before the handler was installed
         _err("interrupted; rerun the same command to continue")
         return EXIT_INTERRUPTED
-    code = {"complete": EXIT_OK, "stopped": EXIT_STOPPED, "interrupted": EXIT_INTERRUPTED}[summary["status"]]
+    except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
+        err = primary(exc)
+        if isinstance(err, CacheError):
+            _err(str(err))
+            return EXIT_USAGE
+        if isinstance(err, OSError):
+            _err(f"{getattr(err, 'filename', None) or ''}: {err.strerror or err}".lstrip(": "))
+            return EXIT_USAGE
+        raise
+    finally:
+        if staged is not None:
+            staged.close()
+    code = _CODES[summary["status"]]
     summary["exit_code"] = code
+    if code in (EXIT_OK, EXIT_SOME_FAILED):
+        staged.commit()
+    else:
+        summary["results"] = str(staged.temp)
     if args.summary_json:
         import orjson
 
@@ -267,12 +277,16 @@ def run_cli(args: argparse.Namespace) -> int:
         Path(args.summary_json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
     if not args.quiet:
         _print_summary(summary)
-    if summary["status"] == "stopped":
-        _err(f"stopped: {summary['stopped_reason']}. Everything answered is cached in {cfg.cache_path}; "
-             "fix the cause and rerun the same command to continue.")
-    elif summary["status"] == "interrupted":
-        _err(f"interrupted after {summary['results_written']} results. Answers are cached in {cfg.cache_path}; "
-             "rerun the same command to resume (nothing answered is sent again).")
+    if code == EXIT_STOPPED:
+        _err(f"stopped: {summary['stopped_reason']}. Everything answered is cached in {cfg.cache_path}; the results "
+             f"so far are in {staged.temp}; fix the cause and rerun the same command to continue.")
+    elif code == EXIT_INTERRUPTED:
+        _err(f"interrupted after {summary['results_written']} results (in {staged.temp}; {args.output} is "
+             f"unchanged). Answers are cached in {cfg.cache_path}: rerun the same command to resume (nothing "
+             "answered is sent again).")
+    elif code == EXIT_SOME_FAILED:
+        _err(f"{summary['failed']} of {summary['results_written']} lines ended in an error "
+             f"({by_kind(summary['failed_by_code'])}); each has an error result in {args.output}")
     return code
 
 

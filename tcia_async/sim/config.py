@@ -52,4 +52,5 @@ class SimConfig(msgspec.Struct, kw_only=True):
     batch_fail_rate: float = 0.0  # share of batch lines answered with a 500 in the error file
 
     embedding_dim: int = 384
+    record_bodies: int = 0  # keep the last N request bodies (chat and embeddings) for Simulator.bodies()
     max_body_mb: float = 256.0  # largest request body (file uploads)

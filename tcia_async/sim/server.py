@@ -10,6 +10,7 @@ them per model.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import base64
 import hashlib
 import logging
@@ -155,6 +156,7 @@ class Handlers:
         self.batches = BatchStore(self, cfg)
         self._style = cfg.headers
         self._auth = f"Bearer {cfg.api_key}" if cfg.api_key else None
+        self.recent: deque = deque(maxlen=max(0, cfg.record_bodies))
         self._routes = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/embeddings"): self.embeddings,
@@ -370,6 +372,8 @@ class Handlers:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise BadRequest("We could not parse the JSON body of your request. [simulated]") from None
+        if self.recent.maxlen:
+            self.recent.append(body)
         ans = compute(body)
         cfg = self.cfg
         ledger = self.ledger
@@ -499,6 +503,10 @@ class Simulator:
         """Clear the ledger and the rate-limit windows, as POST /sim/reset does."""
         self.handlers.reset()
 
+    def bodies(self) -> list:
+        """The last `record_bodies` request bodies received (chat and embeddings), oldest first."""
+        return list(self.handlers.recent)
+
     def advance_batches(self) -> None:
         """With `batch_delay_s=None`: move every unfinished batch one step (validating -> in_progress ->
         completed)."""
@@ -579,6 +587,13 @@ class SimThread:
     @property
     def url(self) -> str:
         return self.sim.url
+
+    @property
+    def port(self) -> int:
+        return self.sim.port
+
+    def bodies(self) -> list:
+        return self._call(self.sim.bodies)
 
     @property
     def config(self) -> SimConfig:

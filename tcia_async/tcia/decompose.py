@@ -28,7 +28,7 @@ from importlib import resources
 from typing import Any
 
 from tcia_async.records import CATEGORIES, Constraint, Decomposition, Task
-from tcia_async.tcia.schema import response_format_for
+from tcia_async.engine.schema import response_format_for
 
 __all__ = [
     "SCHEMA_NAME",
@@ -87,7 +87,7 @@ async def decompose(
     engine's bounded schema retries) and `RunStopped`.
     """
     body = build_body(instruction, model=model, params=params)
-    raw = await engine.chat_json(body, Decomposition, sample=sample)
+    raw = await engine.chat_json(body, Decomposition, schema_name=SCHEMA_NAME, sample=sample, stage="decompose")
     return normalise(raw)
 
 

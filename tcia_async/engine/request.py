@@ -1,0 +1,460 @@
+"""The one request path: cache -> sharing -> budget -> connection slot -> wire -> verdict, retried until answered.
+
+Every request of the engine goes through `Requests.call` (a request with its own cache key: chat, and the lines
+of `generate`) or `Requests.exchange` (the network part alone: a packed embeddings call, whose entries are
+cached one by one). In order, for one request:
+
+1. cache: an answered key is returned without a network call;
+2. sharing: when an identical key is already in flight, its answer is awaited instead of paid for again;
+3. budget: its (provider, model) budget is paid (limits.py), waiting while holding nothing else, so a model
+   under a tight limit never blocks another;
+4. slot: one of `concurrency` connection slots, held only while the request is on the wire;
+5. wire: the POST and its answer, shielded from the caller's cancellation: an answer on its way is paid for,
+   so it is received and cached even when its caller is gone (only `cut()` abandons the wire);
+6. verdict: a 200 with a usable body is settled with its real usage, cached and handed to whoever shares the
+   key; anything else follows retry.py: cool down, back off and retry, fail this request, or stop the run.
+
+Waits before the wire (budget, slot, backoff) end with `NotSent` when `halt()` is called.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
+
+import anyio
+import orjson
+
+from tcia_async.config import EngineConfig
+from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
+from tcia_async.engine.client import TRANSPORT_ERRORS, BodyTooLarge, Transport
+from tcia_async.engine.errors import Counters, EngineStats, NotSent, RequestFailed, RunStopped
+from tcia_async.engine.limits import Budget, BudgetTooSmall, Limiter
+from tcia_async.engine.retry import COOLDOWN, FAIL, RETRY, STOP, Verdict, backoff, classify_status
+from tcia_async.engine.tokens import OutputEstimator, count_chat_prompt
+
+CHAT = "/v1/chat/completions"
+EMBEDDINGS = "/v1/embeddings"
+SUPPORTED_URLS = (CHAT, EMBEDDINGS)
+
+_SORT = orjson.OPT_SORT_KEYS
+
+
+def canonical(body: dict[str, Any]) -> bytes:
+    """A body's canonical JSON (sorted keys): what is sent, and what its cache key is made from."""
+    return orjson.dumps(body, option=_SORT)
+
+
+class Answer(NamedTuple):
+    raw: bytes  # the body as stored: one line of JSON
+    body: dict[str, Any] | None  # parsed, when it came from the network (else parse `raw`)
+    request_id: str
+    shared: bool  # from the cache or from an identical request in flight
+
+    def parsed(self) -> dict[str, Any]:
+        return self.body if self.body is not None else orjson.loads(self.raw)
+
+
+class Endpoint:
+    """One base URL (or local model): its transport and the cache-key prefix of each URL path."""
+
+    def __init__(self, transport: Transport | None, provider: str) -> None:
+        self.transport = transport
+        self.provider = provider
+        self.prefixes = {p: key_prefix(provider, p) for p in SUPPORTED_URLS}
+        self.urls = {p: transport.url(p) for p in SUPPORTED_URLS} if transport else {}
+
+    def key(self, path: str, data: bytes, sample: int = 0) -> bytes:
+        return request_key(self.prefixes[path], sample, data)
+
+
+class Slots:
+    """At most `n` holders at once; waiters are served by priority (higher first), then in arrival order."""
+
+    def __init__(self, n: int) -> None:
+        self.free = max(1, n)
+        self._waiters: list[list[Any]] = []  # heap of [-priority, seq, event, granted]
+        self._seq = 0
+
+    async def acquire(self, priority: int = 0) -> bool:
+        """Take a slot; True when it had to wait."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return False
+        self._seq += 1
+        me = [-priority, self._seq, anyio.Event(), False]
+        heapq.heappush(self._waiters, me)
+        try:
+            await me[2].wait()
+        except BaseException:
+            if me[3]:
+                self.release()  # granted while being cancelled: pass it on
+            else:
+                self._waiters.remove(me)
+                heapq.heapify(self._waiters)
+            raise
+        return True
+
+    def release(self) -> None:
+        if self._waiters:
+            me = heapq.heappop(self._waiters)
+            me[3] = True
+            me[2].set()  # the slot goes straight to the next waiter
+        else:
+            self.free += 1
+
+
+class _Waiter:
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.outcome: tuple[bytes, str] | BaseException | None = None
+
+
+class _Abandoned(Exception):
+    """The request another caller was waiting on was cancelled before it was sent; the waiter sends it."""
+
+
+def _usable(parsed: Any, chat: bool) -> bool:
+    if type(parsed) is not dict:
+        return False
+    if chat:
+        choices = parsed.get("choices")
+        return type(choices) is list and bool(choices) and type(choices[0]) is dict
+    return type(parsed.get("data")) is list
+
+
+def _one_line(raw: bytes, parsed: Any) -> bytes:
+    # Results are JSONL and the cache stores what a result line embeds: no raw line breaks.
+    return orjson.dumps(parsed) if (b"\n" in raw or b"\r" in raw) else raw
+
+
+class Requests:
+    """The request path of one Engine (see the module docstring). Owns the endpoints, budgets, slots and the
+    table of requests in flight; the cache and the stats are the engine's."""
+
+    def __init__(self, config: EngineConfig, cache: ResponseCache | None, stats: EngineStats,
+                 limiter: Limiter) -> None:
+        self.config = config
+        self.cache = cache
+        self.stats = stats
+        self.limiter = limiter
+        self.slots = Slots(config.concurrency)
+        self.estimator = OutputEstimator()
+        self.stopped: str | None = None
+        self._halted = False
+        self._inflight: dict[bytes, list[_Waiter] | None] = {}
+        self._waits: set[anyio.CancelScope] = set()  # waits before the wire: cancelled by halt()
+        self._wires: set[anyio.CancelScope] = set()  # requests on the wire: cancelled by cut()
+        self._failing_since: float | None = None  # first transient failure since the last real answer
+        self._secrets: list[str] = []
+        self.chat_ep: Endpoint
+        self.embed_ep: Endpoint
+
+    async def open(self) -> None:
+        cfg = self.config
+        key, ekey = cfg.api_key(), cfg.api_key(embeddings=True)
+        self._secrets = [s for s in (key, ekey) if s]
+        chat_t = Transport(cfg.base_url, key, cfg.concurrency, cfg.timeout, cfg.max_response_bytes)
+        ebase = cfg.embedding_base_url or cfg.base_url
+        embed_t = chat_t
+        if ebase != cfg.base_url or ekey != key:
+            embed_t = Transport(ebase, ekey, cfg.concurrency, cfg.timeout, cfg.max_response_bytes)
+        await chat_t.open()
+        if embed_t is not chat_t:
+            await embed_t.open()
+        self.chat_ep = Endpoint(chat_t, chat_t.provider)
+        self.embed_ep = self.chat_ep if embed_t is chat_t else Endpoint(embed_t, embed_t.provider)
+
+    async def close(self) -> None:
+        for ep in {id(self.chat_ep): self.chat_ep, id(self.embed_ep): self.embed_ep}.values():
+            if ep.transport is not None:
+                await ep.transport.close()
+
+    def endpoint(self, path: str) -> Endpoint:
+        return self.embed_ep if path == EMBEDDINGS else self.chat_ep
+
+    # -- stopping ---------------------------------------------------------------------------------------------
+
+    def halt(self) -> None:
+        """Send nothing more: requests on the wire finish; waits for budget, a slot or a retry, and every later
+        request, raise `NotSent`."""
+        self._halted = True
+        for scope in list(self._waits):
+            scope.cancel()
+
+    def cut(self) -> None:
+        """Halt, and abandon the requests on the wire too (their answers are lost: a rerun sends them)."""
+        self.halt()
+        for scope in list(self._wires):
+            scope.cancel()
+
+    async def _unless_halted(self, wait: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        if self._halted:
+            raise NotSent()
+        with anyio.CancelScope() as scope:
+            self._waits.add(scope)
+            try:
+                return await wait(*args)
+            finally:
+                self._waits.discard(scope)
+        raise NotSent()  # reached only when halt() cancelled the wait
+
+    def _stop(self, code: str, status: int | None, message: str) -> RunStopped:
+        if self.stopped is None:
+            why = {
+                "insufficient_quota": "the provider says the quota is used up (429 insufficient_quota)",
+                "unauthorized": "the provider rejected the API key (401)",
+                "forbidden": "the provider refused access (403)",
+                "unreachable": f"no connection to the provider for {self.config.unreachable_after:g} s",
+                "failing": f"the provider answered only errors for {self.config.unreachable_after:g} s",
+            }.get(code, f"the provider refused the run ({status} {code})")
+            self.stopped = self.scrub(f"{why}: {message}".strip())
+        return RunStopped(self.stopped)
+
+    def scrub(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+    # -- one request with a cache key -------------------------------------------------------------------------
+
+    def lookup(self, key: bytes) -> Answer | None:
+        if self.cache is None:
+            return None
+        hit = self.cache.get(key)
+        return None if hit is None else Answer(hit[0], None, hit[1], True)
+
+    async def call(self, path: str, body: dict[str, Any], data: bytes, key: bytes, *, stage: str = "",
+                   priority: int = 0, check_cache: bool = True) -> Answer:
+        """The answer to one request (`data` = canonical(body), `key` its cache key), through the whole path.
+        Counts it as ok, cached or failed in the stats."""
+        model = str(body.get("model") or "")
+        views = self.stats.views(stage, model)
+        try:
+            answer = await self._call(path, body, data, key, stage, priority, check_cache, model)
+        except RequestFailed:
+            for v in views:
+                v.failed += 1
+            raise
+        for v in views:
+            v.ok += 1
+            if answer.shared:
+                v.cached += 1
+        return answer
+
+    async def _call(self, path: str, body: dict[str, Any], data: bytes, key: bytes, stage: str, priority: int,
+                    check_cache: bool, model: str) -> Answer:
+        while True:
+            if check_cache:
+                hit = self.lookup(key)
+                if hit is not None:
+                    return hit
+            if key not in self._inflight:
+                break
+            # An identical request is in flight: wait for its outcome instead of paying twice.
+            waiters = self._inflight[key]
+            if waiters is None:
+                waiters = self._inflight[key] = []
+            me = _Waiter()
+            waiters.append(me)
+            await me.event.wait()
+            outcome = me.outcome
+            if isinstance(outcome, _Abandoned):
+                check_cache = True  # its sender was cancelled before the wire: look again, then send it
+                continue
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return Answer(outcome[0], None, outcome[1], True)
+        # Nothing awaits between the check above and `exchange` marking the key in flight.
+        ep = self.endpoint(path)
+        budget = self.limiter.budget(ep.provider, model)
+        tokens, fixed = self._reservation(budget, body, model) if budget.counts_tokens else (0.0, -1.0)
+        raw, parsed, rid = await self.exchange(ep, path, data, budget, tokens, model, fixed_out=fixed,
+                                               stage=stage, priority=priority, key=key)
+        return Answer(raw, parsed, rid, False)
+
+    def _reservation(self, budget: Budget, body: dict[str, Any], model: str) -> tuple[float, float]:
+        """(tokens to reserve, output tokens charged whatever the answer, or -1 when the real completion counts).
+
+        Providers charge `max_tokens` against TPM when a request is admitted (OpenAI's rate-limit guide), so
+        with `max_tokens` the reservation is prompt + max_tokens and stays; without it the learned output
+        estimate is reserved and settled with the real completion.
+        """
+        n = body.get("n") or 1
+        n = n if type(n) is int and n >= 1 else 1
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        cap = cap if type(cap) is int and cap > 0 else 0
+        prompt = count_chat_prompt(body)
+        if cap:
+            return float(prompt + cap * n), float(cap * n)
+        guess = self.estimator.estimate(model, None) * n
+        # A guess of the answer's length must not make a request larger than the whole budget: only the
+        # prompt and an explicit max_tokens can. Settlement charges the real completion afterwards.
+        whole = min(w.limit for w in budget.tokens)
+        return float(prompt + min(guess, max(0.0, whole - prompt))), -1.0
+
+    def _share(self, key: bytes, outcome: tuple[bytes, str] | BaseException) -> None:
+        """`key` is no longer in flight: hand its outcome to whoever waits for it."""
+        waiters = self._inflight.pop(key, None)
+        for w in waiters or ():
+            w.outcome = outcome
+            w.event.set()
+
+    # -- the network part -------------------------------------------------------------------------------------
+
+    async def exchange(self, ep: Endpoint, path: str, data: bytes, budget: Budget, tokens: float, model: str, *,
+                       fixed_out: float = -1.0, stage: str = "", priority: int = 0, key: bytes | None = None
+                       ) -> tuple[bytes, dict[str, Any], str]:
+        """Send until answered: (raw body, parsed body, request id), or RequestFailed / RunStopped / NotSent.
+
+        With a cache `key`, the key is in flight until this ends; the answer is cached and shared.
+        """
+        if key is not None:
+            self._inflight[key] = None
+        try:
+            raw, parsed, rid = await self._attempts(ep, path, data, budget, tokens, model, fixed_out, stage,
+                                                    priority)
+        except BaseException as exc:
+            if key is not None:
+                shared = exc if isinstance(exc, (RequestFailed, RunStopped)) else _Abandoned()
+                self._share(key, shared)
+            raise
+        if key is not None:
+            if self.cache is not None:
+                self.cache.put(key, raw, rid)
+            self._share(key, (raw, rid))
+        return raw, parsed, rid
+
+    async def _attempts(self, ep: Endpoint, path: str, data: bytes, budget: Budget, tokens: float, model: str,
+                        fixed_out: float, stage: str, priority: int) -> tuple[bytes, dict[str, Any], str]:
+        cfg = self.config
+        chat = path == CHAT
+        views = self.stats.views(stage, model)
+        assert ep.transport is not None
+        url = ep.urls[path]
+        attempt = 0
+        while True:
+            if self.stopped is not None:
+                raise RunStopped(self.stopped)
+            attempt += 1
+            try:
+                ticket = await self._unless_halted(budget.acquire, tokens, priority)
+            except BudgetTooSmall as exc:
+                raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
+            if await self._unless_halted(self.slots.acquire, priority):
+                budget.restamp(ticket)  # it waited for a slot after paying: the provider counts it from now
+            status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, views)
+            if status == 200:
+                try:
+                    parsed = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    verdict = Verdict(RETRY, "invalid_response", "truncated or non-JSON body", 200)
+                else:
+                    if _usable(parsed, chat):
+                        self._account(parsed, budget, ticket, tokens, fixed_out, model, views, chat, elapsed)
+                        if budget.silent < 64:  # a provider without rate-limit headers: stop looking
+                            budget.sync_headers(headers)
+                        self._failing_since = None
+                        return _one_line(raw, parsed), parsed, headers.get("x-request-id", "")
+                    verdict = Verdict(RETRY, "invalid_response",
+                                      "answer without " + ("choices" if chat else "data"), 200)
+            elif status:
+                if status == 429:
+                    for v in views:
+                        v.rate_limited += 1
+                budget.sync_headers(headers)
+                verdict = classify_status(status, raw, headers)
+            assert verdict is not None
+            if verdict.kind == STOP:
+                raise self._stop(verdict.code, verdict.status, verdict.message)
+            if verdict.kind == FAIL:
+                raise RequestFailed.make(verdict.code, self.scrub(verdict.message), verdict.status, attempt)
+            if verdict.kind == RETRY:
+                self._note_failing(verdict)
+            else:
+                self._failing_since = None  # a 429 is an answer: the provider is there
+            if attempt >= cfg.max_attempts:
+                raise RequestFailed.make(verdict.code, self.scrub(f"{verdict.message} (after {attempt} attempts)"),
+                                         verdict.status, attempt, retryable=True)
+            for v in views:
+                v.retries += 1
+            hint = min(verdict.wait, cfg.backoff_cap) if verdict.wait is not None else None
+            if verdict.kind == COOLDOWN:
+                if budget.requests or budget.tokens:
+                    budget.widen_margins()
+                if hint is not None:
+                    budget.cooldown(hint)  # the provider said when: every request of this budget waits
+                    continue
+            # Full jitter always; a server's Retry-After (capped) is a floor, never a reason to retry at once.
+            wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap)
+            await self._unless_halted(anyio.sleep, wait if hint is None else max(wait, hint))
+
+    async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, views: tuple[Counters, ...]
+                           ) -> tuple[int, Any, bytes, Verdict | None, float]:
+        """One attempt, holding a slot already taken: (status, headers, body, verdict of a failure below HTTP,
+        seconds on the wire). Shielded from the caller's cancellation; `cut()` ends it with NotSent."""
+        transport = ep.transport
+        assert transport is not None
+        for v in views:
+            v.sent += 1
+        self.stats.in_flight += 1
+        started = time.perf_counter()
+        try:
+            with anyio.CancelScope(shield=True) as wire:
+                self._wires.add(wire)
+                try:
+                    status, headers, raw = await transport.post(url, data)
+                    return status, headers, raw, None, time.perf_counter() - started
+                except TRANSPORT_ERRORS as exc:
+                    return 0, {}, b"", transport.verdict(exc), 0.0
+                except BodyTooLarge as exc:
+                    raise RequestFailed.make("response_too_large", str(exc), 200, 1) from None
+                finally:
+                    self._wires.discard(wire)
+            raise NotSent()  # reached only when cut() cancelled the wire
+        finally:
+            self.stats.in_flight -= 1
+            self.slots.release()
+
+    def _account(self, parsed: dict[str, Any], budget: Budget, ticket: Any, tokens: float, fixed_out: float,
+                 model: str, views: tuple[Counters, ...], chat: bool, elapsed: float) -> None:
+        usage = parsed.get("usage")
+        p = c = cached = 0
+        if type(usage) is dict:
+            p = usage.get("prompt_tokens") or 0
+            c = usage.get("completion_tokens") or 0
+            details = usage.get("prompt_tokens_details")
+            if type(details) is dict:
+                cached = details.get("cached_tokens") or 0
+            if chat:
+                self.estimator.observe(model, c)
+            if ticket:
+                budget.settle(ticket, tokens, p + (c if fixed_out < 0 else fixed_out))
+        cost = full = 0.0
+        price = self.config.prices.get(model)
+        if price is not None:
+            cached_price = price.input if price.cached_input is None else price.cached_input
+            full = (p * price.input + c * price.output) / 1e6
+            cost = full - cached * (price.input - cached_price) / 1e6
+        for v in views:
+            v.prompt_tokens += p
+            v.completion_tokens += c
+            v.cached_tokens += cached
+            v.tokens += p + c
+            v.cost += cost
+            v.cost_full += full
+            v.wire_s += elapsed
+
+    def _note_failing(self, verdict: Verdict) -> None:
+        """Only transient failures (no connection, 5xx, timeouts, broken bodies) for `unreachable_after` seconds:
+        stop the run instead of spending every request's attempts on a provider that is down."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= self.config.unreachable_after:
+            raise self._stop("unreachable" if verdict.code == "connection_error" else "failing", verdict.status,
+                             verdict.message)

@@ -1,0 +1,157 @@
+"""What every command shares: path checks before anything is written, results written through a temporary
+file, the event loop, Ctrl-C handling, and unwrapping the exception a task group stands for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+
+class UsageError(Exception):
+    """A problem with the command's arguments, inputs or paths (exit 2). The message names the file or flag."""
+
+
+def say(prog: str, msg: str) -> None:
+    print(f"tcia-async {prog}: {msg}", file=sys.stderr, flush=True)
+
+
+def _real(path: str | os.PathLike[str]) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def cache_files(cache: str | os.PathLike[str]) -> list[str]:
+    """The files a cache at `cache` owns (SQLite's WAL and shared memory, our lock)."""
+    c = os.fspath(cache)
+    return [c, c + "-wal", c + "-shm", c + ".lock"]
+
+
+def check_paths(reads: Mapping[str, str | os.PathLike[str] | None],
+                writes: Mapping[str, str | os.PathLike[str] | None]) -> None:
+    """Refuse (UsageError) any two roles that name one file, through symlinks, `./` or `..` spellings: an output
+    that is an input, or two outputs on one file. Also refuse outputs that are directories or whose directory
+    cannot be written, and inputs that cannot be read. Nothing is opened for writing here.
+
+    `reads` / `writes` map a role ("input", "--output", "--cache") to a path (None: not used).
+    """
+    seen: dict[str, str] = {}
+    for role, path in [*reads.items(), *writes.items()]:
+        if path is None:
+            continue
+        real = _real(path)
+        if real in seen:
+            raise UsageError(f"{role} and {seen[real]} are the same file ({path}); nothing was written")
+        seen[real] = role
+    for role, path in reads.items():
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.exists():
+            raise UsageError(f"{path}: no such file ({role})")
+        if p.is_dir():
+            raise UsageError(f"{path}: is a directory, not a file ({role})")
+        if not os.access(p, os.R_OK):
+            raise UsageError(f"{path}: cannot be read (permission denied) ({role})")
+    for role, path in writes.items():
+        if path is None:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise UsageError(f"{path}: is a directory ({role} names a file)")
+        parent = p.parent if str(p.parent) else Path(".")
+        existing = next((a for a in [parent, *parent.parents] if a.exists()), Path("."))
+        if not existing.is_dir():
+            raise UsageError(f"{path}: cannot be created: {existing} is not a directory ({role})")
+        if not os.access(existing, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            raise UsageError(f"{path}: cannot be written (permission denied) ({role})")
+
+
+class Staged:
+    """A file written under a temporary name beside its final one and renamed into place by `commit()`: a run
+    that fails, is refused or is interrupted never damages what was there before."""
+
+    def __init__(self, final: str | os.PathLike[str], suffix: str = ".partial") -> None:
+        self.final = Path(final)
+        self.temp = self.final.with_name(self.final.name + suffix)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.temp, "wb", buffering=1 << 16)
+
+    def commit(self) -> None:
+        self.fh.close()
+        os.replace(self.temp, self.final)
+
+    def close(self) -> None:
+        """Stop writing and leave the temporary file as it is (the partial results of a stopped run)."""
+        if not self.fh.closed:
+            self.fh.close()
+
+
+def run_async(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` on a fresh event loop (uvloop where installed)."""
+    from tcia_async.engine.tuning import event_loop_options
+
+    return anyio.run(fn, *args, backend="asyncio", backend_options=event_loop_options())
+
+
+def primary(error: BaseException) -> BaseException:
+    """The exception an exception group stands for: a stop first, then the first real error, ignoring the
+    cancellations it caused elsewhere."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    from tcia_async.engine import RunStopped
+
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(error)
+    cancelled = anyio.get_cancelled_exc_class()
+    for kinds in ((RunStopped,), (KeyboardInterrupt,), (Exception,)):
+        for e in leaves:
+            if isinstance(e, kinds) and not isinstance(e, cancelled):
+                return e
+    return leaves[0] if leaves else error
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM: the first calls `first()` (stop starting work, let requests on the wire
+    finish), a second calls `second()` (stop at once). Run `watch` in a task group."""
+
+    def __init__(self, first: Callable[[], None], second: Callable[[], None]) -> None:
+        self.first = first
+        self.second = second
+        self.count = 0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.count > 0
+
+    async def watch(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                self.count += 1
+                (self.first if self.count == 1 else self.second)()
+
+
+def by_kind(counts: Mapping[str, int]) -> str:
+    """`400 bad_request 3, timeout 1` from {code: count}, most frequent first."""
+    return ", ".join(f"{code} {n}" for code, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def first_lines(items: Iterable[str], n: int) -> list[str]:
+    out = []
+    for i, item in enumerate(items):
+        if i >= n:
+            break
+        out.append(item)
+    return out
