@@ -1,0 +1,203 @@
+"""The engine as a pipeline stage uses it: models never block each other, later stages go first, cancellation
+never pays twice, errors come out as themselves, and every call is counted under its stage."""
+
+from __future__ import annotations
+
+import anyio
+import numpy as np
+import pytest
+
+from tcia_async.config import EngineConfig, Limits, Price
+from tcia_async.engine import Engine, NotSent, RequestFailed, RunStopped, StageEngine
+from tcia_async.sim import SimConfig, Simulator
+
+pytestmark = pytest.mark.anyio
+
+EMB = "text-embedding-3-small"
+
+
+def chat(text: str, model: str = "gpt-4o-mini", **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 8, **extra}
+
+
+async def test_an_exception_in_the_block_comes_out_as_itself(sim, tmp_path):
+    with pytest.raises(ValueError, match="mine"):
+        async with Engine(EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))):
+            raise ValueError("mine")
+    # ... and the cache was closed properly: it opens again at once.
+    async with Engine(EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))):
+        pass
+
+
+async def test_a_model_under_a_tight_limit_never_blocks_another(tmp_path):
+    """Ten calls queued for a model limited to 2 a second, four connection slots: a call to another model is
+    answered before the limited ones, instead of waiting seconds for a slot."""
+    async with Simulator(SimConfig(latency_ms=5, batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, concurrency=4, model_limits={"slow-model": Limits(rps=2)})
+        done: list[str] = []
+        async with Engine(cfg) as engine:
+
+            async def limited(i: int) -> None:
+                await engine.chat(chat(f"q{i}", model="slow-model"))
+                done.append("slow")
+
+            async with anyio.create_task_group() as tg:
+                for i in range(10):
+                    tg.start_soon(limited, i)
+                await sim.wait_requests(2)  # the first second's two are out; eight wait for budget
+                await engine.chat(chat("other", model="fast-model"))
+                done.append("fast")
+                assert done.count("slow") <= 4  # the limited ones are still waiting: nobody held the slots
+        assert done.count("slow") == 10
+
+
+async def test_a_later_stage_goes_first_when_slots_are_short(tmp_path):
+    async with Simulator(SimConfig(latency_ms=30, batch_delay_s=None)) as sim:
+        order: list[str] = []
+        async with Engine(EngineConfig(base_url=sim.base_url, concurrency=1)) as engine:
+
+            async def one(name: str, priority: int) -> None:
+                await engine.chat(chat(name), priority=priority)
+                order.append(name)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one, "first", 0)
+                await sim.wait_requests(1)  # on the wire, holding the only slot
+                for i in range(3):
+                    tg.start_soon(one, f"early-{i}", 0)
+                    await anyio.wait_all_tasks_blocked()
+                tg.start_soon(one, "judge", 6)
+        assert order == ["first", "judge", "early-0", "early-1", "early-2"]
+
+
+async def test_a_cancelled_caller_never_makes_a_second_paid_call(tmp_path):
+    async with Simulator(SimConfig(latency_ms=100, batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))
+        async with Engine(cfg) as engine:
+            got: list[dict] = []
+
+            async def second_caller() -> None:
+                got.append(await engine.chat(chat("shared")))
+
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as first:
+                    tg.start_soon(second_caller)
+                    await sim.wait_requests(1)
+                    first.cancel()
+                    await engine.chat(chat("shared"))  # cancelled while its request is on the wire
+            assert got and got[0]["choices"]
+            # The answer the cancelled caller had paid for is in the cache too.
+            again = await engine.chat(chat("shared"))
+            assert again == got[0]
+        assert sim.stats()["requests"] == 1
+
+
+async def test_an_answer_on_its_way_is_cached_when_its_only_caller_is_gone(tmp_path):
+    async with Simulator(SimConfig(latency_ms=100, batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))
+        async with Engine(cfg) as engine:
+            with anyio.move_on_after(0.03):
+                await engine.chat(chat("alone"))
+            assert engine.stats.cached == 0
+        async with Engine(cfg) as engine:
+            await engine.chat(chat("alone"))
+            assert engine.stats.sent == 0 and engine.stats.cached == 1
+        assert sim.stats()["requests"] == 1
+
+
+async def test_a_cancelled_embed_keeps_its_packed_answers_and_never_reads_as_a_stop(tmp_path):
+    async with Simulator(SimConfig(latency_ms=100, batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))
+        texts = [f"text {i}" for i in range(5)]
+        async with Engine(cfg) as engine:
+            with anyio.move_on_after(0.03) as scope:
+                await engine.embed(texts, model=EMB)
+            assert scope.cancelled_caught
+            # A second caller for the same texts waits for the packed call already going: nothing is sent again.
+            vectors = await engine.embed(texts, model=EMB)
+            assert vectors.shape == (5, 384)
+        assert sim.stats()["requests"] == 1
+        async with Engine(cfg) as engine:
+            await engine.embed(texts, model=EMB)
+            assert engine.stats.sent == 0
+
+
+async def test_a_cancelled_waiter_before_the_wire_lets_the_next_caller_send(tmp_path):
+    async with Simulator(SimConfig(batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, model_limits={"m": Limits(rps=1)})
+        async with Engine(cfg) as engine:
+            await engine.chat(chat("fills the window", model="m"))
+            results: list[dict] = []
+
+            async def second() -> None:
+                results.append(await engine.chat(chat("queued", model="m")))
+
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(second)
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()
+                    await engine.chat(chat("queued", model="m"))  # waiting for budget when cancelled
+            assert results and results[0]["choices"]
+        assert sim.stats()["requests"] == 2  # the queued request went out once, sent by the second caller
+
+
+async def test_halt_is_not_a_stop(tmp_path):
+    async with Simulator(SimConfig(batch_delay_s=None)) as sim:
+        async with Engine(EngineConfig(base_url=sim.base_url)) as engine:
+            engine.halt()
+            with pytest.raises(NotSent):
+                await engine.embed(["x"], model=EMB)
+            with pytest.raises(NotSent):
+                await engine.chat(chat("x"))
+            assert engine.stopped is None
+
+
+async def test_every_call_is_counted_under_its_stage_and_model(tmp_path):
+    async with Simulator(SimConfig(batch_delay_s=None)) as sim:
+        prices = {"gpt-4o-mini": Price(input=1.0, output=2.0)}
+        cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"), prices=prices)
+        async with Engine(cfg) as engine:
+            await engine.chat(chat("a"), stage="compose")
+            await engine.chat(chat("a"), stage="compose")  # from the cache
+            await engine.chat(chat("b", model="gpt-4.1"), stage="judge")
+            await engine.embed(["t1", "t2"], model=EMB, stage="retrieve")
+            with pytest.raises(RequestFailed):
+                await engine.chat({"model": "gpt-4o-mini", "messages": []}, stage="judge")  # a 400
+        s = engine.stats
+        assert (s.stages["compose"].ok, s.stages["compose"].cached, s.stages["compose"].sent) == (2, 1, 1)
+        assert (s.stages["judge"].ok, s.stages["judge"].failed) == (1, 1)
+        assert s.stages["retrieve"].ok == 2
+        assert s.models["gpt-4.1"].ok == 1 and s.models["gpt-4o-mini"].cost > 0
+        assert s.cost == pytest.approx(s.models["gpt-4o-mini"].cost)  # only priced models cost
+        assert s.ok == 5 and s.failed == 1
+
+
+async def test_a_recording_fake_satisfies_what_a_stage_needs():
+    class Fake:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        async def chat_json(self, body, typ, *, schema_name=None, sample=0, stage="", priority=0):
+            self.calls.append(stage)
+            return typ()
+
+        async def embed(self, texts, model, *, dimensions=None, stage="", priority=0):
+            return np.zeros((len(texts), 4), dtype=np.float32)
+
+    async def a_stage(engine: StageEngine) -> int:
+        vecs = await engine.embed(["a", "b"], model="m", stage="s")
+        return len(vecs)
+
+    assert await a_stage(Fake()) == 2
+
+
+async def test_a_stopped_run_stays_stopped(tmp_path):
+    async with Simulator(SimConfig(quota_after=0, batch_delay_s=None)) as sim:
+        async with Engine(EngineConfig(base_url=sim.base_url)) as engine:
+            with pytest.raises(RunStopped, match="quota"):
+                await engine.chat(chat("x"))
+            with pytest.raises(RunStopped):
+                await engine.chat(chat("y"))
+            assert "quota" in (engine.stopped or "")
+        assert sim.stats()["requests"] == 1
