@@ -42,6 +42,16 @@ COMMANDS: dict[str, _Command] = {
         "tcia_async.flows.generate",
         "run_cli",
     ),
+    "run": _Command(
+        "generate on-task instructions with judged answers from seed instructions (the TCIA pipeline)",
+        "From seed instructions to validated, on-task instructions with judged answers: decompose each seed, "
+        "retrieve constraints of similar tasks from the task database, search constraint sets breadth-first, "
+        "compose and verify instructions, validate them, check they stay on task, pair them with contexts, "
+        "answer them with several generator models, judge every answer and keep the best (SFT) and best/worst "
+        "pairs (DPO). Every call is cached: rerun the same command to resume.",
+        "tcia_async.flows.run",
+        "run_cli",
+    ),
     "db": _Command(
         "build and query the task database (decomposed instructions, task-type clusters, HNSW indexes)",
         "The task database that TCIA retrieves constraints from.",

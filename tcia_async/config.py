@@ -209,3 +209,165 @@ def load_engine_config(path: str | os.PathLike[str] | None = None, overrides: Ma
         origin = where.get(at)
         raise ConfigError(f"{origin}: {text.split(' - at ')[0]}" if origin else f"{source}: {text}") from None
     return validate_engine(cfg, where)
+
+
+# -- the TCIA run ---------------------------------------------------------------------------------------------
+
+
+class _Stage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What every LLM stage table may set; None: the run's model, the provider's default temperature."""
+
+    model: str | None = None
+    temperature: float | None = None
+
+
+class RunSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    seed: int = 0
+    model: str = "gpt-4.1-mini"  # every stage that names no model of its own
+    method: str = "tcia"  # or "evol": the Evol-Instruct baseline
+    embedding_model: str | None = None  # None: the task database's
+
+
+class ExploreSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Algorithm 1 (METHOD.md): the paper's K, m, k, and our rules."""
+
+    queue_limit: int = 2700  # K
+    repeats: int = 10  # m
+    sample: int = 2000  # k: sets sampled from all generated, per seed
+    literal: bool = False  # True: Algorithm 1 exactly as printed (no dedup, no skip rules)
+    replace_choices: int = 3  # Replace picks among this many most similar pool constraints
+    # Ours: sets deeper than this are not generated (0: no limit; ignored when literal). Taken literally the search
+    # stops at hop 3; deduplicated, the queue fills more slowly and would go deeper than the paper's sets.
+    max_hop: int = 3
+
+
+class ComposeSection(_Stage, kw_only=True):
+    refine_attempts: int = 3
+
+
+class ValidateSection(_Stage, kw_only=True):
+    min_validity: int = 4
+    min_consistency: int = 4
+
+
+class ContextsSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    per_instruction: int = 5
+
+
+class RespondSection(_Stage, kw_only=True):
+    generators: list[str] = msgspec.field(default_factory=lambda: ["gpt-4.1-mini", "gpt-4.1-nano"])
+    max_tokens: int | None = None
+
+
+class JudgeSection(_Stage, kw_only=True):
+    model: str | None = "gpt-4.1"
+    preference_margin: float = 1.0  # best and worst mean scores must differ by this for a preference pair
+
+
+class EvolSection(_Stage, kw_only=True):
+    hops: int = 3
+    per_hop: int = 0  # instructions per hop; 0: as many as a TCIA run with the same settings would sample
+
+
+class RunConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The `[run]` and stage tables of a run's TOML file; `[engine]` is EngineConfig's."""
+
+    run: RunSection = msgspec.field(default_factory=RunSection)
+    decompose: _Stage = msgspec.field(default_factory=_Stage)
+    explore: ExploreSection = msgspec.field(default_factory=ExploreSection)
+    compose: ComposeSection = msgspec.field(default_factory=ComposeSection)
+    verify: _Stage = msgspec.field(default_factory=_Stage)
+    validate: ValidateSection = msgspec.field(default_factory=ValidateSection)
+    on_task: _Stage = msgspec.field(default_factory=_Stage)
+    contexts: ContextsSection = msgspec.field(default_factory=ContextsSection)
+    respond: RespondSection = msgspec.field(default_factory=RespondSection)
+    judge: JudgeSection = msgspec.field(default_factory=JudgeSection)
+    evol: EvolSection = msgspec.field(default_factory=EvolSection)
+    engine: dict[str, Any] = {}  # checked by load_engine_config
+
+    def model_of(self, stage: str) -> str:
+        """The model a stage uses: its own, else the run's."""
+        section = getattr(self, stage, None)
+        return (getattr(section, "model", None) or self.run.model)
+
+    def temperature_of(self, stage: str) -> float | None:
+        return getattr(getattr(self, stage, None), "temperature", None)
+
+
+# (table.key, low, strict, whole, high)
+_RUN_RULES: list[tuple[str, float, bool, bool, float | None]] = [
+    ("explore.queue_limit", 1, False, True, None),
+    ("explore.repeats", 1, False, True, None),
+    ("explore.sample", 1, False, True, None),
+    ("explore.replace_choices", 1, False, True, None),
+    ("explore.max_hop", 0, False, True, None),
+    ("compose.refine_attempts", 0, False, True, None),
+    ("validate.min_validity", 1, False, True, 5),
+    ("validate.min_consistency", 1, False, True, 5),
+    ("contexts.per_instruction", 1, False, True, None),
+    ("judge.preference_margin", 0, False, False, 4),
+    ("evol.hops", 1, False, True, None),
+    ("evol.per_hop", 0, False, True, None),
+]
+_LLM_STAGES = ("decompose", "compose", "verify", "validate", "on_task", "respond", "judge", "evol")
+
+
+def validate_run(cfg: RunConfig, where: Mapping[str, str] | None = None) -> RunConfig:
+    where = where or {}
+
+    def name(key: str) -> str:
+        return where.get(key) or key
+
+    for key, low, strict, whole, high in _RUN_RULES:
+        table, field = key.split(".")
+        value = getattr(getattr(cfg, table), field)
+        check_number(value, name(key), low=low, strict=strict, whole=whole)
+        if high is not None and value > high:
+            raise ConfigError(f"{name(key)} = {value!r}: must be at most {high:g}")
+    check_number(cfg.run.seed, name("run.seed"), low=0, strict=False, whole=True)
+    if cfg.run.method not in ("tcia", "evol"):
+        raise ConfigError(f"{name('run.method')} = {cfg.run.method!r}: must be \"tcia\" or \"evol\"")
+    for stage in _LLM_STAGES:
+        t = cfg.temperature_of(stage)
+        if t is not None:
+            check_number(t, name(f"{stage}.temperature"), low=0, strict=False)
+            if t > 2:
+                raise ConfigError(f"{name(stage + '.temperature')} = {t!r}: must be at most 2")
+        if not cfg.model_of(stage).strip():
+            raise ConfigError(f"{name(stage + '.model')}: an empty model name")
+    if not cfg.respond.generators or not all(isinstance(g, str) and g.strip() for g in cfg.respond.generators):
+        raise ConfigError(f"{name('respond.generators')}: needs at least one model name")
+    if cfg.respond.max_tokens is not None:
+        check_number(cfg.respond.max_tokens, name("respond.max_tokens"), low=1, strict=False, whole=True)
+    return cfg
+
+
+def load_run_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
+                    origins: Mapping[str, str] | None = None) -> RunConfig:
+    """The run's settings: the file's tables (every key checked), then `overrides` ("run.seed": 3, ...;
+    None = not given), validated. The `[engine]` table is left for `load_engine_config`."""
+    data: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    source = "settings"
+    if path is not None:
+        source = str(path)
+        data = load_toml(path)
+        for key in _flatten({k: v for k, v in data.items() if k != "engine"}):
+            where[key] = f"{source}: [{key.split('.')[0]}] {key.split('.', 1)[-1]}"
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        table, field = key.split(".", 1)
+        node = data.setdefault(table, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: [{table}] must be a table")
+        node[field] = value
+        where[key] = (origins or {}).get(key, key)
+    try:
+        cfg = msgspec.convert(data, RunConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        at = text.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text else ""
+        origin = where.get(at)
+        raise ConfigError(f"{origin}: {text.split(' - at ')[0]}" if origin else f"{source}: {text}") from None
+    return validate_run(cfg, where)

@@ -80,3 +80,148 @@ class Seed(msgspec.Struct, kw_only=True):
     id: str
     instruction: str
     contexts: list[str] = []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The TCIA pipeline's records
+# --------------------------------------------------------------------------------------------------------------
+
+SEED = "seed"
+RETRIEVED = "retrieved"
+
+
+class SetConstraint(msgspec.Struct, kw_only=True, frozen=True):
+    """A constraint in a constraint set: its text, category and where it came from (the seed, or the task DB)."""
+
+    text: str
+    category: str
+    origin: str = SEED
+
+
+class SeedTask(msgspec.Struct, kw_only=True):
+    """A seed after decomposition: the fixed base query and task type, and its own constraints."""
+
+    seed_id: str
+    instruction: str
+    task_type: str
+    base_query: str
+    constraints: list[SetConstraint]
+    language: list[str] = []
+    contexts: list[str] = []
+
+
+class ConstraintSet(msgspec.Struct, kw_only=True):
+    """One output of the breadth-first search: a set of constraints at `hop` operations from the seed's, reached
+    by `ops` (e.g. ["add", "replace"])."""
+
+    seed_id: str
+    index: int  # position in the seed's sample: with seed_id, the identity of everything made from it
+    hop: int
+    ops: list[str]
+    constraints: list[SetConstraint]
+
+
+# What the stages ask the models for (strict JSON schemas are made from these).
+
+
+class ComposeAnswer(msgspec.Struct, kw_only=True):
+    prompt: str
+
+
+class ConstraintCheck(msgspec.Struct, kw_only=True):
+    index: int
+    covered: bool
+    reason: str
+
+
+class VerifyAnswer(msgspec.Struct, kw_only=True):
+    results: list[ConstraintCheck]
+
+
+class ValidateAnswer(msgspec.Struct, kw_only=True):
+    validity: int
+    validity_reason: str
+    consistency: int
+    consistency_reason: str
+
+
+class OnTaskAnswer(msgspec.Struct, kw_only=True):
+    same_task: bool
+    reason: str
+
+
+class Score(msgspec.Struct, kw_only=True):
+    score: int
+    reason: str
+
+
+class JudgeAnswer(msgspec.Struct, kw_only=True):
+    general_quality: Score
+    helpfulness: Score
+    instruction_following: Score
+    honesty: Score
+    truthfulness: Score
+
+
+class EvolAnswer(msgspec.Struct, kw_only=True):
+    instruction: str
+
+
+# What the pipeline writes.
+
+
+class Check(msgspec.Struct, kw_only=True):
+    """A score or verdict with the model's reason."""
+
+    score: int | None = None
+    ok: bool | None = None
+    reason: str = ""
+
+
+class Instruction(msgspec.Struct, kw_only=True):
+    """One composed instruction, kept or dropped (RUNDIR/instructions.jsonl)."""
+
+    id: str
+    seed_id: str
+    method: str
+    hop: int
+    ops: list[str]
+    constraints: list[SetConstraint]
+    prompt: str = ""
+    compose_attempts: int = 0
+    uncovered: list[int] = []  # indexes of constraints the last verification found missing
+    validity: Check | None = None
+    consistency: Check | None = None
+    on_task: Check | None = None
+    kept: bool = False
+    dropped: str | None = None  # why, when not kept: not_covered, invalid, inconsistent, off_task
+
+
+class Response(msgspec.Struct, kw_only=True):
+    """One generator's answer to one (instruction, context) pair, with the judge's scores."""
+
+    generator: str
+    text: str
+    scores: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    mean: float | None = None
+
+
+class Pair(msgspec.Struct, kw_only=True):
+    """An instruction with one of its seed's contexts filled in, and the answers to it."""
+
+    id: str  # instruction id + "/" + context index
+    instruction: Instruction
+    context_index: int | None
+    prompt: str  # the instruction with the context in place of its placeholder
+    responses: list[Response] = []
+
+
+class Failure(msgspec.Struct, kw_only=True):
+    """An item that failed a stage (RUNDIR/failures.jsonl); the other items went on."""
+
+    stage: str
+    id: str
+    seed_id: str = ""
+    code: str = ""
+    reason: str = ""

@@ -23,7 +23,7 @@ budget, a connection slot held only on the wire, retries. What the Engine adds:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -58,7 +58,11 @@ class StageEngine(Protocol):
     """What a pipeline stage needs from an engine (tests pass a recording fake)."""
 
     async def chat_json(self, body: dict[str, Any], typ: type[T], *, schema_name: str | None = None,
-                        sample: int = 0, stage: str = "", priority: int = 0) -> T: ...
+                        sample: int = 0, stage: str = "", priority: int = 0,
+                        check: Callable[[T], str | None] | None = None) -> T: ...
+
+    async def chat(self, body: dict[str, Any], sample: int = 0, *, stage: str = "", priority: int = 0
+                   ) -> dict[str, Any]: ...
 
     async def embed(self, texts: Sequence[str], model: str, *, dimensions: int | None = None, stage: str = "",
                     priority: int = 0) -> np.ndarray: ...
@@ -190,13 +194,15 @@ class Engine:
         return answer.parsed()
 
     async def chat_json(self, body: dict[str, Any], typ: type[T], *, schema_name: str | None = None,
-                        sample: int = 0, stage: str = "", priority: int = 0) -> T:
+                        sample: int = 0, stage: str = "", priority: int = 0,
+                        check: Callable[[T], str | None] | None = None) -> T:
         """The answer of a chat completion decoded as `typ` (a msgspec Struct), asked for with `typ`'s JSON
         schema (strict structured output).
 
-        An answer that does not decode is asked again: the conversation goes on with the bad answer and the
-        validation error, so the model knows what to mend (a new body, so a cache key of its own: a rerun replays
-        the same decisions). After `schema_attempts` answers, RequestFailed with code "schema_mismatch".
+        An answer that does not decode, or that `check` finds wrong (it returns what is wrong, or None), is asked
+        again: the conversation goes on with the bad answer and the problem, so the model knows what to mend (a
+        new body, so a cache key of its own: a rerun replays the same decisions). After `schema_attempts`
+        answers, RequestFailed with code "schema_mismatch".
         """
         name = schema_name or getattr(typ, "__name__", "answer")
         body = {**body, "response_format": response_format_for(typ, name)}
@@ -210,7 +216,11 @@ class Engine:
                 content = message.get("content")
                 if not isinstance(content, str):
                     raise ValueError(message.get("refusal") or "the answer has no text content")
-                return msgspec.json.decode(content, type=typ)
+                value = msgspec.json.decode(content, type=typ)
+                problem = check(value) if check is not None else None
+                if problem is None:
+                    return value
+                why = problem[:400]
             except (msgspec.ValidationError, msgspec.DecodeError, KeyError, IndexError, TypeError,
                     ValueError, AttributeError) as exc:
                 why = f"{type(exc).__name__}: {exc}"[:400]

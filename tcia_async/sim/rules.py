@@ -11,6 +11,7 @@ date, time, email, uri, uuid, ipv4. Not honoured: `pattern`, `not`, `if/then/els
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import re
@@ -69,9 +70,19 @@ def text_tokens(n_tokens: int, text: str) -> int:
     return max(n_tokens, 1)
 
 
-def completion_length(max_tokens: int | None, h: int) -> int:
-    """Output length for a plain prompt: between half and all of max_tokens (24..160 without a cap)."""
-    u = (h >> 17) % 1000 / 1000
+_MODEL_LEAN: dict[str, float] = {}  # model name -> where in the length range its answers fall
+
+
+def completion_length(max_tokens: int | None, h: int, model: str = "") -> int:
+    """Output length for a plain prompt: between half and all of max_tokens (24..160 without a cap). The model's
+    name sets where in that range its answers fall, so generators answering one prompt differ in length."""
+    lean = _MODEL_LEAN.get(model)
+    if lean is None:
+        if len(_MODEL_LEAN) >= 256:
+            _MODEL_LEAN.clear()
+        digest = hashlib.blake2b(model.encode(), digest_size=8).digest()  # crc32 clusters similar names
+        lean = _MODEL_LEAN[model] = int.from_bytes(digest, "little") % 1000 / 1000
+    u = 0.6 * lean + 0.4 * ((h >> 17) % 1000 / 1000)
     if max_tokens is None:
         return 24 + int(u * 137)
     return max(1, math.ceil(max_tokens * (0.5 + 0.5 * u)))
@@ -386,8 +397,10 @@ def instance(schema: Any, h: int, hint: Any = None, scores: bool = False) -> Any
 # ------------------------------------------------------------------------------------------------------------
 
 def _tagged(text: str, tag: str) -> str | None:
-    m = re.search(rf"<{tag}>(.*?)</{tag}>", text, re.DOTALL)
-    return m.group(1).strip() if m else None
+    """The content of the last `<tag>...</tag>` block: the item comes last, after framing that may name the tags."""
+    end = text.rfind(f"</{tag}>")
+    start = text.rfind(f"<{tag}>", 0, end) if end >= 0 else -1
+    return text[start + len(tag) + 2:end].strip() if start >= 0 else None
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+")
@@ -494,10 +507,21 @@ def _norm(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+def _hash(seed: int, *parts: str) -> int:
+    """128 bits fixed by the item's texts and the run seed: which items a behaviour hits, stable across runs."""
+    digest = hashlib.blake2b("\x1f".join((str(seed), *parts)).encode(), digest_size=16).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _frac(h: int, k: int) -> float:
+    """The k-th (0..7) independent number in [0, 1) drawn from h."""
+    return ((h >> (16 * k)) & 0xFFFF) / 65536
+
+
 _NUMBERED = re.compile(r"^\s*(\d+)[.)]\s*(.+?)\s*$")
 
 
-def verify(message: str) -> dict:
+def verify(message: str, seed: int = 0) -> dict:
     prompt = _norm(_tagged(message, "prompt") or "")
     block = _tagged(message, "constraints") or ""
     results = []
@@ -514,14 +538,248 @@ def verify(message: str) -> dict:
     return {"results": results}
 
 
-def compose(message: str) -> dict:
+COMPOSE_GAP = 0.15  # share of items whose first composition leaves one constraint out
+COMPOSE_STUCK = 0.03  # share of items (among those) whose refinements never put it back
+
+
+def compose(message: str, seed: int = 0) -> dict:
+    """Base query, constraints one a line, the context placeholder. Some first attempts leave a constraint out
+    (so verify finds a gap and refine runs); for a few items every refinement does (the retry cap and the drop)."""
     base = _tagged(message, "base_query") or ""
     block = _tagged(message, "constraints") or ""
     lines = [_BULLET.sub("", ln).strip() for ln in block.splitlines()]
     lines = [ln for ln in lines if ln]
-    prompt = "\n".join([base, *lines, "[CONTEXT]\n{context}\n[END CONTEXT]"])
-    return {"prompt": prompt}
+    h = _hash(seed, "compose", base, *lines)
+    refining = _tagged(message, "critique") is not None
+    if _frac(h, 0) < (COMPOSE_STUCK if refining else COMPOSE_GAP):
+        # Only a constraint that verify's containment check can miss: its text is in no other line.
+        rest = [_norm("\n".join([base, *lines[:i], *lines[i + 1:]])) for i in range(len(lines))]
+        gaps = [i for i, ln in enumerate(lines) if _norm(ln) not in rest[i]]
+        if gaps:
+            del lines[gaps[(h >> 64) % len(gaps)]]
+    return {"prompt": "\n".join([base, *lines, "[CONTEXT]\n{context}\n[END CONTEXT]"])}
 
+
+# ---- validate: limits and languages that contradict each other
+
+_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+                 "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "fifteen": 15, "twenty": 20}
+_AT_MOST = {"at most", "no more than", "not more than", "up to", "under", "fewer than", "less than",
+            "a maximum of", "maximum of", "within"}
+_AT_LEAST = {"at least", "no fewer than", "no less than", "more than", "over", "a minimum of", "minimum of"}
+_LIMIT = re.compile(
+    r"\b(?:(" + "|".join(sorted(_AT_MOST | _AT_LEAST | {"exactly"}, key=len, reverse=True)) + r")\s+)?"
+    r"(\d+|" + "|".join(_NUMBER_WORDS) + r")\s+"
+    r"(bullet points?|bullets?|words?|sentences?|paragraphs?|characters?|items?|lines?|examples?|questions?|"
+    r"sections?|steps?|points?|tips?|ideas?|pages?|tokens?)\b(?:\s+or\s+(fewer|less|more)\b)?", _I)
+_LANGUAGE_NAMES = r"(english|french|german|spanish|italian|portuguese|chinese|japanese|korean|russian|arabic|dutch|hindi)"
+# The language of the output: "answer in French", "write the summary in German", "translate ... into Spanish" (not
+# "keep the labels in English", which is about part of the input).
+_OUTPUT_LANGUAGE = re.compile(
+    r"\b(?:(?:answer|respond|reply|write|written|output)(?:\s+[\w-]+){0,3}?\s+in|translat\w*\b[^.\n]*?\binto)\s+"
+    + _LANGUAGE_NAMES + r"\b", _I)
+
+
+def limits(text: str) -> dict[str, dict[str, set[int]]]:
+    """Numeric limits by unit: {"word": {"max": {100}, "min": set(), "exact": set()}, ...}. A bare "one" is not
+    a limit ("open with one sentence naming..."), nor are limits of one kind on one unit that a sentence gives
+    twice ("a title under 60 characters and a description under 155 characters" limit two things)."""
+    out: dict[str, dict[str, set[int]]] = {}
+    for sentence in sentences(text):
+        found: dict[tuple[str, str], set[int]] = {}
+        for qualifier, number, unit, or_else in _LIMIT.findall(sentence):
+            qualifier = " ".join(qualifier.lower().split())
+            if or_else:  # "five words or fewer"
+                qualifier = "at least" if or_else.lower() == "more" else "at most"
+            number = number.lower()
+            if number == "one" and not qualifier:
+                continue
+            unit = unit.lower().removesuffix("s").removesuffix(" point")
+            kind = "max" if qualifier in _AT_MOST else "min" if qualifier in _AT_LEAST else "exact"
+            found.setdefault((unit, kind), set()).add(int(number) if number.isdigit() else _NUMBER_WORDS[number])
+        for (unit, kind), values in found.items():
+            if len(values) == 1:
+                out.setdefault(unit, {"max": set(), "min": set(), "exact": set()})[kind] |= values
+    return out
+
+
+def contradiction(text: str) -> str | None:
+    """What makes the text contradict itself, if anything: two different limits of one kind on one unit, a lower
+    limit above an upper one, or two different output languages."""
+    for unit, k in limits(text).items():
+        hi, lo, exact = k["max"], k["min"], k["exact"]
+        if len(hi) > 1 or len(lo) > 1 or len(exact) > 1:
+            values = ", ".join(str(n) for n in sorted(hi | lo | exact))
+            return f"different limits on the number of {unit}s ({values})"
+        if hi and lo and min(lo) > min(hi) or exact and (hi and min(exact) > min(hi) or lo and min(exact) < max(lo)):
+            return f"limits on the number of {unit}s that cannot all hold"
+    languages = sorted({m.lower() for m in _OUTPUT_LANGUAGE.findall(text)})
+    if len(languages) > 1:
+        return f"two output languages ({' and '.join(lang.title() for lang in languages)})"
+    return None
+
+
+VALIDITY_LOW = 0.10  # share of prompts whose validity is 3
+
+
+def validate(message: str, seed: int = 0) -> dict:
+    """Consistency 2 for a contradiction, else 4-5; validity 3 for about one prompt in ten, else 4-5."""
+    prompt = _tagged(message, "prompt") or ""
+    h = _hash(seed, "validate", prompt)
+    if not prompt.strip():
+        return {"validity": 1, "validity_reason": f"{PREFIX} The prompt is empty.",
+                "consistency": 1, "consistency_reason": f"{PREFIX} The prompt is empty."}
+    if _frac(h, 0) < VALIDITY_LOW:
+        validity, why = 3, "Part of the intent is left unclear."
+    else:
+        validity, why = (5 if _frac(h, 1) < 0.5 else 4), "The parts are relevant and reflect a clear intent."
+    conflict = contradiction(prompt)
+    if conflict:
+        consistency, because = 2, f"The prompt contradicts itself: {conflict}."
+    else:
+        consistency, because = (5 if _frac(h, 2) < 0.6 else 4), "No requirement conflicts with another."
+    return {"validity": validity, "validity_reason": f"{PREFIX} {why}",
+            "consistency": consistency, "consistency_reason": f"{PREFIX} {because}"}
+
+
+# ---- on_task: does the candidate keep the seed's core request?
+
+_WORD = re.compile(r"[^\W\d_]+")
+_STOP = frozenset("""
+a an the and or but nor of to for in on at by with from into onto about as is are be been being was were this that
+these those it its their them they your you my me our we us he she his her please kindly can could would will shall
+should must may might do does did done have has had not no so than then also just now each every all any some which
+what who whom whose when while where how if up out below above following given provided here there such only
+""".split())
+
+
+def _stem(word: str) -> str:
+    w = word.casefold()
+    return w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w
+
+
+def _words(text: str) -> list[str]:
+    return [_stem(w) for w in _WORD.findall(text) if len(w) > 1]
+
+
+def _content_words(text: str) -> list[str]:
+    return [_stem(w) for w in _WORD.findall(text) if len(w) > 1 and w.casefold() not in _STOP]
+
+
+def core_request(instruction: str) -> tuple[str | None, list[str]]:
+    """The first sentence's content words (stemmed, in order, once each) and the first of them, its verb."""
+    content = list(dict.fromkeys(_content_words(next(iter(sentences(instruction)), ""))))
+    return (content[0] if content else None), content
+
+
+def on_task(message: str, seed: int = 0) -> dict:
+    """Same task when the candidate keeps the verb of the seed's first sentence and at least half of its content
+    words."""
+    verb, content = core_request(_tagged(message, "seed") or "")
+    have = set(_words(_tagged(message, "candidate") or ""))
+    kept = sum(w in have for w in content)
+    same = not content or (verb in have and 2 * kept >= len(content))
+    if same:
+        reason = f"The candidate keeps the core request ({kept} of {len(content)} key words)."
+    elif verb not in have:
+        reason = f"The candidate no longer asks to '{verb}': a different request."
+    else:
+        reason = f"The candidate keeps only {kept} of {len(content)} key words of the request."
+    return {"same_task": same, "reason": f"{PREFIX} {reason}"}
+
+
+# ---- judge
+
+JUDGE_DIMENSIONS = ("general_quality", "helpfulness", "instruction_following", "honesty", "truthfulness")
+
+
+def judge(message: str, seed: int = 0) -> dict:
+    """Five scores from a hash of the answer; short answers are less helpful, and an answer outside the
+    instruction's word limits does not follow it."""
+    answer = _tagged(message, "answer") or ""
+    h = _hash(seed, "judge", answer)
+    n_words = len(answer.split())
+    out = {}
+    for k, dim in enumerate(JUDGE_DIMENSIONS):
+        u = _frac(h, k)
+        score = 5 if u < 0.40 else 4 if u < 0.75 else 3 if u < 0.92 else 2
+        out[dim] = {"score": score, "reason": f"{PREFIX} The answer reads as {_GRADES[score]} on this point."}
+    cap = 2 if n_words < 15 else 3 if n_words < 40 else 5
+    if out["helpfulness"]["score"] > cap:
+        out["helpfulness"] = {"score": cap, "reason": f"{PREFIX} At {n_words} words the answer says too little."}
+    words = limits(_tagged(message, "instruction") or "").get("word")
+    if words:
+        hi = min(words["max"] | words["exact"], default=None)
+        lo = max(words["min"], default=None)
+        if hi is not None and n_words > hi or lo is not None and n_words < lo:
+            out["instruction_following"] = {
+                "score": 2, "reason": f"{PREFIX} The answer has {n_words} words, outside the instruction's limit."}
+    return out
+
+
+_GRADES = {2: "weak", 3: "adequate", 4: "good", 5: "excellent"}
+
+
+# ---- evol (the Evol-Instruct baseline)
+
+EVOL_DRIFT = 0.15  # share of in-depth rewrites that also reword the first sentence
+# Sentences an in-depth rewrite adds, by operation. They avoid the verbs instructions start with (write, list,
+# summarize, explain, ...), so a drifted instruction does not get its seed's verb back by accident.
+_EVOL_SENTENCES = {
+    "add_constraints": ("Keep the response under 150 words.", "Number the key points.",
+                        "Keep a formal tone throughout.", "Mention at least two concrete examples.",
+                        "End with a one-sentence conclusion.", "Avoid technical jargon."),
+    "deepen": ("Go beyond the obvious points and discuss the underlying causes.",
+               "Consider how the situation might change over the next year.",
+               "Address the trade-offs behind each recommendation."),
+    "concretize": ("Focus specifically on budgets and deadlines.",
+                   "Refer to named people and dates wherever possible.",
+                   "Ground each point in a concrete example from a small company."),
+    "increase_reasoning": ("Work through the problem step by step before the final conclusion.",
+                           "Justify each conclusion with evidence from the input.",
+                           "Weigh at least two alternatives before recommending one."),
+    "complicate_input": ("The input may contain contradictory statements; point them out.",
+                         "Assume part of the input is missing and note what is missing.",
+                         "The input mixes two languages; handle both."),
+}
+_DRIFT_VERBS = ("Critique", "Reimagine", "Annotate", "Dramatize", "Reorganize", "Parody")
+_BREADTH = ("Compile a catalogue of questions people might raise about {topic}.",
+            "Invent a trivia quiz about {topic}.")
+
+
+def evol(message: str, seed: int = 0) -> dict:
+    """`breadth`: a different request on the seed's topic. Other operations: one sentence of their kind added,
+    and for some rewrites the first sentence's verb replaced (the task drifts)."""
+    text = _tagged(message, "instruction") or ""
+    op = (_tagged(message, "operation") or "").strip().lower()
+    h = _hash(seed, "evol", op, text)
+    verb, _ = core_request(text)
+    if op == "breadth":
+        first = next(iter(sentences(text)), "")
+        topic = [w.lower() for w in _WORD.findall(first) if len(w) > 1 and w.casefold() not in _STOP][1:4]
+        forms = [f for f in _BREADTH if verb not in _words(f)] or list(_BREADTH)
+        return {"instruction": forms[h % len(forms)].format(topic=" ".join(topic) or "this subject")}
+    pool = _EVOL_SENTENCES.get(op) or tuple(s for group in _EVOL_SENTENCES.values() for s in group)
+    start = (h >> 16) % len(pool)
+    order = [s for s in pool[start:] + pool[:start] if verb not in _words(s)] or pool
+    added = next((s for s in order if _norm(s) not in _norm(text)), order[0])
+    if verb and _frac(h, 3) < EVOL_DRIFT:
+        drift = [v for v in _DRIFT_VERBS if v.lower() != verb]
+        new = drift[(h >> 80) % len(drift)]
+        # Every occurrence: the verb coming back in a later sentence would keep the request on task.
+        text = re.sub(rf"\b{re.escape(verb)}s?\b", lambda m: new if m.group()[0].isupper() else new.lower(),
+                      text, flags=_I)
+    block = _CONTEXT_BLOCK.search(text)  # the new sentence goes before a context placeholder block
+    if block:
+        return {"instruction": f"{text[:block.start()].rstrip()} {added}\n{text[block.start():]}"}
+    text = text.rstrip()
+    return {"instruction": f"{text}{' ' if text.endswith(('.', '!', '?')) else chr(10)}{added}"}
+
+
+_CONTEXT_BLOCK = re.compile(r"^\[CONTEXT\]\s*$", re.MULTILINE)
+
+
+# ---- dispatch
 
 def last_user_text(messages: list) -> str:
     for m in reversed(messages):
@@ -530,18 +788,38 @@ def last_user_text(messages: list) -> str:
     return ""
 
 
+def item_text(messages: list, tag: str) -> str:
+    """The last user message holding a `<tag>` block (after a schema failure the item is in an earlier user
+    message than the correction), else the last user message."""
+    closing = f"</{tag}>"
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            text = tokens._content_text(m.get("content"))
+            if closing in text:
+                return text
+    return last_user_text(messages)
+
+
+def _decompose_rule(text: str, seed: int) -> dict:
+    inner = _tagged(text, "instruction")
+    return decompose(inner if inner is not None else text, seed)
+
+
+# schema name -> (a tag the item's message holds, the rule: (that message, seed) -> hint)
+_RULES = {
+    "tcia_decompose": ("instruction", _decompose_rule),
+    "tcia_compose": ("base_query", compose),
+    "tcia_verify": ("prompt", verify),
+    "tcia_validate": ("prompt", validate),
+    "tcia_on_task": ("candidate", on_task),
+    "tcia_judge": ("answer", judge),
+    "tcia_evol": ("operation", evol),
+}
 _SCORE_SCHEMAS = {"tcia_validate", "tcia_judge", "tcia_on_task"}
 
 
 def structured(name: str, schema: Any, messages: list, h: int, seed: int) -> Any:
     """The answer for a json_schema response_format: a rule hint for our stage names, then a valid instance."""
-    hint = None
-    if name == "tcia_decompose":
-        text = last_user_text(messages)
-        inner = _tagged(text, "instruction")
-        hint = decompose(inner if inner is not None else text, seed)
-    elif name == "tcia_verify":
-        hint = verify(last_user_text(messages))
-    elif name == "tcia_compose":
-        hint = compose(last_user_text(messages))
+    rule = _RULES.get(name)
+    hint = rule[1](item_text(messages, rule[0]), seed) if rule is not None else None
     return instance(schema, h, hint, scores=name in _SCORE_SCHEMAS)

@@ -33,6 +33,7 @@ from tcia_async.sim.config import SimConfig
 from tcia_async.sim.embeddings import embed
 from tcia_async.sim.ledger import Ledger
 from tcia_async.sim.limits import Limits, rate_headers, retry_headers
+from tcia_async.sim.prompt_cache import MIN_TOKENS, PromptCache
 
 log = logging.getLogger("tcia_async.sim")
 
@@ -157,6 +158,7 @@ class Handlers:
         self._style = cfg.headers
         self._auth = f"Bearer {cfg.api_key}" if cfg.api_key else None
         self.recent: deque = deque(maxlen=max(0, cfg.record_bodies))
+        self.prompt_cache = PromptCache()
         self._routes = {
             ("POST", "/v1/chat/completions"): self.chat,
             ("POST", "/v1/embeddings"): self.embeddings,
@@ -185,9 +187,10 @@ class Handlers:
         self._waiters = still
 
     def reset(self) -> None:
-        """Clear the ledger and the rate-limit windows (files and batches stay)."""
+        """Clear the ledger, the rate-limit windows and the prompt cache (files and batches stay)."""
         self.ledger.reset()
         self._limits.clear()
+        self.prompt_cache.clear()
 
     # ---------------------------------------------------------------------------------------------- dispatch
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -273,6 +276,8 @@ class Handlers:
         key = _content_key(b"chat:", body)
         h = int.from_bytes(key[:8], "little") ^ self._seed_mix
         prompt = tokens.count_messages(messages)
+        # Short prompts (most benchmark requests) skip the cache's bookkeeping: nothing under 1,024 tokens is cached.
+        cached = self.prompt_cache.cached_tokens(model, messages, prompt) if prompt >= MIN_TOKENS else 0
         fmt = get("response_format")
         ftype = fmt.get("type") if type(fmt) is dict else None
         choices = []
@@ -281,7 +286,7 @@ class Handlers:
             hi = (h + i) & _MASK64
             finish = "stop"
             if ftype is None or ftype == "text":
-                length = rules.completion_length(max_tokens, hi)
+                length = rules.completion_length(max_tokens, hi, model)
                 content = rules.text_of_length(length, hi)
                 used = rules.text_tokens(length, content)
                 if used == max_tokens:
@@ -294,7 +299,7 @@ class Handlers:
                 content = orjson.dumps(obj).decode()
                 used = tokens.count_once(content)
             elif ftype == "json_object":
-                length = rules.completion_length(max_tokens, hi)
+                length = rules.completion_length(max_tokens, hi, model)
                 content = orjson.dumps({"answer": rules.text_of_length(length, hi)}).decode()
                 used = tokens.count_once(content)
             else:
@@ -314,7 +319,8 @@ class Handlers:
             "system_fingerprint": "tcia-sim",
             "choices": choices,
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion},
+                      "total_tokens": prompt + completion,
+                      "prompt_tokens_details": {"cached_tokens": cached}},
         }
         charge = prompt + (max_tokens * n if max_tokens is not None else completion)
         return Answer(resp, key, prompt, completion, charge, model)
@@ -500,7 +506,7 @@ class Simulator:
         return self.handlers.ledger.snapshot()
 
     def reset(self) -> None:
-        """Clear the ledger and the rate-limit windows, as POST /sim/reset does."""
+        """Clear the ledger, the rate-limit windows and the prompt cache, as POST /sim/reset does."""
         self.handlers.reset()
 
     def bodies(self) -> list:

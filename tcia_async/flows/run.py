@@ -1,0 +1,612 @@
+"""`tcia-async run`: seeds -> TCIA (or the Evol-Instruct baseline) -> judged, on-task training data.
+
+One streaming pipeline (pipeline.py) over the engine and the task database:
+
+    decompose -> retrieve -> explore -> compose (+ verify, refine) -> validate -> on_task -> pair -> respond
+    -> judge -> select                                     (--method evol: decompose -> evol -> validate -> ...)
+
+Every LLM call is cached in RUNDIR/cache.db, every choice is seeded: rerunning the same command after a crash,
+Ctrl-C or a stop replays what was answered and sends only the rest; a rerun of a finished run sends nothing.
+Outputs are written as RUNDIR/NAME.partial and renamed into place when the run finishes, so a killed run never
+leaves a half line or a duplicate in them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
+from tcia_async.flows.common import Interrupts, Staged, UsageError, cache_files, check_paths, primary
+from tcia_async.io import BadLine, iter_jsonl
+from tcia_async.records import Failure, Instruction, Pair, Seed
+
+OUTPUTS = ("instructions.jsonl", "sft.jsonl", "preferences.jsonl", "failures.jsonl")
+STAGE_ORDER = ("decompose", "retrieve", "explore", "compose", "evol", "validate", "on_task", "pair", "respond",
+               "judge", "select")
+
+EPILOG = """Outputs in RUNDIR: instructions.jsonl (every composed instruction, kept or dropped and why), sft.jsonl
+({"messages": [...]}: the best answer per instruction and context), preferences.jsonl (prompt, chosen,
+rejected: TRL's DPO format), failures.jsonl, report.json and report.md, cache.db (rerun to resume).
+Exit codes: 0 done; 4 done, but some items ended in an error (see failures.jsonl); 2 usage or configuration
+error (nothing written); 3 stopped: quota, auth or a provider failing on everything (rerun to continue);
+130 interrupted (rerun to continue)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.add_argument("seeds", metavar="SEEDS.jsonl",
+                   help='seed instructions: {"id", "instruction", "contexts": [...]} one a line')
+    p.add_argument("--out", required=True, metavar="RUNDIR", help="run directory (created; reruns resume in it)")
+    p.add_argument("--db", metavar="DBDIR", help="task database (default: the one shipped with the package)")
+    p.add_argument("--config", metavar="TOML", help="settings: [run], [explore], [compose], [validate], "
+                   "[contexts], [respond], [judge], [evol] and [engine] tables (see the README)")
+    p.add_argument("--contexts", metavar="CONTEXTS.jsonl", help='more contexts: {"seed_id", "context"} one a line')
+    p.add_argument("--method", choices=("tcia", "evol"), default=None,
+                   help="tcia (default) or evol: the Evol-Instruct baseline, for comparison")
+    p.add_argument("--base-url", help="OpenAI-compatible base URL (default: config, $OPENAI_BASE_URL, OpenAI)")
+    p.add_argument("--embedding-base-url", help="base URL for embeddings (default: --base-url)")
+    p.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key "
+                   "(default OPENAI_API_KEY)")
+    p.add_argument("--model", help="model of every stage that names none (default gpt-4.1-mini)")
+    p.add_argument("--embedding-model", help="must be the task database's embedding model (the default)")
+    p.add_argument("--seed", type=int, help="run seed: every random choice derives from it (default 0)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="requests on the wire at most (default 256)")
+    p.add_argument("--rpm", type=float, help="requests per minute limit of each model")
+    p.add_argument("--tpm", type=float, help="tokens per minute limit of each model")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _err(msg: str) -> None:
+    print(f"tcia-async run: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_seeds(path: str, warn: Any) -> tuple[list[Seed], int]:
+    """The usable seeds of a file; each bad line is reported as file:line: reason. (seeds, bad lines)"""
+    seeds: list[Seed] = []
+    seen: dict[str, int] = {}
+    bad = 0
+    for item in iter_jsonl(path):
+        if isinstance(item, BadLine):
+            warn(f"skipped {item}")
+            bad += 1
+            continue
+        try:
+            seed = msgspec.convert(item.value, Seed)
+            if not seed.id.strip() or not seed.instruction.strip():
+                raise ValueError("id and instruction must not be empty")
+        except (msgspec.ValidationError, ValueError) as exc:
+            warn(f"skipped {path}:{item.line}: {exc} (a seed is {{\"id\", \"instruction\", \"contexts\"?}})")
+            bad += 1
+            continue
+        if seed.id in seen:
+            warn(f"skipped {path}:{item.line}: seed id {seed.id!r} already used on line {seen[seed.id]}")
+            bad += 1
+            continue
+        seen[seed.id] = item.line
+        seeds.append(seed)
+    return seeds, bad
+
+
+def read_contexts(path: str, seeds: list[Seed], warn: Any) -> int:
+    """Add the contexts of a `{"seed_id", "context"}` file to the seeds; returns the bad lines."""
+    by_id = {s.id: s for s in seeds}
+    bad = 0
+    for item in iter_jsonl(path):
+        if isinstance(item, BadLine):
+            warn(f"skipped {item}")
+            bad += 1
+            continue
+        v = item.value
+        if not (isinstance(v, dict) and isinstance(v.get("seed_id"), str) and isinstance(v.get("context"), str)
+                and v["context"].strip()):
+            warn(f"skipped {path}:{item.line}: expected {{\"seed_id\": str, \"context\": non-empty str}}")
+            bad += 1
+            continue
+        seed = by_id.get(v["seed_id"])
+        if seed is None:
+            warn(f"skipped {path}:{item.line}: no seed with id {v['seed_id']!r}")
+            bad += 1
+            continue
+        seed.contexts.append(v["context"])
+    return bad
+
+
+def shipped_db() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("tcia_async") / "data" / "taskdb"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the run records
+# --------------------------------------------------------------------------------------------------------------
+
+
+class HopRow(msgspec.Struct, kw_only=True):
+    hop: int
+    sets: int = 0  # Algorithm 1's output, repeats included
+    sets_unique: int = 0
+    sampled: int = 0
+    composed: int = 0
+    verified: int = 0
+    valid: int = 0
+    on_task_checked: int = 0
+    on_task: int = 0
+    kept: int = 0
+
+
+class Recorder:
+    """Writes the output files as items finish and keeps the counts the report needs (bounded memory)."""
+
+    def __init__(self, out: Path) -> None:
+        self.files = {name: Staged(out / name) for name in OUTPUTS}
+        self.hops: dict[int, HopRow] = {}
+        self.dropped: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.retrievals: list[dict[str, Any]] = []
+        self.seeds_decomposed = 0
+        self.pairs = 0
+        self.sft = 0
+        self.preferences = 0
+        self.wins: Counter[str] = Counter()
+        self.scores: dict[str, Counter[int]] = {}
+        self.constraint_use: Counter[tuple[str, str, str]] = Counter()
+        self.set_sizes: Counter[int] = Counter()
+        self._enc = msgspec.json.Encoder()
+
+    def _write(self, name: str, obj: Any) -> None:
+        self.files[name].fh.write(self._enc.encode(obj) + b"\n")
+
+    def hop(self, hop: int) -> HopRow:
+        row = self.hops.get(hop)
+        if row is None:
+            row = self.hops[hop] = HopRow(hop=hop)
+        return row
+
+    def instruction(self, ins: Instruction) -> None:
+        row = self.hop(ins.hop)
+        if ins.prompt:
+            row.composed += 1
+        if ins.prompt and ins.dropped != "not_covered":
+            row.verified += 1
+        if ins.validity is not None and ins.dropped not in ("invalid", "inconsistent", "not_covered"):
+            row.valid += 1
+        if ins.on_task is not None:
+            row.on_task_checked += 1
+            row.on_task += bool(ins.on_task.ok)
+        if ins.kept:
+            row.kept += 1
+            self.set_sizes[len(ins.constraints)] += 1
+            for c in ins.constraints:
+                self.constraint_use[(c.text, c.category, c.origin)] += 1
+        else:
+            self.dropped[ins.dropped or "unknown"] += 1
+        self._write("instructions.jsonl", ins)
+
+    def pair(self, pair: Pair, sft: dict[str, Any], pref: dict[str, Any] | None) -> None:
+        self.pairs += 1
+        self.sft += 1
+        self._write("sft.jsonl", sft)
+        self.wins[sft["metadata"]["generator"]] += 1
+        for r in pair.responses:
+            for dim, score in r.scores.items():
+                self.scores.setdefault(dim, Counter())[score] += 1
+        if pref is not None:
+            self.preferences += 1
+            self._write("preferences.jsonl", pref)
+
+    def failure(self, stage: str, item: Any, exc: BaseException) -> None:
+        ident, seed_id = _identity(item)
+        self.failed(stage, ident, seed_id, exc)
+        ins = _instruction_of(item)
+        if ins is not None and stage in ("validate", "on_task"):
+            ins.dropped = f"failed_{stage}"
+            ins.kept = False
+            self.instruction(ins)
+
+    def failed(self, stage: str, ident: str, seed_id: str, exc: BaseException) -> None:
+        from tcia_async.engine import RequestFailed
+        from tcia_async.pipeline import Skip
+
+        if isinstance(exc, RequestFailed):
+            code, reason = exc.error.code, exc.error.message
+        elif isinstance(exc, Skip):
+            code, reason = exc.code, exc.reason
+        else:
+            code, reason = type(exc).__name__, str(exc) or type(exc).__name__
+        self.failures[stage] += 1
+        self._write("failures.jsonl", Failure(stage=stage, id=ident, seed_id=seed_id, code=code, reason=reason))
+
+    def commit(self) -> None:
+        for f in self.files.values():
+            f.commit()
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _instruction_of(item: Any) -> Instruction | None:
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Instruction):
+        return item[1]
+    return None
+
+
+def _identity(item: Any) -> tuple[str, str]:
+    from tcia_async.records import ConstraintSet, SeedTask
+
+    if isinstance(item, Seed):
+        return item.id, item.id
+    if isinstance(item, SeedTask):
+        return item.seed_id, item.seed_id
+    if isinstance(item, Pair):
+        return item.id, item.instruction.seed_id
+    if isinstance(item, tuple) and len(item) == 2:
+        second = item[1]
+        if isinstance(second, Instruction):
+            return second.id, second.seed_id
+        if isinstance(second, ConstraintSet):
+            return f"{second.seed_id}/{second.index:05d}", second.seed_id
+        if isinstance(item[0], SeedTask):
+            return item[0].seed_id, item[0].seed_id
+    return repr(item)[:80], ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stages, wired
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_model: str, concurrency: int) -> list:
+    """The pipeline's stages for `cfg.run.method`, each a closure over the engine, the DB and the settings."""
+    import anyio
+
+    from tcia_async.pipeline import Skip, Stage
+    from tcia_async.records import SeedTask, SetConstraint
+    from tcia_async.tcia import compose as compose_mod
+    from tcia_async.tcia import evol as evol_mod
+    from tcia_async.tcia import explore as explore_mod
+    from tcia_async.tcia.decompose import decompose_seed
+    from tcia_async.tcia.judge import judge
+    from tcia_async.tcia.on_task import on_task
+    from tcia_async.tcia.pair import pairs
+    from tcia_async.tcia.respond import respond
+    from tcia_async.tcia.retrieve import retrieve
+    from tcia_async.tcia.select import select
+    from tcia_async.tcia.validate import validate
+
+    seed_no = cfg.run.seed
+    method = cfg.run.method
+    prio = {name: i for i, name in enumerate(STAGE_ORDER)}
+    llm_workers = max(8, concurrency)
+    settings = explore_mod.Settings(**msgspec.to_builtins(cfg.explore))
+
+    async def st_decompose(seed: Seed, emit: Any) -> None:
+        params = {"temperature": cfg.decompose.temperature} if cfg.decompose.temperature is not None else None
+        d = await decompose_seed(engine, seed.instruction, model=cfg.model_of("decompose"), params=params)
+        if not d.complex or not d.tasks:
+            raise Skip("no_task", "the seed states no explicit requirement, so it has no constraint set to "
+                       "explore; give it at least one requirement (length, format, tone, content, ...)")
+        t = d.tasks[0]
+        rec.seeds_decomposed += 1
+        await emit(SeedTask(seed_id=seed.id, instruction=seed.instruction, task_type=t.task_type,
+                            base_query=t.base_query, language=d.language, contexts=list(seed.contexts),
+                            constraints=[SetConstraint(text=c.constraint, category=c.category)
+                                         for c in t.constraints]))
+
+    async def st_retrieve(task: SeedTask, emit: Any) -> None:
+        r = await retrieve(engine, db, task, embedding_model=embedding_model, priority=prio["retrieve"])
+        rec.retrievals.append({"seed_id": task.seed_id, "task_type": task.task_type, "cluster": r.cluster,
+                               "cluster_name": r.name, "distance": round(r.distance, 4), "matched": r.matched,
+                               "pool": len(r.pool)})
+        await emit((task, r))
+
+    async def st_explore(item: Any, emit: Any) -> None:
+        task, r = item
+        e = await anyio.to_thread.run_sync(explore_mod.explore, task, r.pool, r.similar, settings, seed_no)
+        for h in e.hops:
+            row = rec.hop(h.hop)
+            row.sets += h.sets
+            row.sets_unique += h.sets_unique
+            row.sampled += h.sampled
+        for cset in e.sets:
+            await emit((task, cset))
+
+    async def st_compose(item: Any, emit: Any) -> None:
+        task, cset = item
+        ins = await compose_mod.compose(
+            engine, task, cset, model=cfg.model_of("compose"), temperature=cfg.compose.temperature,
+            verify_model=cfg.model_of("verify"), verify_temperature=cfg.verify.temperature,
+            refine_attempts=cfg.compose.refine_attempts, priority=prio["compose"])
+        if ins.dropped is not None:
+            rec.instruction(ins)
+            return
+        await emit((task, ins))
+
+    async def st_evol(task: SeedTask, emit: Any) -> None:
+        per_hop = evol_mod.hop_sizes(cfg.evol, cfg.explore)
+        for h, n in enumerate(per_hop, 1):
+            rec.hop(h).sampled += n
+
+        async def out(ins: Instruction) -> None:
+            await emit((task, ins))
+
+        await evol_mod.evolve(engine, task, per_hop, emit=out, model=cfg.model_of("evol"),
+                              temperature=cfg.evol.temperature, run_seed=seed_no, priority=prio["evol"],
+                              workers=llm_workers,
+                              on_failure=lambda ident, exc: rec.failed("evol", ident, task.seed_id, exc))
+
+    async def st_validate(item: Any, emit: Any) -> None:
+        task, ins = item
+        await validate(engine, ins, model=cfg.model_of("validate"), temperature=cfg.validate.temperature,
+                       min_validity=cfg.validate.min_validity, min_consistency=cfg.validate.min_consistency,
+                       priority=prio["validate"])
+        await emit((task, ins))
+
+    async def st_on_task(item: Any, emit: Any) -> None:
+        task, ins = item
+        await on_task(engine, task.instruction, ins, model=cfg.model_of("on_task"),
+                      temperature=cfg.on_task.temperature, priority=prio["on_task"])
+        rec.instruction(ins)
+        if ins.kept:
+            await emit((task, ins))
+
+    async def st_pair(item: Any, emit: Any) -> None:
+        task, ins = item
+        for p in pairs(ins, task.contexts, per_instruction=cfg.contexts.per_instruction, run_seed=seed_no):
+            await emit(p)
+
+    async def st_respond(p: Pair, emit: Any) -> None:
+        await emit(await respond(engine, p, generators=cfg.respond.generators, temperature=cfg.respond.temperature,
+                                 max_tokens=cfg.respond.max_tokens, priority=prio["respond"]))
+
+    async def st_judge(p: Pair, emit: Any) -> None:
+        await emit(await judge(engine, p, model=cfg.model_of("judge"), temperature=cfg.judge.temperature,
+                               priority=prio["judge"]))
+
+    async def st_select(p: Pair, emit: Any) -> None:
+        sft, pref = select(p, margin=cfg.judge.preference_margin)
+        rec.pair(p, sft, pref)
+        await emit(p)
+
+    head = [Stage("decompose", st_decompose, min(llm_workers, 32))]
+    if method == "tcia":
+        head += [Stage("retrieve", st_retrieve, 8), Stage("explore", st_explore, 2, buffer=4),
+                 Stage("compose", st_compose, llm_workers)]
+    else:
+        head += [Stage("evol", st_evol, 4, buffer=4)]
+    return head + [Stage("validate", st_validate, llm_workers), Stage("on_task", st_on_task, llm_workers),
+                   Stage("pair", st_pair, 1), Stage("respond", st_respond, llm_workers),
+                   Stage("judge", st_judge, llm_workers), Stage("select", st_select, 1)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------------------
+
+
+_FLAGS = {"base_url": "--base-url", "embedding_base_url": "--embedding-base-url", "api_key_env": "--api-key-env",
+          "concurrency": "--concurrency", "limits.rpm": "--rpm", "limits.tpm": "--tpm"}
+_RUN_FLAGS = {"run.seed": "--seed", "run.model": "--model", "run.method": "--method",
+              "run.embedding_model": "--embedding-model"}
+
+
+def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(RunConfig, EngineConfig) from flags > --config > environment > defaults (ConfigError when wrong)."""
+    from tcia_async.config import load_engine_config, load_run_config, load_toml
+
+    run_cfg = load_run_config(args.config, {k: getattr(args, f[2:].replace("-", "_")) for k, f in _RUN_FLAGS.items()},
+                              _RUN_FLAGS)
+    overrides = {k: getattr(args, f[2:].replace("-", "_")) for k, f in _FLAGS.items()}
+    origins = dict(_FLAGS)
+    if args.base_url is None and os.environ.get("OPENAI_BASE_URL"):
+        table = load_toml(args.config).get("engine", {}) if args.config else {}
+        if not isinstance(table, dict) or "base_url" not in table:
+            overrides["base_url"] = os.environ["OPENAI_BASE_URL"]
+            origins["base_url"] = "$OPENAI_BASE_URL"
+    eng_cfg = load_engine_config(args.config, overrides, origins)
+    eng_cfg.cache_path = str(Path(args.out) / "cache.db")
+    return run_cfg, eng_cfg
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from tcia_async.config import ConfigError
+    from tcia_async.engine.cache import CacheError
+    from tcia_async.engine.client import is_loopback
+
+    out = Path(args.out)
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory")
+        run_cfg, eng_cfg = build_configs(args)
+        writes: dict[str, Any] = {f"RUNDIR/{n}": out / n for n in (*OUTPUTS, "report.json", "report.md")}
+        writes.update({f"RUNDIR/{n}.partial": out / (n + ".partial") for n in OUTPUTS})
+        for f in cache_files(eng_cfg.cache_path):
+            writes[f"RUNDIR/{Path(f).name}"] = f
+        check_paths({"SEEDS": args.seeds, "--contexts": args.contexts, "--config": args.config}, writes)
+        db_path = Path(args.db) if args.db else shipped_db()
+        if not (db_path / "manifest.json").is_file():
+            raise UsageError(f"--db {db_path}: not a task database (no manifest.json); build one with "
+                             "`tcia-async db build`")
+    except (ConfigError, UsageError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    if not eng_cfg.api_key() and not is_loopback(eng_cfg.base_url):
+        _err(f"no API key: set ${eng_cfg.api_key_env} (or name another variable with --api-key-env)")
+        return EXIT_USAGE
+    from tcia_async.retrieval import RetrievalError, TaskDB
+
+    try:
+        db = TaskDB.load(db_path)
+        emb_model = run_cfg.run.embedding_model or db.manifest.embedding_model
+        db.check_model(emb_model)
+    except RetrievalError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    seeds, bad = read_seeds(args.seeds, _err)
+    if args.contexts:
+        bad += read_contexts(args.contexts, seeds, _err)
+    if not seeds:
+        _err(f"{args.seeds}: no usable seed")
+        return EXIT_USAGE
+
+    from tcia_async.engine.tuning import tune_gc
+    from tcia_async.flows.common import run_async
+
+    tune_gc()
+    out.mkdir(parents=True, exist_ok=True)
+    rec: Recorder | None = None
+    try:
+        from tcia_async.engine.cache import ResponseCache
+
+        ResponseCache(eng_cfg.cache_path).close()  # busy or broken: refused before any output is touched
+        rec = Recorder(out)
+        result = run_async(_main, args, run_cfg, eng_cfg, db, emb_model, seeds, rec)
+    except KeyboardInterrupt:
+        _err("interrupted; rerun the same command to continue")
+        return EXIT_INTERRUPTED
+    except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
+        err = primary(exc)
+        if isinstance(err, (CacheError, RetrievalError, UsageError)):
+            _err(str(err))
+            return EXIT_USAGE
+        if isinstance(err, OSError):
+            _err(f"{getattr(err, 'filename', None) or ''}: {err.strerror or err}".lstrip(": "))
+            return EXIT_USAGE
+        raise
+    finally:
+        if rec is not None:
+            rec.close()
+    return _finish(args, out, rec, result, bad)
+
+
+def _finish(args: argparse.Namespace, out: Path, rec: Recorder, result: dict[str, Any], bad: int) -> int:
+    from tcia_async.report import write_report
+
+    status = result["status"]
+    if status in ("stopped", "interrupted"):
+        why = result.get("stopped") or "interrupted"
+        _err(f"{status}: {why}. Answers are cached in {out / 'cache.db'}; the outputs so far are in "
+             f"{out}/*.partial; rerun the same command to continue (nothing answered is sent again).")
+        return EXIT_STOPPED if status == "stopped" else EXIT_INTERRUPTED
+    rec.commit()
+    report = write_report(out, result, rec, result["diversity"])
+    failed = sum(rec.failures.values()) + bad
+    if not args.quiet:
+        print(report["headline"], file=sys.stderr, flush=True)
+    print(f"wrote {out}/sft.jsonl ({rec.sft} examples), preferences.jsonl ({rec.preferences}), "
+          f"instructions.jsonl, report.md", flush=True)
+    if failed:
+        _err(f"{failed} items ended in an error ({', '.join(f'{s} {n}' for s, n in rec.failures.items())}"
+             f"{f', bad input lines {bad}' if bad else ''}): see {out / 'failures.jsonl'}")
+        return EXIT_SOME_FAILED
+    return EXIT_OK
+
+
+async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, db: Any, emb_model: str, seeds: list[Seed],
+                rec: Recorder) -> dict[str, Any]:
+    import anyio
+
+    from tcia_async.engine import Engine, RunStopped
+    from tcia_async.flows.progress import Progress
+    from tcia_async.flows.taskdb import probe_simulator
+    from tcia_async.pipeline import Pipeline
+
+    simulated = await probe_simulator(eng_cfg.base_url) is not None
+    local = local_models(emb_model)
+    started = time.time()
+    async with Engine(eng_cfg, local_models=local) as engine:
+        stages = build_stages(engine, db, run_cfg, rec, embedding_model=emb_model,
+                              concurrency=eng_cfg.concurrency)
+        pipe = Pipeline(stages, rec.failure)
+        stopped: str | None = None
+
+        def first() -> None:
+            _err("interrupted: no new work; requests on the wire finish (Ctrl-C again to stop at once)")
+            pipe.stop_intake()
+            engine.halt()
+
+        def second() -> None:
+            engine.cut()
+            tg.cancel_scope.cancel()
+
+        interrupts = Interrupts(first, second)
+        progress = Progress(pipe, engine, quiet=args.quiet)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(interrupts.watch)
+            tg.start_soon(progress.run)
+            try:
+                await pipe.run(seeds)
+            except BaseException as exc:  # noqa: BLE001
+                err = primary(exc)
+                if not isinstance(err, RunStopped):
+                    raise
+                stopped = err.message
+            tg.cancel_scope.cancel()
+        progress.close()
+        div = None
+        if stopped is None and not interrupts.interrupted:
+            rec.files["instructions.jsonl"].fh.flush()
+            div = await measure_diversity(engine, rec.files["instructions.jsonl"].temp, emb_model)
+        stats = engine.stats
+    status = "stopped" if stopped else ("interrupted" if interrupts.interrupted else "complete")
+    return {"status": status, "stopped": stopped, "simulated": simulated, "started": started,
+            "wall_s": pipe.elapsed(), "method": run_cfg.run.method, "config": msgspec.to_builtins(run_cfg),
+            "engine": stats, "stages": pipe.stats, "embedding_model": emb_model, "db": str(db.path),
+            "db_manifest": msgspec.to_builtins(db.manifest), "seeds": len(seeds),
+            "prices": msgspec.to_builtins(eng_cfg.prices), "diversity": div}
+
+
+async def measure_diversity(engine: Any, instructions: Path, model: str) -> dict[str, Any]:
+    """Diversity per hop (report.py): each seed's composed instructions of a hop, embedded (context block taken
+    out; cached like every call), then averaged over seeds."""
+    import numpy as np
+
+    from tcia_async.report import diversity
+    from tcia_async.tcia.pair import fill
+
+    groups: dict[tuple[str, int], list[str]] = {}
+    for item in iter_jsonl(instructions):
+        if isinstance(item, BadLine):
+            continue
+        v = item.value
+        if v.get("prompt"):
+            groups.setdefault((v["seed_id"], v["hop"]), []).append(fill(v["prompt"], None))
+    per_seed: dict[str, dict[int, float]] = {}
+    per_hop: dict[int, list[tuple[float, int]]] = {}
+    for (seed_id, hop), texts in sorted(groups.items()):
+        if len(texts) < 2:
+            continue
+        vectors = await engine.embed(texts, model=model, stage="report")
+        d = diversity(np.asarray(vectors))
+        if d is None:
+            continue
+        per_seed.setdefault(seed_id, {})[hop] = round(d, 4)
+        per_hop.setdefault(hop, []).append((d, len(texts)))
+    return {"per_seed": per_seed,
+            "per_hop": {hop: {"diversity": sum(d for d, _ in v) / len(v), "n": sum(n for _, n in v)}
+                        for hop, v in per_hop.items()}}
+
+
+def local_models(name: str) -> dict[str, Any]:
+    """The in-process embedding model named `name`, when it is one (e.g. "local"), for the engine."""
+    try:
+        from tcia_async import embed
+    except ImportError:
+        return {}
+    finder = getattr(embed, "local_model", None)
+    model = finder(name) if finder is not None else None
+    return {name: model} if model is not None else {}

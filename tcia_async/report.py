@@ -1,0 +1,310 @@
+"""The run report: RUNDIR/report.json, report.md and PNG plots (counts, the paper's measures, cost and speed).
+
+Diversity of a set of instructions is the mean of 1 - cosine similarity over all pairs (the paper's measure).
+It is computed exactly over every pair, without sampling: for unit vectors u_i with sum S,
+sum over pairs i != j of u_i . u_j = |S|^2 - n, so the mean similarity is (|S|^2 - n) / (n (n - 1)): O(n d).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+# The paper's figures (Ma et al., arXiv 2508.20374), for comparison beside ours.
+PAPER = {
+    "tcia": {"diversity": {1: 0.844, 2: 0.815, 3: 0.792}, "on_task": {1: 1.0, 2: 1.0, 3: 1.0}},
+    "evol": {"diversity": {1: 0.798, 2: 0.725, 3: 0.680}, "on_task": {1: 0.8, 2: 0.6, 3: 0.6}},
+}
+PAPER_NOTE = ("paper: Ma et al., TCIA, arXiv 2508.20374; embeddings text-embedding-3-large; Evol-Instruct on-task "
+              "ratios read from its figure (about 80 / 60 / below 60 %)")
+
+
+def diversity(vectors: np.ndarray) -> float | None:
+    """Mean of 1 - cos over all pairs of rows (None for fewer than two)."""
+    v = np.asarray(vectors, dtype=np.float64)
+    n = v.shape[0]
+    if n < 2:
+        return None
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    u = v / np.maximum(norms, 1e-30)
+    s = u.sum(axis=0)
+    mean_cos = (float(s @ s) - float((u * u).sum())) / (n * (n - 1))
+    return 1.0 - mean_cos
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+def _counters(c: Any) -> dict[str, Any]:
+    d = msgspec.to_builtins(c)
+    d["cost"] = round(d["cost"], 6)
+    d["cost_full"] = round(d["cost_full"], 6)
+    d["wire_s"] = round(d["wire_s"], 3)
+    return d
+
+
+def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = None) -> dict[str, Any]:
+    """report.json's content from the run's result (flows/run.py) and its Recorder."""
+    eng = result["engine"]
+    method = result["method"]
+    per_hop = []
+    for hop in sorted(rec.hops):
+        row = msgspec.to_builtins(rec.hops[hop])
+        row["on_task_ratio"] = _r(row["on_task"] / row["on_task_checked"]) if row["on_task_checked"] else None
+        d = (div or {}).get("per_hop", {}).get(hop)
+        row["diversity"] = _r(d["diversity"]) if d else None
+        row["diversity_instructions"] = d["n"] if d else 0
+        paper = PAPER.get(method, {})
+        row["paper_diversity"] = paper.get("diversity", {}).get(hop)
+        row["paper_on_task_ratio"] = paper.get("on_task", {}).get(hop)
+        per_hop.append(row)
+    stages = {st.name: msgspec.to_builtins(st) for st in result["stages"]}
+    for name, st in stages.items():
+        st.pop("per_second", None)
+        calls = eng.stages.get(name)
+        st["requests"] = _counters(calls) if calls is not None else None
+    llm_stages = {name: _counters(c) for name, c in eng.stages.items()}
+    kept_sft = rec.sft
+    cost = eng.cost
+    constraints = _constraint_report(rec)
+    judge = {dim: {str(k): v for k, v in sorted(c.items())} for dim, c in rec.scores.items()}
+    compose = next((s for s in result["stages"] if s.name in ("compose", "evol")), None)
+    judge_stage = next((s for s in result["stages"] if s.name == "judge"), None)
+    return {
+        "method": method,
+        "simulated": result["simulated"],
+        "status": result["status"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "db": result["db"],
+        "embedding_model": result["embedding_model"],
+        "seeds": result["seeds"],
+        "seeds_decomposed": rec.seeds_decomposed,
+        "retrieval": rec.retrievals,
+        "per_hop": per_hop,
+        "diversity": {"method": "mean of 1 - cosine over all pairs of a seed's composed instructions of a hop, "
+                                "exact (no sampling); averaged over seeds",
+                      "embedding_model": result["embedding_model"], "per_seed": (div or {}).get("per_seed", {})},
+        "funnel": {
+            "sets_sampled": sum(r["sampled"] for r in per_hop),
+            "composed": sum(r["composed"] for r in per_hop),
+            "verified": sum(r["verified"] for r in per_hop),
+            "valid": sum(r["valid"] for r in per_hop),
+            "on_task": sum(r["on_task"] for r in per_hop),
+            "kept": sum(r["kept"] for r in per_hop),
+            "dropped": dict(rec.dropped),
+            "pairs": rec.pairs,
+            "sft_examples": kept_sft,
+            "preference_pairs": rec.preferences,
+            "failures": dict(rec.failures),
+        },
+        "constraints": constraints,
+        "answers": {"judge_scores": judge, "wins": dict(rec.wins), "preference_pairs": rec.preferences},
+        "requests": {"total": _counters(eng), "by_stage": llm_stages,
+                     "by_model": {m: _counters(c) for m, c in eng.models.items()}},
+        "cost": {"usd": round(cost, 6), "usd_at_full_price": round(eng.cost_full, 6),
+                 "saved_by_prompt_cache_usd": round(eng.cost_full - cost, 6),
+                 "cached_prompt_tokens": eng.cached_tokens, "prompt_tokens": eng.prompt_tokens,
+                 "per_1000_sft_examples_usd": round(cost / kept_sft * 1000, 6) if kept_sft else None,
+                 "priced": bool(result["prices"]), "prices": result["prices"]},
+        "time": {"wall_s": round(result["wall_s"], 3),
+                 "first_judged_answer_s": _r(judge_stage.first_out_s, 3) if judge_stage else None,
+                 "last_compose_s": _r(compose.last_out_s, 3) if compose else None,
+                 "requests_per_s": round(eng.sent / result["wall_s"], 2) if result["wall_s"] else None},
+        "stages": stages,
+        "config": result["config"],
+        "paper": PAPER_NOTE,
+    }
+
+
+def _constraint_report(rec: Any) -> dict[str, Any]:
+    unique: dict[str, int] = {}
+    by_origin: dict[str, int] = {}
+    for (text, category, origin), n in rec.constraint_use.items():
+        unique[category] = unique.get(category, 0) + 1
+        by_origin[origin] = by_origin.get(origin, 0) + n
+    total = sum(by_origin.values())
+    retrieved = sorted(((n, t, c) for (t, c, o), n in rec.constraint_use.items() if o == "retrieved"),
+                       key=lambda x: (-x[0], x[1]))[:15]
+    return {
+        "unique": len(rec.constraint_use),
+        "unique_by_category": dict(sorted(unique.items())),
+        "set_sizes": {str(k): v for k, v in sorted(rec.set_sizes.items())},
+        "share_inherited_from_seed": _r(by_origin.get("seed", 0) / total) if total else None,
+        "share_retrieved": _r(by_origin.get("retrieved", 0) / total) if total else None,
+        "most_used_retrieved": [{"text": t, "category": c, "uses": n} for n, t, c in retrieved],
+    }
+
+
+def _fmt(x: Any, pct: bool = False) -> str:
+    if x is None:
+        return "–"
+    if pct:
+        return f"{100 * x:.1f} %"
+    return f"{x:.3f}" if isinstance(x, float) else f"{x:,}"
+
+
+def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
+    f = r["funnel"]
+    lines = [f"# tcia-async run report ({r['method']})", ""]
+    if r["simulated"]:
+        lines += ["**Simulated data**: the provider was tcia-async's simulator; every answer is rule-made, not a "
+                  "model's. The figures show the machinery, not the method's quality.", ""]
+    lines += [f"Seeds {r['seeds']} ({r['seeds_decomposed']} decomposed); {f['sets_sampled']:,} constraint sets "
+              f"sampled, {f['composed']:,} instructions composed, {f['kept']:,} kept; {f['pairs']:,} "
+              f"(instruction, context) pairs answered; {f['sft_examples']:,} SFT examples and "
+              f"{f['preference_pairs']:,} preference pairs. Wall time {r['time']['wall_s']:.1f} s.", ""]
+    lines += ["## Per hop", "", "| hop | sets (Algorithm 1) | unique | sampled | composed | verified | valid | "
+              "on task | kept | diversity | paper diversity | on-task ratio | paper on-task |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for h in r["per_hop"]:
+        lines.append(f"| {h['hop']} | {_fmt(h['sets'])} | {_fmt(h['sets_unique'])} | {_fmt(h['sampled'])} | "
+                     f"{_fmt(h['composed'])} | {_fmt(h['verified'])} | {_fmt(h['valid'])} | {_fmt(h['on_task'])} | "
+                     f"{_fmt(h['kept'])} | {_fmt(h['diversity'])} | {_fmt(h['paper_diversity'])} | "
+                     f"{_fmt(h['on_task_ratio'], True)} | {_fmt(h['paper_on_task_ratio'], True)} |")
+    lines += ["", f"Diversity: {r['diversity']['method']}, embedded with `{r['embedding_model']}`. "
+              f"Paper columns: {r['paper']}.", ""]
+    if r["retrieval"]:
+        lines += ["## Retrieval", "", "| seed | task type | nearest cluster | distance | pool |", "|---|---|---|---|---|"]
+        for x in r["retrieval"]:
+            lines.append(f"| {x['seed_id']} | {x['task_type']} | {x['cluster_name']} | {x['distance']:.3f} | "
+                         f"{x['pool']} |")
+        lines.append("")
+    c = r["constraints"]
+    lines += ["## Constraints (kept instructions)", "",
+              f"{c['unique']} unique constraints; share inherited from the seed "
+              f"{_fmt(c['share_inherited_from_seed'], True)}, retrieved {_fmt(c['share_retrieved'], True)}. "
+              f"Unique by category: {', '.join(f'{k} {v}' for k, v in c['unique_by_category'].items()) or '–'}. "
+              f"Set sizes: {', '.join(f'{k}: {v}' for k, v in c['set_sizes'].items()) or '–'}.", ""]
+    if c["most_used_retrieved"]:
+        lines += ["Most used retrieved constraints:", ""]
+        lines += [f"- ({x['uses']}) [{x['category']}] {x['text']}" for x in c["most_used_retrieved"][:10]]
+        lines.append("")
+    dropped = ", ".join(f"{k} {v}" for k, v in f["dropped"].items()) or "none"
+    failures = ", ".join(f"{k} {v}" for k, v in f["failures"].items()) or "none"
+    lines += [f"Dropped instructions: {dropped}. Failures (see failures.jsonl): {failures}.", ""]
+    a = r["answers"]
+    lines += ["## Answers", "", "Judge scores (count of 1 / 2 / 3 / 4 / 5):", ""]
+    for dim, dist in a["judge_scores"].items():
+        lines.append(f"- {dim}: " + " / ".join(str(dist.get(str(s), 0)) for s in range(1, 6)))
+    lines += ["", "Wins (best answer of a pair): " + (", ".join(f"{m} {n}" for m, n in a["wins"].items()) or "–"),
+              f"; preference pairs {a['preference_pairs']}.", ""]
+    co = r["cost"]
+    t = r["requests"]["total"]
+    lines += ["## Cost and speed", "",
+              f"Requests sent {t['sent']:,} (answers {t['ok']:,}, {t['cached']:,} from the cache), retries "
+              f"{t['retries']:,}, answered 429 {t['rate_limited']:,}. Tokens: prompt {t['prompt_tokens']:,} "
+              f"(of which served from the provider's prompt cache {t['cached_tokens']:,}), completion "
+              f"{t['completion_tokens']:,}.", ""]
+    if co["priced"]:
+        lines += [f"Cost ${co['usd']:.4f}; the same calls at full input price ${co['usd_at_full_price']:.4f} "
+                  f"(prompt caching saved ${co['saved_by_prompt_cache_usd']:.4f}); per 1,000 SFT examples "
+                  f"${_fmt(co['per_1000_sft_examples_usd'])}.", ""]
+    else:
+        lines += ["No prices configured: set `[engine.prices.\"MODEL\"]` (input, output, cached_input: USD per 1M "
+                  "tokens) to see the cost.", ""]
+    lines += ["| stage | requests sent | answers | cached | failed | prompt tokens | cached prompt | completion | "
+              "cost USD |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, s in r["requests"]["by_stage"].items():
+        lines.append(f"| {name or '(none)'} | {s['sent']:,} | {s['ok']:,} | {s['cached']:,} | {s['failed']:,} | "
+                     f"{s['prompt_tokens']:,} | {s['cached_tokens']:,} | {s['completion_tokens']:,} | "
+                     f"{s['cost']:.4f} |")
+    tm = r["time"]
+    lines += ["", f"Wall time {tm['wall_s']:.1f} s; {_fmt(tm['requests_per_s'])} requests/s; first judged answer "
+              f"at {_fmt(tm['first_judged_answer_s'])} s, last composition at {_fmt(tm['last_compose_s'])} s "
+              "(stages overlap when the first is well before the second).", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def plot(out: Path, r: dict[str, Any], stages: list[Any]) -> list[str]:
+    """PNG plots next to the report (no display needed); the file names written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for st in stages:
+        if st.per_second:
+            ax.plot(range(len(st.per_second)), st.per_second, label=st.name, linewidth=1)
+    ax.set_xlabel("seconds since the start")
+    ax.set_ylabel("items finished per second")
+    ax.set_title("Stage activity over time (overlap of stages)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(out / "timeline.png", dpi=110)
+    plt.close(fig)
+    written.append("timeline.png")
+    hops = [h for h in r["per_hop"] if h["hop"] > 0]
+    if hops:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        xs = [h["hop"] for h in hops]
+        axes[0].plot(xs, [h["diversity"] for h in hops], "o-", label=f"this run ({r['method']})")
+        axes[1].plot(xs, [h["on_task_ratio"] for h in hops], "o-", label=f"this run ({r['method']})")
+        for name, style in (("tcia", "--"), ("evol", ":")):
+            p = PAPER[name]
+            axes[0].plot(xs, [p["diversity"].get(x) for x in xs], style, label=f"paper {name}")
+            axes[1].plot(xs, [p["on_task"].get(x) for x in xs], style, label=f"paper {name}")
+        axes[0].set_title("diversity per hop")
+        axes[1].set_title("on-task ratio per hop")
+        for ax in axes:
+            ax.set_xlabel("hop")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "per_hop.png", dpi=110)
+        plt.close(fig)
+        written.append("per_hop.png")
+    scores = r["answers"]["judge_scores"]
+    if scores:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        width = 0.8 / len(scores)
+        for i, (dim, dist) in enumerate(scores.items()):
+            ax.bar([s + i * width for s in range(1, 6)], [dist.get(str(s), 0) for s in range(1, 6)], width,
+                   label=dim)
+        ax.set_xlabel("score")
+        ax.set_ylabel("answers")
+        ax.set_title("judge scores")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "judge_scores.png", dpi=110)
+        plt.close(fig)
+        written.append("judge_scores.png")
+    return written
+
+
+def headline(r: dict[str, Any]) -> str:
+    f = r["funnel"]
+    hops = ", ".join(f"hop {h['hop']}: diversity {_fmt(h['diversity'])}, on task {_fmt(h['on_task_ratio'], True)}"
+                     for h in r["per_hop"])
+    sim = " [simulated]" if r["simulated"] else ""
+    cost = f", ${r['cost']['usd']:.4f}" if r["cost"]["priced"] else ""
+    return (f"run complete ({r['method']}){sim}: {f['composed']:,} instructions composed, {f['kept']:,} kept, "
+            f"{f['sft_examples']:,} SFT examples, {f['preference_pairs']:,} preference pairs in "
+            f"{r['time']['wall_s']:.1f} s{cost}\n  {hops}")
+
+
+def write_report(out: Path, result: dict[str, Any], rec: Any, div: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Write report.json, report.md and the plots into `out`; returns the report with its `headline`."""
+    import orjson
+
+    r = build_report(result, rec, div)
+    plots = plot(out, r, result["stages"])
+    r["plots"] = plots
+    tmp = out / "report.json.partial"
+    tmp.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS) + b"\n")
+    tmp.replace(out / "report.json")
+    md = out / "report.md.partial"
+    md.write_text(render_markdown(r, plots), encoding="utf-8")
+    md.replace(out / "report.md")
+    r["headline"] = headline(r)
+    return r
