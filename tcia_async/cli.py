@@ -28,9 +28,10 @@ class _Command(NamedTuple):
 
 COMMANDS: dict[str, _Command] = {
     "demo": _Command(
-        "run the engine end to end against a local simulator (no API key, no network)",
-        "Start the OpenAI-compatible simulator on loopback, send a sample request file through `generate` under a "
-        "rate limit, rerun it to show that a resumed run pays nothing twice, and query the shipped task database.",
+        "run the TCIA pipeline end to end against a local simulator (no API key, no network)",
+        "Start the OpenAI-compatible simulator on loopback and run `tcia-async run` on the shipped seeds, "
+        "contexts and task database: interrupted with a Ctrl-C part way, resumed, and replayed, to show that a "
+        "resumed run pays nothing twice; then print the report's headline figures.",
         "tcia_async.flows.demo",
         "run",
     ),

@@ -44,6 +44,7 @@ def _counters(c: Any) -> dict[str, Any]:
     d = msgspec.to_builtins(c)
     d["cost"] = round(d["cost"], 6)
     d["cost_full"] = round(d["cost_full"], 6)
+    d["cost_replayed"] = round(d["cost_replayed"], 6)
     d["wire_s"] = round(d["wire_s"], 3)
     return d
 
@@ -70,7 +71,7 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
         st["requests"] = _counters(calls) if calls is not None else None
     llm_stages = {name: _counters(c) for name, c in eng.stages.items()}
     kept_sft = rec.sft
-    cost = eng.cost
+    cost = eng.cost + eng.cost_replayed  # what the data cost to make, whichever run paid for it
     constraints = _constraint_report(rec)
     judge = {dim: {str(k): v for k, v in sorted(c.items())} for dim, c in rec.scores.items()}
     compose = next((s for s in result["stages"] if s.name in ("compose", "evol")), None)
@@ -106,8 +107,10 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
         "answers": {"judge_scores": judge, "wins": dict(rec.wins), "preference_pairs": rec.preferences},
         "requests": {"total": _counters(eng), "by_stage": llm_stages,
                      "by_model": {m: _counters(c) for m, c in eng.models.items()}},
-        "cost": {"usd": round(cost, 6), "usd_at_full_price": round(eng.cost_full, 6),
-                 "saved_by_prompt_cache_usd": round(eng.cost_full - cost, 6),
+        "cost": {"usd": round(cost, 6), "paid_by_this_run_usd": round(eng.cost, 6),
+                 "replayed_from_cache_usd": round(eng.cost_replayed, 6),
+                 "usd_at_full_price": round(eng.cost_full, 6),
+                 "saved_by_prompt_cache_usd": round(eng.cost_full - eng.cost, 6),
                  "cached_prompt_tokens": eng.cached_tokens, "prompt_tokens": eng.prompt_tokens,
                  "per_1000_sft_examples_usd": round(cost / kept_sft * 1000, 6) if kept_sft else None,
                  "priced": bool(result["prices"]), "prices": result["prices"]},
@@ -201,9 +204,12 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
               f"(of which served from the provider's prompt cache {t['cached_tokens']:,}), completion "
               f"{t['completion_tokens']:,}.", ""]
     if co["priced"]:
-        lines += [f"Cost ${co['usd']:.4f}; the same calls at full input price ${co['usd_at_full_price']:.4f} "
-                  f"(prompt caching saved ${co['saved_by_prompt_cache_usd']:.4f}); per 1,000 SFT examples "
-                  f"${_fmt(co['per_1000_sft_examples_usd'])}.", ""]
+        lines += [f"Cost of the data ${co['usd']:.4f} (${co['paid_by_this_run_usd']:.4f} paid by this run, "
+                  f"${co['replayed_from_cache_usd']:.4f} by earlier runs: their answers were replayed from the "
+                  f"cache); per 1,000 SFT examples ${_fmt(co['per_1000_sft_examples_usd'])}. The calls this run "
+                  f"sent cost ${co['paid_by_this_run_usd']:.4f}; at full input price, without the provider's "
+                  f"prompt cache, ${co['usd_at_full_price']:.4f} (saved ${co['saved_by_prompt_cache_usd']:.4f}).",
+                  ""]
     else:
         lines += ["No prices configured: set `[engine.prices.\"MODEL\"]` (input, output, cached_input: USD per 1M "
                   "tokens) to see the cost.", ""]

@@ -1,4 +1,5 @@
-"""`tcia-async demo`: the user's first command must work offline and show a resume that pays nothing twice."""
+"""`tcia-async demo`: the user's first command must work offline, run the whole pipeline, and show a resume that
+pays nothing twice."""
 
 from __future__ import annotations
 
@@ -10,20 +11,25 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_runs_offline_and_resumes_without_repeating_paid_calls(tmp_path):
+def test_demo_runs_the_pipeline_offline_and_resumes_without_repeating_paid_calls(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "tcia_async", "demo", "--out", str(out), "--requests", "300", "--latency-ms", "5",
+        [sys.executable, "-m", "tcia_async", "demo", "--out", str(out), "--sets", "12", "--latency-ms", "20",
          "--quiet"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    ids = [r["custom_id"] for r in results]
-    assert len(ids) == 330 and len(set(ids)) == 330  # 300 chat + 30 embeddings lines, each exactly once
-    assert all(r["error"] is None and r["response"]["status_code"] == 200 for r in results)
-    s2 = json.loads((out / "summary-2.json").read_text())
-    s3 = json.loads((out / "summary-3.json").read_text())
-    assert s2["cached"] == 165  # the half answered before the "crash" came from the cache
-    assert s3["sent"] == 0 and s3["cached"] == 330
-    assert "0 paid twice" in proc.stdout
+    assert "run 1 ended with exit code 130" in proc.stderr  # a real Ctrl-C part way
+    report = json.loads((out / "run" / "report.json").read_text())
+    assert report["simulated"] is True and report["funnel"]["composed"] == 3 * 12
+    sft = (out / "run" / "sft.jsonl").read_text().splitlines()
+    assert len(sft) == report["funnel"]["sft_examples"] > 0
+    assert "0 paid twice" in proc.stdout and "run 3 sent 0" in proc.stdout
+
+
+def test_demo_refuses_an_out_that_is_a_file(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("mine")
+    proc = subprocess.run([sys.executable, "-m", "tcia_async", "demo", "--out", str(f)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "not a directory" in proc.stderr and f.read_text() == "mine"

@@ -191,7 +191,10 @@ class Engine:
         data = canonical(body)
         answer = await req.call(CHAT, body, data, req.chat_ep.key(CHAT, data, sample), stage=stage,
                                 priority=priority)
-        return answer.parsed()
+        parsed = answer.parsed()
+        if answer.replayed:
+            req.replayed(parsed, str(body.get("model") or ""), stage)
+        return parsed
 
     async def chat_json(self, body: dict[str, Any], typ: type[T], *, schema_name: str | None = None,
                         sample: int = 0, stage: str = "", priority: int = 0,

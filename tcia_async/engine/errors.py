@@ -44,6 +44,8 @@ class Counters(msgspec.Struct, kw_only=True):
     counts HTTP attempts, `retries` attempts after the first, `rate_limited` 429 answers. Tokens and cost are
     what answers from the network reported (a cached answer costs nothing); `cached_tokens` is the part of
     `prompt_tokens` the provider served from its prompt cache, and `cost_full` the cost at full input price.
+    `cost_replayed` is what the chat answers replayed from the cache cost when they were paid for (an earlier
+    run's, or an identical request's): `cost + cost_replayed` is what the results cost to make.
     `wire_s` sums the time answered attempts spent on the wire."""
 
     ok: int = 0
@@ -58,6 +60,7 @@ class Counters(msgspec.Struct, kw_only=True):
     tokens: int = 0
     cost: float = 0.0
     cost_full: float = 0.0
+    cost_replayed: float = 0.0
     wire_s: float = 0.0
 
 

@@ -52,6 +52,7 @@ class Answer(NamedTuple):
     body: dict[str, Any] | None  # parsed, when it came from the network (else parse `raw`)
     request_id: str
     shared: bool  # from the cache or from an identical request in flight
+    replayed: bool = False  # from the cache: paid for by an earlier run or call
 
     def parsed(self) -> dict[str, Any]:
         return self.body if self.body is not None else orjson.loads(self.raw)
@@ -226,7 +227,7 @@ class Requests:
         if self.cache is None:
             return None
         hit = self.cache.get(key)
-        return None if hit is None else Answer(hit[0], None, hit[1], True)
+        return None if hit is None else Answer(hit[0], None, hit[1], True, True)
 
     async def call(self, path: str, body: dict[str, Any], data: bytes, key: bytes, *, stage: str = "",
                    priority: int = 0, check_cache: bool = True) -> Answer:
@@ -420,26 +421,36 @@ class Requests:
             self.stats.in_flight -= 1
             self.slots.release()
 
+    def usage(self, parsed: dict[str, Any], model: str) -> tuple[int, int, int, float, float]:
+        """(prompt, completion, cached prompt tokens, cost, cost at full input price) of an answer's usage."""
+        usage = parsed.get("usage")
+        if type(usage) is not dict:
+            return 0, 0, 0, 0.0, 0.0
+        p = usage.get("prompt_tokens") or 0
+        c = usage.get("completion_tokens") or 0
+        details = usage.get("prompt_tokens_details")
+        cached = (details.get("cached_tokens") or 0) if type(details) is dict else 0
+        price = self.config.prices.get(model)
+        if price is None:
+            return p, c, cached, 0.0, 0.0
+        cached_price = price.input if price.cached_input is None else price.cached_input
+        full = (p * price.input + c * price.output) / 1e6
+        return p, c, cached, full - cached * (price.input - cached_price) / 1e6, full
+
+    def replayed(self, parsed: dict[str, Any], model: str, stage: str) -> None:
+        """Count what a chat answer replayed from the cache cost when it was paid for."""
+        if self.config.prices:
+            cost = self.usage(parsed, model)[3]
+            for v in self.stats.views(stage, model):
+                v.cost_replayed += cost
+
     def _account(self, parsed: dict[str, Any], budget: Budget, ticket: Any, tokens: float, fixed_out: float,
                  model: str, views: tuple[Counters, ...], chat: bool, elapsed: float) -> None:
-        usage = parsed.get("usage")
-        p = c = cached = 0
-        if type(usage) is dict:
-            p = usage.get("prompt_tokens") or 0
-            c = usage.get("completion_tokens") or 0
-            details = usage.get("prompt_tokens_details")
-            if type(details) is dict:
-                cached = details.get("cached_tokens") or 0
-            if chat:
-                self.estimator.observe(model, c)
-            if ticket:
-                budget.settle(ticket, tokens, p + (c if fixed_out < 0 else fixed_out))
-        cost = full = 0.0
-        price = self.config.prices.get(model)
-        if price is not None:
-            cached_price = price.input if price.cached_input is None else price.cached_input
-            full = (p * price.input + c * price.output) / 1e6
-            cost = full - cached * (price.input - cached_price) / 1e6
+        p, c, cached, cost, full = self.usage(parsed, model)
+        if chat:
+            self.estimator.observe(model, c)
+        if ticket:
+            budget.settle(ticket, tokens, p + (c if fixed_out < 0 else fixed_out))
         for v in views:
             v.prompt_tokens += p
             v.completion_tokens += c

@@ -1,0 +1,208 @@
+"""`tcia-async run` as a user runs it, against the simulator: every output, resume without paying twice, faults,
+bad input, a kill -9, streaming stages, and the Evol-Instruct baseline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tcia_async.sim import SimConfig, SimThread
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tcia_async" / "data"
+SMALL = """
+[explore]
+sample = 6
+[contexts]
+per_instruction = 2
+[respond]
+generators = ["gpt-4.1-mini", "gpt-4.1-nano"]
+"""
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("OPENAI_BASE_URL", None)
+    e["OPENAI_API_KEY"] = "sk-test-not-a-real-key"
+    return e
+
+
+def argv(out: Path, base: str, config: Path, *more: str, seeds: Path = DATA / "seeds.jsonl") -> list[str]:
+    return [sys.executable, "-m", "tcia_async", "run", str(seeds), "--contexts", str(DATA / "contexts.jsonl"),
+            "--out", str(out), "--base-url", base, "--config", str(config), "--quiet", *more]
+
+
+def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, env=env(), timeout=timeout)
+
+
+def lines(path: Path) -> list[dict]:
+    return [orjson.loads(x) for x in path.read_bytes().splitlines()]
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    p = tmp_path / "small.toml"
+    p.write_text(SMALL)
+    return p
+
+
+@pytest.mark.slow
+def test_a_run_writes_every_output_and_a_rerun_pays_nothing(tmp_path, small):
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run(argv(out, sim.base_url, small))
+        assert p.returncode == 0, p.stderr
+        paid = sim.stats()["requests"]
+        instructions = lines(out / "instructions.jsonl")
+        sft = lines(out / "sft.jsonl")
+        prefs = lines(out / "preferences.jsonl")
+        report = orjson.loads((out / "report.json").read_bytes())
+
+        assert len(instructions) == 3 * 6 and len({i["id"] for i in instructions}) == 18
+        for i in instructions:
+            assert i["hop"] >= 1 and len(i["ops"]) == i["hop"] and i["constraints"]
+            assert {c["origin"] for c in i["constraints"]} <= {"seed", "retrieved"}
+            assert i["kept"] == (i["dropped"] is None)
+            if i["dropped"] != "not_covered":
+                assert "{context}" in i["prompt"] and i["validity"]["reason"] and i["on_task"] is not None
+        kept = [i for i in instructions if i["kept"]]
+        assert kept and len(sft) == 2 * len(kept)  # two contexts per kept instruction
+        for ex in sft:  # TRL / Hugging Face chat format
+            assert [m["role"] for m in ex["messages"]] == ["user", "assistant"]
+            assert "{context}" not in ex["messages"][0]["content"]
+            assert ex["metadata"]["generator"] in ("gpt-4.1-mini", "gpt-4.1-nano")
+        assert len({ex["metadata"]["pair_id"] for ex in sft}) == len(sft)
+        for pr in prefs:  # TRL's DPO format
+            assert pr["chosen"] != pr["rejected"] and pr["chosen_mean"] - pr["rejected_mean"] >= 1.0
+        assert report["method"] == "tcia" and report["simulated"] is True
+        for row in report["per_hop"]:
+            assert set(row) >= {"hop", "sets", "sets_unique", "sampled", "composed", "verified", "valid", "kept"}
+        assert sum(r["sampled"] for r in report["per_hop"]) == 18
+        assert report["funnel"]["sft_examples"] == len(sft)
+        assert report["requests"]["by_stage"]["judge"]["ok"] > 0 and report["time"]["wall_s"] > 0
+        assert (out / "report.md").read_text().startswith("# tcia-async run report")
+        assert (out / "timeline.png").stat().st_size > 0
+
+        # A rerun of a finished run sends nothing and writes the same records.
+        p = run(argv(out, sim.base_url, small))
+        assert p.returncode == 0, p.stderr
+        assert sim.stats()["requests"] == paid
+        assert sorted(map(orjson.dumps, lines(out / "instructions.jsonl"))) == sorted(map(orjson.dumps, instructions))
+        assert sorted(map(orjson.dumps, lines(out / "sft.jsonl"))) == sorted(map(orjson.dumps, sft))
+
+
+@pytest.mark.slow
+def test_faults_change_nothing_but_the_retries(tmp_path, small):
+    with SimThread(SimConfig(batch_delay_s=None)) as clean:
+        assert run(argv(tmp_path / "clean", clean.base_url, small)).returncode == 0
+    with SimThread(SimConfig(error_rate=0.08, batch_delay_s=None)) as faulty:
+        p = run(argv(tmp_path / "faulty", faulty.base_url, small))
+        assert p.returncode == 0, p.stderr
+        assert sum(faulty.stats()["faults"].values()) > 0
+    a = sorted(map(orjson.dumps, lines(tmp_path / "clean" / "sft.jsonl")))
+    b = sorted(map(orjson.dumps, lines(tmp_path / "faulty" / "sft.jsonl")))
+    assert a == b
+    report = orjson.loads((tmp_path / "faulty" / "report.json").read_bytes())
+    assert report["requests"]["total"]["retries"] > 0
+
+
+def test_bad_seed_lines_are_named_and_the_good_ones_run(tmp_path, small):
+    seeds = tmp_path / "seeds.jsonl"
+    good = orjson.loads((DATA / "seeds.jsonl").read_bytes().splitlines()[0])
+    seeds.write_bytes(b"\n".join([
+        orjson.dumps(good),
+        b"{not json",
+        orjson.dumps({"id": "no-instruction"}),
+        orjson.dumps(good),  # the same id again
+        orjson.dumps({"id": "bare", "instruction": "Hi."}),  # no requirement: nothing to explore
+    ]) + b"\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run(argv(out, sim.base_url, small, seeds=seeds))
+    assert p.returncode == 4, p.stderr  # finished, but some items ended in an error
+    for line in (2, 3, 4):
+        assert f"seeds.jsonl:{line}:" in p.stderr
+    failures = lines(out / "failures.jsonl")
+    assert [(f["stage"], f["id"], f["code"]) for f in failures] == [("decompose", "bare", "no_task")]
+    assert len(lines(out / "instructions.jsonl")) == 6
+
+
+def test_settings_and_paths_are_checked_before_anything_is_written(tmp_path, small):
+    out = tmp_path / "run"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[explore]\nqueu_limit = 3\n")
+    p = run(argv(out, "http://127.0.0.1:9/v1", bad))
+    assert p.returncode == 2 and "queu_limit" in p.stderr and "bad.toml" in p.stderr
+    bad.write_text("[validate]\nmin_validity = 9\n")
+    p = run(argv(out, "http://127.0.0.1:9/v1", bad))
+    assert p.returncode == 2 and "[validate] min_validity = 9" in p.stderr
+    (tmp_path / "afile").write_text("x")
+    p = run(argv(tmp_path / "afile", "http://127.0.0.1:9/v1", small))
+    assert p.returncode == 2 and "not a directory" in p.stderr
+    p = run(argv(out, "http://127.0.0.1:9/v1", small, "--db", str(tmp_path)))
+    assert p.returncode == 2 and "not a task database" in p.stderr
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_stages_overlap_the_first_answer_is_judged_before_the_last_set_is_composed(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(SMALL.replace("sample = 6", "sample = 30") + "[engine]\nconcurrency = 16\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(latency_ms=15, batch_delay_s=None)) as sim:
+        p = run(argv(out, sim.base_url, conf))
+        assert p.returncode == 0, p.stderr
+    t = orjson.loads((out / "report.json").read_bytes())["time"]
+    assert t["first_judged_answer_s"] < t["last_compose_s"]
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_completes_with_every_record_once(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(SMALL.replace("sample = 6", "sample = 20") + "[engine]\nconcurrency = 8\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(latency_ms=20, batch_delay_s=None)) as sim:
+        proc = subprocess.Popen(argv(out, sim.base_url, conf), env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        sim.wait_requests(150, timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 10
+        while True:  # requests the killed run left on the wire end (their handlers notice the client is gone)
+            st = sim.stats()
+            if sum(st["by_status"].values()) + st["faults"].get("client_gone", 0) >= st["requests"]:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        p = run(argv(out, sim.base_url, conf))
+        assert p.returncode == 0, p.stderr
+        st = sim.stats()
+    assert st["duplicates"] <= 8 * 2  # at most what was on the wire (or answered but not yet written)
+    ids = [i["id"] for i in lines(out / "instructions.jsonl")]
+    assert len(ids) == len(set(ids)) == 60
+    pairs = [x["metadata"]["pair_id"] for x in lines(out / "sft.jsonl")]
+    assert len(pairs) == len(set(pairs))
+
+
+@pytest.mark.slow
+def test_the_evol_baseline_runs_three_hops_through_the_same_stages(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(SMALL + "[evol]\nper_hop = 4\n")
+    out = tmp_path / "evol"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run(argv(out, sim.base_url, conf, "--method", "evol"))
+        assert p.returncode == 0, p.stderr
+    ins = lines(out / "instructions.jsonl")
+    assert {i["hop"] for i in ins} == {1, 2, 3} and len(ins) == 3 * 3 * 4
+    assert all(i["method"] == "evol" and len(i["ops"]) == i["hop"] for i in ins)
+    report = orjson.loads((out / "report.json").read_bytes())
+    assert report["method"] == "evol" and [r["sampled"] for r in report["per_hop"]] == [12, 12, 12]
+    assert all(r["on_task_ratio"] is not None for r in report["per_hop"])
