@@ -39,6 +39,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "resume": {"n": 600, "c": 32, "latency_ms": 50, "poll_ms": 5},
         "memory": {"n": 2000, "n_small": 500, "c": 64},
         "hnsw": {"n": 2000, "queries": 200, "dbscan_n": 500},
+        "pipeline": {"sample": 4, "c": 16, "latency_ms": 20, "engine_n": 200},
     },
     "quick": {
         "throughput": {"n": 5000, "c": 256, "rounds": 3, "sdk_n": 5000},
@@ -47,6 +48,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "resume": {"n": 5000, "c": 256, "latency_ms": 200, "poll_ms": 20},
         "memory": {"n": 100_000, "n_small": 10_000, "c": 256},
         "hnsw": {"n": 20_000},
+        "pipeline": {"sample": 150, "c": 64, "latency_ms": 100, "engine_n": 4000},
     },
     "full": {
         "throughput": {"n": 20_000, "c": 256, "rounds": 3, "sdk_n": 20_000},
@@ -55,6 +57,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "resume": {"n": 20_000, "c": 256, "latency_ms": 200, "poll_ms": 20},
         "memory": {"n": 1_000_000, "n_small": 100_000, "c": 256},
         "hnsw": {"n": 100_000},
+        "pipeline": {"sample": 2000, "c": 128, "latency_ms": 100, "engine_n": 20_000},
     },
 }
 
@@ -104,15 +107,9 @@ def run_hnsw(ctx: Context) -> dict:
     return res
 
 
-def run_pipeline(ctx: Context) -> dict:
-    return {"overlap_ratio": None, "skipped": "pipeline not implemented yet"}
-
-
 def run_scenario(name: str, ctx: Context) -> dict:
     if name == "hnsw":
         return run_hnsw(ctx)
-    if name == "pipeline":
-        return run_pipeline(ctx)
     module = __import__(name)
     return module.run(ctx)
 

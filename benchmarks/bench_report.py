@@ -51,7 +51,10 @@ TARGETS = [
     ("hnsw", "build_s", "index build, one thread (s)", "<=", 60.0, "issue 4 (at 100k)"),
     ("hnsw", "dbscan_adjusted_rand", "DBSCAN on HNSW vs exact: adjusted Rand", None, None, ""),
     ("hnsw", "dbscan_speedup", "DBSCAN on HNSW vs exact: speed-up", None, None, ""),
-    ("pipeline", "overlap_ratio", "wall ÷ (requests ÷ engine req/s)", None, None, ""),
+    ("pipeline", "overlap_ratio", "TCIA pipeline wall ÷ (its requests ÷ engine req/s)", "<=", 1.15, "issue 12"),
+    ("pipeline", "pipeline_rps", "TCIA pipeline requests/s", None, None, ""),
+    ("pipeline", "engine_rps", "engine req/s at the same latency and concurrency", None, None, ""),
+    ("pipeline", "peak_rss_mb", "peak RSS of the run (MB)", "<", 300.0, "issue 12"),
 ]
 
 

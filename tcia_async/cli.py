@@ -1,7 +1,8 @@
 """Command-line interface: argument parsing only. Each subcommand hands its arguments to one flow.
 
-Exit codes: 0 done, 1 internal error, 2 usage or configuration error, 3 stopped early on quota/auth (state kept;
-rerun the same command to continue), 130 interrupted (Ctrl-C; rerun to continue).
+Exit codes (flows/__init__.py): 0 done, 2 usage, configuration or path error, 3 stopped early on quota, auth or
+a failing provider (state kept; rerun the same command to continue), 4 done but some items ended in an error,
+130 interrupted (Ctrl-C; rerun to continue).
 
 Only the chosen subcommand's module is imported (its flags live beside its flow), so `tcia-async generate`
 does not pay for importing the simulator or the task database at start-up.
@@ -53,6 +54,14 @@ COMMANDS: dict[str, _Command] = {
         "tcia_async.flows.run",
         "run_cli",
     ),
+    "compare": _Command(
+        "compare several runs side by side (e.g. TCIA against the Evol-Instruct baseline)",
+        "A side-by-side table and plots of runs of `tcia-async run`: diversity and on-task ratio per hop, kept "
+        "share, judge means and cost per 1,000 SFT examples, with the paper's figures for reference. Diversity is "
+        "compared only between runs embedded with the same model.",
+        "tcia_async.flows.compare",
+        "run_cli",
+    ),
     "db": _Command(
         "build and query the task database (decomposed instructions, task-type clusters, HNSW indexes)",
         "The task database that TCIA retrieves constraints from.",
@@ -95,6 +104,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         description="Generate on-task instruction-tuning data with TCIA against OpenAI-compatible APIs, at the "
         "speed of the provider's rate limit, resumable without paying twice. Run `tcia-async COMMAND --help` for "
         "a command's flags.",
+        epilog="exit codes: 0 done; 2 usage, configuration or path error (nothing written); 3 stopped: quota, auth or "
+        "a provider failing on everything (rerun to continue); 4 done, but some items ended in an error; "
+        "130 interrupted (rerun to continue).",
     )
     parser.add_argument("--version", action="version", version=f"tcia-async {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -57,6 +57,7 @@ class Clock:
 
 
 REAL_CLOCK = Clock()
+WAIT = object()  # pay_now: the payment does not fit now
 
 
 class BudgetTooSmall(Exception):
@@ -273,15 +274,22 @@ class Budget:
         ticket += [(w, w.add(tokens, now)) for w in self.tokens]
         return 0.0, ticket
 
-    async def acquire(self, tokens: float = 0.0, priority: int = 0) -> Any:
-        """Pay one request and `tokens` to every window, waiting until it fits. Returns a ticket for `settle`
-        and `restamp` (None when nothing is limited)."""
+    def pay_now(self, tokens: float = 0.0, priority: int = 0) -> Any:
+        """`acquire` without waiting: its ticket when the payment goes through now, else WAIT."""
         if not self.limited:
             return None
         if not self._waiters or priority > -self._waiters[0].order[0]:
             wait, ticket = self.try_pay(tokens)
             if wait == 0.0:
                 return ticket
+        return WAIT
+
+    async def acquire(self, tokens: float = 0.0, priority: int = 0) -> Any:
+        """Pay one request and `tokens` to every window, waiting until it fits. Returns a ticket for `settle`
+        and `restamp` (None when nothing is limited)."""
+        ticket = self.pay_now(tokens, priority)
+        if ticket is not WAIT:
+            return ticket
         self._seq += 1
         me = _Waiter(priority, self._seq)
         heapq.heappush(self._waiters, me)

@@ -31,9 +31,9 @@ from tcia_async.config import EngineConfig
 from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
 from tcia_async.engine.client import TRANSPORT_ERRORS, BodyTooLarge, Transport
 from tcia_async.engine.errors import Counters, EngineStats, NotSent, RequestFailed, RunStopped
-from tcia_async.engine.limits import Budget, BudgetTooSmall, Limiter
+from tcia_async.engine.limits import WAIT, Budget, BudgetTooSmall, Limiter
 from tcia_async.engine.retry import COOLDOWN, FAIL, RETRY, STOP, Verdict, backoff, classify_status
-from tcia_async.engine.tokens import OutputEstimator, count_chat_prompt
+from tcia_async.engine.tokens import OutputEstimator, chat_prompt_bound_from_json, count_chat_prompt
 
 CHAT = "/v1/chat/completions"
 EMBEDDINGS = "/v1/embeddings"
@@ -79,10 +79,16 @@ class Slots:
         self._waiters: list[list[Any]] = []  # heap of [-priority, seq, event, granted]
         self._seq = 0
 
-    async def acquire(self, priority: int = 0) -> bool:
-        """Take a slot; True when it had to wait."""
+    def take(self) -> bool:
+        """Take a slot without waiting, when one is free and nobody waits for one."""
         if self.free > 0 and not self._waiters:
             self.free -= 1
+            return True
+        return False
+
+    async def acquire(self, priority: int = 0) -> bool:
+        """Take a slot; True when it had to wait."""
+        if self.take():
             return False
         self._seq += 1
         me = [-priority, self._seq, anyio.Event(), False]
@@ -273,12 +279,12 @@ class Requests:
         # Nothing awaits between the check above and `exchange` marking the key in flight.
         ep = self.endpoint(path)
         budget = self.limiter.budget(ep.provider, model)
-        tokens, fixed = self._reservation(budget, body, model) if budget.counts_tokens else (0.0, -1.0)
+        tokens, fixed = self._reservation(budget, body, len(data), model) if budget.counts_tokens else (0.0, -1.0)
         raw, parsed, rid = await self.exchange(ep, path, data, budget, tokens, model, fixed_out=fixed,
                                                stage=stage, priority=priority, key=key)
         return Answer(raw, parsed, rid, False)
 
-    def _reservation(self, budget: Budget, body: dict[str, Any], model: str) -> tuple[float, float]:
+    def _reservation(self, budget: Budget, body: dict[str, Any], size: int, model: str) -> tuple[float, float]:
         """(tokens to reserve, output tokens charged whatever the answer, or -1 when the real completion counts).
 
         Providers charge `max_tokens` against TPM when a request is admitted (OpenAI's rate-limit guide), so
@@ -289,7 +295,11 @@ class Requests:
         n = n if type(n) is int and n >= 1 else 1
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
         cap = cap if type(cap) is int and cap > 0 else 0
-        prompt = count_chat_prompt(body)
+        # Far from the limit the exact prompt count changes no decision: a bound from the JSON's length will do
+        # (settlement puts the provider's count in its place). Near the limit, count exactly.
+        prompt = chat_prompt_bound_from_json(size)
+        if prompt * 2 + cap * n > budget.token_headroom():
+            prompt = count_chat_prompt(body)
         if cap:
             return float(prompt + cap * n), float(cap * n)
         guess = self.estimator.estimate(model, None) * n
@@ -342,11 +352,15 @@ class Requests:
             if self.stopped is not None:
                 raise RunStopped(self.stopped)
             attempt += 1
+            if self._halted:
+                raise NotSent()
             try:
-                ticket = await self._unless_halted(budget.acquire, tokens, priority)
+                ticket = budget.pay_now(tokens, priority)  # most payments need no wait: no wait is set up
+                if ticket is WAIT:
+                    ticket = await self._unless_halted(budget.acquire, tokens, priority)
             except BudgetTooSmall as exc:
                 raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
-            if await self._unless_halted(self.slots.acquire, priority):
+            if not self.slots.take() and await self._unless_halted(self.slots.acquire, priority):
                 budget.restamp(ticket)  # it waited for a slot after paying: the provider counts it from now
             status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, views)
             if status == 200:

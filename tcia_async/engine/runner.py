@@ -4,8 +4,8 @@ Shape (no task and no record per input line):
 - a source reads requests lazily in chunks of 256, turns bad lines into error results at once (naming the line),
   computes cache keys and looks each chunk up in the cache with one query; cached answers go straight out;
 - a feeder keeps a bounded queue of the rest filled (at most 2 x workers waiting);
-- a fixed pool of workers takes requests from the queue and sends them (request.py: a worker waiting for budget
-  holds no connection slot, so there are twice as many workers as slots);
+- a fixed pool of `concurrency` workers takes requests from the queue and sends them (request.py; a worker
+  waiting for its model's budget holds no connection slot);
 - results go to a sink as they complete: a file (the CLI) or a bounded queue read by `Engine.generate`.
 
 `Run.drain()` stops taking new requests and lets the ones in flight finish; `Run.abandon()` cancels the waits.
@@ -407,7 +407,7 @@ class Run:
         self.source = source
         self.sink = sink
         self.stage = stage
-        self.workers = max(1, workers or 2 * requests.config.concurrency)
+        self.workers = max(1, workers or requests.config.concurrency)
         self.stopped: str | None = None  # RunStopped message
         self.draining = False
         self.in_flight = 0
