@@ -287,3 +287,229 @@ async def test_score_schemas_get_plausible_scores(sim):
 async def test_other_names_get_generic_instances(sim):
     obj = await _structured(sim, "anything", COMPOSE, "hello")
     assert re.match(r"\[simulated\]", obj["prompt"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage rules the pipeline relies on (tcia_compose, tcia_validate, tcia_on_task, tcia_judge, tcia_evol), called as
+# the server calls them: a schema name, the stage's strict schema, the messages (system first, item last).
+# ---------------------------------------------------------------------------------------------------------------
+
+def _strict(properties: dict) -> dict:
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False}
+
+
+SCORE = {"type": "integer", "minimum": 1, "maximum": 5}
+VALIDATE = _strict({"validity": SCORE, "validity_reason": {"type": "string"},
+                    "consistency": SCORE, "consistency_reason": {"type": "string"}})
+ON_TASK = _strict({"same_task": {"type": "boolean"}, "reason": {"type": "string"}})
+DIMENSION = _strict({"score": SCORE, "reason": {"type": "string"}})
+JUDGE5 = _strict({d: DIMENSION for d in rules.JUDGE_DIMENSIONS})
+EVOL = _strict({"instruction": {"type": "string"}})
+SCHEMAS = {"tcia_compose": COMPOSE, "tcia_verify": VERIFY, "tcia_validate": VALIDATE, "tcia_on_task": ON_TASK,
+           "tcia_judge": JUDGE5, "tcia_evol": EVOL}
+SYSTEM = "You are a careful assistant. The item comes in tagged blocks such as <prompt> and <constraints>."
+
+
+def ask(name: str, item: str, h: int = 1, seed: int = 0, follow_up: bool = False) -> dict:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Do the task.\n\n{item}"}]
+    if follow_up:  # the engine's corrective turn after an answer that failed the schema
+        messages += [{"role": "assistant", "content": "{}"},
+                     {"role": "user", "content": "That answer does not match the required JSON schema (x). Reply "
+                                                 "again with only a JSON object that matches it."}]
+    obj = rules.structured(name, SCHEMAS[name], messages, h, seed)
+    assert check(obj, SCHEMAS[name], SCHEMAS[name]) == []
+    return obj
+
+
+def numbered(lines) -> str:
+    return "\n".join(f"{i}. {c}" for i, c in enumerate(lines, 1))
+
+
+def compose_item(base: str, constraints: list[str], previous: str | None = None) -> str:
+    item = f"<base_query>\n{base}\n</base_query>\n<constraints>\n{numbered(constraints)}\n</constraints>"
+    if previous is not None:
+        item += f"\n<previous_prompt>\n{previous}\n</previous_prompt>\n<critique>\n1. not covered: missing\n</critique>"
+    return item
+
+
+def gaps(prompt: str, constraints: list[str]) -> list[int]:
+    found = ask("tcia_verify", f"<prompt>\n{prompt}\n</prompt>\n<constraints>\n{numbered(constraints)}\n</constraints>")
+    return [r["index"] for r in found["results"] if not r["covered"]]
+
+
+TOPICS = ["the meeting transcript", "the quarterly report", "the support ticket", "the code change", "the essay",
+          "the press release", "the product page", "the lecture notes"]
+STYLES = ["Use a neutral tone.", "Use bullet points.", "Keep it under 150 words.", "Answer in English.",
+          "Mention every deadline.", "End with a question.", "Avoid jargon.", "Name the owner of each task."]
+
+
+def synthetic_items(n: int) -> list[tuple[str, list[str]]]:
+    """n different (base query, constraints) items, built without randomness."""
+    out = []
+    for i in range(n):
+        base = f"Summarize {TOPICS[i % len(TOPICS)]} number {i}."
+        out.append((base, [STYLES[(i + k * 3) % len(STYLES)] for k in range(1 + i % 3)]))
+    return out
+
+
+def test_compose_leaves_gaps_on_some_first_attempts_and_never_closes_a_few():
+    items = synthetic_items(400)
+    first_gap, stuck = [], []
+    for base, cons in items:
+        first = ask("tcia_compose", compose_item(base, cons))["prompt"]
+        assert first.startswith(base + "\n") and first.endswith("\n[CONTEXT]\n{context}\n[END CONTEXT]")
+        missing = gaps(first, cons)
+        assert len(missing) <= 1
+        if missing:
+            first_gap.append((base, cons))
+            refined = ask("tcia_compose", compose_item(base, cons, first))["prompt"]
+            assert "{context}" in refined
+            again = gaps(refined, cons)
+            if again:
+                assert again == missing  # a stuck item keeps leaving out the same constraint
+                assert ask("tcia_compose", compose_item(base, cons, refined))["prompt"] == refined
+                stuck.append((base, cons))
+        else:  # an item composed whole at first is composed whole on a refinement too
+            assert gaps(ask("tcia_compose", compose_item(base, cons, first))["prompt"], cons) == []
+    assert 0.08 <= len(first_gap) / len(items) <= 0.25  # about 15 %
+    assert 0.005 <= len(stuck) / len(items) <= 0.07  # about 3 %
+    # Deterministic in the item: the same items hit whatever the request hash.
+    base, cons = first_gap[0]
+    assert gaps(ask("tcia_compose", compose_item(base, cons), h=99)["prompt"], cons)
+
+
+def test_rules_find_the_item_before_a_corrective_turn():
+    item = compose_item(*synthetic_items(1)[0])
+    assert ask("tcia_compose", item, follow_up=True) == ask("tcia_compose", item)
+    item = "<prompt>\nKeep it under 100 words.\nWrite at most 300 words.\n</prompt>"
+    assert ask("tcia_validate", item, follow_up=True)["consistency"] == 2
+
+
+@pytest.mark.parametrize("prompt", [
+    "Summarize the transcript.\nLimit the summary to at most 100 words.\nUse at most 300 words.",
+    "Summarize the transcript.\nKeep it under 100 words.\nWrite at least 200 words.",
+    "Write a reply to the email.\nAnswer in French.\nRespond in German.",
+    "Translate the text into Spanish.\nWrite the answer in English.",
+])
+def test_validate_flags_a_contradiction(prompt):
+    v = ask("tcia_validate", f"<prompt>\n{prompt}\n[CONTEXT]\n{{context}}\n[END CONTEXT]\n</prompt>")
+    assert v["consistency"] == 2
+    assert v["consistency_reason"].startswith("[simulated]") and "contradicts" in v["consistency_reason"]
+
+
+@pytest.mark.parametrize("prompt", [
+    "Summarize the transcript.\nWrite at least 100 words.\nUse at most 300 words.",
+    "Write SEO texts: a title under 60 characters and a description under 155 characters.",
+    "Translate the dialogue into Arabic.\nKeep the speaker labels in English.",
+    "Summarize the transcript in five words or fewer.\nUse a neutral tone.",
+])
+def test_validate_passes_requirements_that_can_all_hold(prompt):
+    assert ask("tcia_validate", f"<prompt>\n{prompt}\n</prompt>")["consistency"] >= 4
+
+
+def test_validate_scores_exercise_the_keep_threshold():
+    scores = [ask("tcia_validate", f"<prompt>\n{base}\n" + "\n".join(cons) + "\n</prompt>")
+              for base, cons in synthetic_items(300)]
+    low = [s for s in scores if s["validity"] == 3]
+    assert 0.05 <= len(low) / len(scores) <= 0.16  # about 10 %
+    assert all(s["validity"] >= 3 and s["consistency"] >= 4 for s in scores)  # no contradiction among these
+    assert {s["validity"] for s in scores} == {3, 4, 5} and {s["consistency"] for s in scores} == {4, 5}
+    assert all(s["validity_reason"].startswith("[simulated]") for s in scores)
+
+
+SEED = ("Summarize the meeting transcript below. Open with one sentence naming the participants. List every "
+        "follow-up assignment with its owner and due date. Keep the tone neutral.")
+
+
+def on_task(seed: str, candidate: str) -> bool:
+    answer = ask("tcia_on_task", f"<seed>\n{seed}\n</seed>\n<candidate>\n{candidate}\n</candidate>")
+    assert answer["reason"].startswith("[simulated]")
+    return answer["same_task"]
+
+
+def evolve(instruction: str, operation: str, seed: int = 0) -> str:
+    return ask("tcia_evol", f"<instruction>\n{instruction}\n</instruction>\n<operation>{operation}</operation>",
+               seed=seed)["instruction"]
+
+
+def test_on_task_keeps_tcia_candidates_and_rejects_breadth_rewrites():
+    composed = ask("tcia_compose", compose_item("Summarize the meeting transcript below.",
+                                                ["Use at most 100 words.", "Mention every decision."]))["prompt"]
+    assert on_task(SEED, composed)
+    assert on_task(SEED, SEED)
+    breadth = evolve(SEED, "breadth")
+    assert breadth != SEED and not on_task(SEED, breadth)
+    assert not on_task(SEED, "Write a poem about the sea.")
+    # Keeping the verb is not enough: the request must keep at least half of its key words.
+    assert not on_task(SEED, "Summarize a novel about dragons.")
+
+
+OPERATIONS = ["add_constraints", "deepen", "concretize", "increase_reasoning", "complicate_input"]
+
+
+def test_evol_in_depth_rewrites_add_a_sentence_and_some_drift_off_task():
+    drifted = kept = 0
+    for base, cons in synthetic_items(60):
+        seed_text = " ".join([base, *cons])
+        for op in OPERATIONS:
+            new = evolve(seed_text, op)
+            assert new != seed_text and len(rules.sentences(new)) == len(rules.sentences(seed_text)) + 1
+            if rules.sentences(new)[0] == base:
+                kept += 1
+                assert on_task(seed_text, new)
+            else:  # the first sentence was reworded: the task drifted
+                drifted += 1
+                assert not on_task(seed_text, new)
+    assert 0.08 <= drifted / (drifted + kept) <= 0.25  # about 15 % per rewrite
+
+
+def test_evol_breadth_is_off_task_for_every_seed():
+    for base, cons in synthetic_items(100):
+        seed_text = " ".join([base, *cons])
+        new = evolve(seed_text, "breadth")
+        assert new != seed_text and not on_task(seed_text, new)
+    # The breadth form avoids the seed's own verb: a seed that asks to compile stays distinct.
+    compiled = "Compile a catalogue of questions people might raise about tax law. Keep it short."
+    assert not on_task(compiled, evolve(compiled, "breadth"))
+
+
+def judge(instruction: str, answer: str) -> dict:
+    scores = ask("tcia_judge", f"<instruction>\n{instruction}\n</instruction>\n<answer>\n{answer}\n</answer>")
+    assert all(d["reason"].startswith("[simulated]") for d in scores.values())
+    return {k: d["score"] for k, d in scores.items()}
+
+
+def test_judge_scores_vary_with_the_answer():
+    instruction = "Summarize the meeting transcript below.\n[CONTEXT]\nAlice: we ship on Friday.\n[END CONTEXT]"
+    answers = [f"[simulated] The team will ship on Friday, answer variant {i}. " + "Details follow. " * 20
+               for i in range(40)]
+    means = [sum(judge(instruction, a).values()) / 5 for a in answers]
+    assert len(set(means)) >= 4  # generators' answers get different means: selection and margins have work
+    assert judge(instruction, answers[0]) == judge(instruction, answers[0])
+    assert judge(instruction, "[simulated] Friday.")["helpfulness"] <= 2  # very short: little help
+
+
+def test_judge_marks_an_answer_outside_the_word_limit():
+    instruction = "Summarize the meeting transcript below in at most 20 words.\n[CONTEXT]\nAlice: hi.\n[END CONTEXT]"
+    assert judge(instruction, "[simulated] " + "word " * 60)["instruction_following"] == 2
+    short = ["[simulated] Alice greeted everyone " + "x" * i for i in range(30)]
+    assert any(judge(instruction, a)["instruction_following"] >= 4 for a in short)
+
+
+def test_plain_answers_differ_in_length_by_model():
+    lengths = {m: [rules.completion_length(400, h * 7919 << 17, m) for h in range(200)]
+               for m in ("gpt-4.1", "gpt-4o-mini", "gpt-4.1-mini", "gpt-4o")}
+    assert all(200 <= n <= 400 for ns in lengths.values() for n in ns)
+    means = sorted(sum(ns) / len(ns) for ns in lengths.values())
+    assert means[-1] - means[0] > 40
+
+
+def test_evol_keeps_the_context_placeholder_once():
+    block = "[CONTEXT]\n{context}\n[END CONTEXT]"
+    seeds = [f"{base} {' '.join(cons)}\n\n{block}" for base, cons in synthetic_items(40)]
+    seeds.append(f"Context matters here. Read the context carefully.\n\n{block}")  # the verb is "context"
+    for seed_text in seeds:
+        for op in [*OPERATIONS, "breadth"]:
+            for run_seed in range(3):
+                new = evolve(seed_text, op, seed=run_seed)
+                assert new.count("{context}") == 1 and new.endswith(block), (op, new)

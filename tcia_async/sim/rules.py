@@ -572,7 +572,8 @@ _LIMIT = re.compile(
     r"(\d+|" + "|".join(_NUMBER_WORDS) + r")\s+"
     r"(bullet points?|bullets?|words?|sentences?|paragraphs?|characters?|items?|lines?|examples?|questions?|"
     r"sections?|steps?|points?|tips?|ideas?|pages?|tokens?)\b(?:\s+or\s+(fewer|less|more)\b)?", _I)
-_LANGUAGE_NAMES = r"(english|french|german|spanish|italian|portuguese|chinese|japanese|korean|russian|arabic|dutch|hindi)"
+_LANGUAGE_NAMES = (r"(english|french|german|spanish|italian|portuguese|chinese|japanese|korean|russian|arabic|dutch|"
+                   r"hindi)")
 # The language of the output: "answer in French", "write the summary in German", "translate ... into Spanish" (not
 # "keep the labels in English", which is about part of the input).
 _OUTPUT_LANGUAGE = re.compile(
@@ -758,7 +759,12 @@ def evol(message: str, seed: int = 0) -> dict:
         first = next(iter(sentences(text)), "")
         topic = [w.lower() for w in _WORD.findall(first) if len(w) > 1 and w.casefold() not in _STOP][1:4]
         forms = [f for f in _BREADTH if verb not in _words(f)] or list(_BREADTH)
-        return {"instruction": forms[h % len(forms)].format(topic=" ".join(topic) or "this subject")}
+        new = forms[h % len(forms)].format(topic="the " + " ".join(topic) if topic else "this subject")
+        # The rest is dropped but the context placeholder, which the instruction must keep.
+        block = _CONTEXT_BLOCK.search(text)
+        if block:
+            return {"instruction": f"{new}\n\n{text[block.start():]}"}
+        return {"instruction": f"{new}\n{{context}}" if "{context}" in text else new}
     pool = _EVOL_SENTENCES.get(op) or tuple(s for group in _EVOL_SENTENCES.values() for s in group)
     start = (h >> 16) % len(pool)
     order = [s for s in pool[start:] + pool[:start] if verb not in _words(s)] or pool
@@ -766,12 +772,14 @@ def evol(message: str, seed: int = 0) -> dict:
     if verb and _frac(h, 3) < EVOL_DRIFT:
         drift = [v for v in _DRIFT_VERBS if v.lower() != verb]
         new = drift[(h >> 80) % len(drift)]
-        # Every occurrence: the verb coming back in a later sentence would keep the request on task.
-        text = re.sub(rf"\b{re.escape(verb)}s?\b", lambda m: new if m.group()[0].isupper() else new.lower(),
-                      text, flags=_I)
+        # Every occurrence (the verb coming back in a later sentence would keep the request on task), but not
+        # the placeholder's own words ({context}, [CONTEXT]).
+        text = re.sub(rf"(?<![{{\[])\b{re.escape(verb)}s?\b(?![}}\]])",
+                      lambda m: new if m.group()[0].isupper() else new.lower(), text, flags=_I)
     block = _CONTEXT_BLOCK.search(text)  # the new sentence goes before a context placeholder block
     if block:
-        return {"instruction": f"{text[:block.start()].rstrip()} {added}\n{text[block.start():]}"}
+        before = text[:block.start()].rstrip()
+        return {"instruction": f"{before} {added}{text[len(before):block.start()] or chr(10)}{text[block.start():]}"}
     text = text.rstrip()
     return {"instruction": f"{text}{' ' if text.endswith(('.', '!', '?')) else chr(10)}{added}"}
 
