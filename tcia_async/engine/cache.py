@@ -104,6 +104,10 @@ class ResponseCache:
         self._first: anyio.Event | None = None  # set when the first answer starts waiting
         self._lock = _Lock(self.path.with_name(self.path.name + ".lock"))
         self._db = self._open()
+        # Writes go through a second connection, used by one thread at a time (the flusher's worker thread, or
+        # the caller of flush and close): WAL lets the loop's connection read meanwhile.
+        self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._writer.execute("PRAGMA synchronous=NORMAL")
 
     def _open(self) -> sqlite3.Connection:
         if self.path.is_dir():
@@ -184,32 +188,41 @@ class ResponseCache:
         if n >= self.batch_rows and self._full is not None:
             self._full.set()
 
+    def _rows(self) -> list[tuple]:
+        now = time.time()
+        return [(k, b, r, now) for k, (b, r) in self._waiting.items()]
+
+    def _written(self, rows: list[tuple]) -> None:
+        for k, _, _, _ in rows:
+            self._waiting.pop(k, None)  # visible from the file from now on
+
     def flush(self) -> None:
         """Write every waiting answer in one transaction."""
-        if not self._waiting:
-            return
-        now = time.time()
-        rows = [(k, b, r, now) for k, (b, r) in self._waiting.items()]
-        try:
+        if self._waiting:
+            rows = self._rows()
             self._write(rows)
+            self._written(rows)
+
+    def _write(self, rows: Iterable[tuple]) -> None:
+        db = self._writer
+        try:
+            db.execute("BEGIN")
+            try:
+                db.executemany("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?)", rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise CacheError(f"{self.path}: cannot be written ({exc}); answers since the last write are lost, a "
                              "rerun sends them again") from None
-        for k, _, _, _ in rows:
-            self._waiting.pop(k, None)
-
-    def _write(self, rows: Iterable[tuple]) -> None:
-        db = self._db
-        db.execute("BEGIN")
-        try:
-            db.executemany("INSERT OR IGNORE INTO answers VALUES (?, ?, ?, ?)", rows)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     async def run_flusher(self) -> None:
-        """Write batches until cancelled: when `batch_rows` are waiting, or `flush_interval` after the first."""
+        """Write batches until cancelled: when `batch_rows` are waiting, or `flush_interval` after the first.
+
+        The write runs in a worker thread on a connection of its own (SQLite lets the event loop go on while it
+        writes); answers stay visible from memory until it is done. A cancelled flusher finishes the write it
+        started."""
         while True:
             if not self._waiting:
                 self._first = anyio.Event()
@@ -218,7 +231,9 @@ class ResponseCache:
             if len(self._waiting) < self.batch_rows:
                 with anyio.move_on_after(self.flush_interval):
                     await self._full.wait()
-            self.flush()
+            rows = self._rows()
+            await anyio.to_thread.run_sync(self._write, rows)
+            self._written(rows)
 
     def close(self) -> None:
         """Write what is waiting, release the file and its lock."""
@@ -226,6 +241,7 @@ class ResponseCache:
             self.flush()
         finally:
             try:
+                self._writer.close()
                 self._db.close()
             finally:
                 self._lock.release()

@@ -134,6 +134,17 @@ def _usable(parsed: Any, chat: bool) -> bool:
     return type(parsed.get("data")) is list
 
 
+def _count(views: tuple[Counters, ...], answer: Answer | None) -> None:
+    """Count one call as answered (shared: from the cache or an identical request) or failed (None)."""
+    for v in views:
+        if answer is None:
+            v.failed += 1
+        else:
+            v.ok += 1
+            if answer.shared:
+                v.cached += 1
+
+
 def _one_line(raw: bytes, parsed: Any) -> bytes:
     # Results are JSONL and the cache stores what a result line embeds: no raw line breaks.
     return orjson.dumps(parsed) if (b"\n" in raw or b"\r" in raw) else raw
@@ -236,29 +247,17 @@ class Requests:
         return None if hit is None else Answer(hit[0], None, hit[1], True, True)
 
     async def call(self, path: str, body: dict[str, Any], data: bytes, key: bytes, *, stage: str = "",
-                   priority: int = 0, check_cache: bool = True) -> Answer:
+                   priority: int = 0, check_cache: bool = True, shield: bool = True) -> Answer:
         """The answer to one request (`data` = canonical(body), `key` its cache key), through the whole path.
-        Counts it as ok, cached or failed in the stats."""
+        Counts it as ok, cached or failed in the stats. `shield=False` leaves the wire to the caller's
+        cancellation (a caller whose only cancellation is a hard stop: generate's workers)."""
         model = str(body.get("model") or "")
         views = self.stats.views(stage, model)
-        try:
-            answer = await self._call(path, body, data, key, stage, priority, check_cache, model)
-        except RequestFailed:
-            for v in views:
-                v.failed += 1
-            raise
-        for v in views:
-            v.ok += 1
-            if answer.shared:
-                v.cached += 1
-        return answer
-
-    async def _call(self, path: str, body: dict[str, Any], data: bytes, key: bytes, stage: str, priority: int,
-                    check_cache: bool, model: str) -> Answer:
         while True:
             if check_cache:
                 hit = self.lookup(key)
                 if hit is not None:
+                    _count(views, hit)
                     return hit
             if key not in self._inflight:
                 break
@@ -274,15 +273,24 @@ class Requests:
                 check_cache = True  # its sender was cancelled before the wire: look again, then send it
                 continue
             if isinstance(outcome, BaseException):
+                _count(views, None)
                 raise outcome
-            return Answer(outcome[0], None, outcome[1], True)
+            answer = Answer(outcome[0], None, outcome[1], True)
+            _count(views, answer)
+            return answer
         # Nothing awaits between the check above and `exchange` marking the key in flight.
         ep = self.endpoint(path)
         budget = self.limiter.budget(ep.provider, model)
         tokens, fixed = self._reservation(budget, body, len(data), model) if budget.counts_tokens else (0.0, -1.0)
-        raw, parsed, rid = await self.exchange(ep, path, data, budget, tokens, model, fixed_out=fixed,
-                                               stage=stage, priority=priority, key=key)
-        return Answer(raw, parsed, rid, False)
+        try:
+            raw, parsed, rid = await self.exchange(ep, path, data, budget, tokens, model, fixed_out=fixed,
+                                                   stage=stage, priority=priority, key=key, shield=shield)
+        except RequestFailed:
+            _count(views, None)
+            raise
+        answer = Answer(raw, parsed, rid, False)
+        _count(views, answer)
+        return answer
 
     def _reservation(self, budget: Budget, body: dict[str, Any], size: int, model: str) -> tuple[float, float]:
         """(tokens to reserve, output tokens charged whatever the answer, or -1 when the real completion counts).
@@ -318,8 +326,8 @@ class Requests:
     # -- the network part -------------------------------------------------------------------------------------
 
     async def exchange(self, ep: Endpoint, path: str, data: bytes, budget: Budget, tokens: float, model: str, *,
-                       fixed_out: float = -1.0, stage: str = "", priority: int = 0, key: bytes | None = None
-                       ) -> tuple[bytes, dict[str, Any], str]:
+                       fixed_out: float = -1.0, stage: str = "", priority: int = 0, key: bytes | None = None,
+                       shield: bool = True) -> tuple[bytes, dict[str, Any], str]:
         """Send until answered: (raw body, parsed body, request id), or RequestFailed / RunStopped / NotSent.
 
         With a cache `key`, the key is in flight until this ends; the answer is cached and shared.
@@ -327,8 +335,72 @@ class Requests:
         if key is not None:
             self._inflight[key] = None
         try:
-            raw, parsed, rid = await self._attempts(ep, path, data, budget, tokens, model, fixed_out, stage,
-                                                    priority)
+            cfg = self.config
+            chat = path == CHAT
+            views = self.stats.views(stage, model)
+            assert ep.transport is not None
+            url = ep.urls[path]
+            attempt = 0
+            while True:
+                if self.stopped is not None:
+                    raise RunStopped(self.stopped)
+                attempt += 1
+                if self._halted:
+                    raise NotSent()
+                try:
+                    ticket = budget.pay_now(tokens, priority)  # most payments need no wait: no wait is set up
+                    if ticket is WAIT:
+                        ticket = await self._unless_halted(budget.acquire, tokens, priority)
+                except BudgetTooSmall as exc:
+                    raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
+                if not self.slots.take() and await self._unless_halted(self.slots.acquire, priority):
+                    budget.restamp(ticket)  # it waited for a slot after paying: the provider counts it from now
+                status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, views, shield)
+                if status == 200:
+                    try:
+                        parsed = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        verdict = Verdict(RETRY, "invalid_response", "truncated or non-JSON body", 200)
+                    else:
+                        if _usable(parsed, chat):
+                            self._account(parsed, budget, ticket, tokens, fixed_out, model, views, chat, elapsed)
+                            if budget.silent < 64:  # a provider without rate-limit headers: stop looking
+                                budget.sync_headers(headers)
+                            self._failing_since = None
+                            raw, rid = _one_line(raw, parsed), headers.get("x-request-id", "")
+                            break
+                        verdict = Verdict(RETRY, "invalid_response",
+                                          "answer without " + ("choices" if chat else "data"), 200)
+                elif status:
+                    if status == 429:
+                        for v in views:
+                            v.rate_limited += 1
+                    budget.sync_headers(headers)
+                    verdict = classify_status(status, raw, headers)
+                assert verdict is not None
+                if verdict.kind == STOP:
+                    raise self._stop(verdict.code, verdict.status, verdict.message)
+                if verdict.kind == FAIL:
+                    raise RequestFailed.make(verdict.code, self.scrub(verdict.message), verdict.status, attempt)
+                if verdict.kind == RETRY:
+                    self._note_failing(verdict)
+                else:
+                    self._failing_since = None  # a 429 is an answer: the provider is there
+                if attempt >= cfg.max_attempts:
+                    raise RequestFailed.make(verdict.code, self.scrub(f"{verdict.message} (after {attempt} attempts)"),
+                                             verdict.status, attempt, retryable=True)
+                for v in views:
+                    v.retries += 1
+                hint = min(verdict.wait, cfg.backoff_cap) if verdict.wait is not None else None
+                if verdict.kind == COOLDOWN:
+                    if budget.requests or budget.tokens:
+                        budget.widen_margins()
+                    if hint is not None:
+                        budget.cooldown(hint)  # the provider said when: every request of this budget waits
+                        continue
+                # Full jitter always; a server's Retry-After (capped) is a floor, never a reason to retry at once.
+                wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap)
+                await self._unless_halted(anyio.sleep, wait if hint is None else max(wait, hint))
         except BaseException as exc:
             if key is not None:
                 shared = exc if isinstance(exc, (RequestFailed, RunStopped)) else _Abandoned()
@@ -340,100 +412,40 @@ class Requests:
             self._share(key, (raw, rid))
         return raw, parsed, rid
 
-    async def _attempts(self, ep: Endpoint, path: str, data: bytes, budget: Budget, tokens: float, model: str,
-                        fixed_out: float, stage: str, priority: int) -> tuple[bytes, dict[str, Any], str]:
-        cfg = self.config
-        chat = path == CHAT
-        views = self.stats.views(stage, model)
-        assert ep.transport is not None
-        url = ep.urls[path]
-        attempt = 0
-        while True:
-            if self.stopped is not None:
-                raise RunStopped(self.stopped)
-            attempt += 1
-            if self._halted:
-                raise NotSent()
-            try:
-                ticket = budget.pay_now(tokens, priority)  # most payments need no wait: no wait is set up
-                if ticket is WAIT:
-                    ticket = await self._unless_halted(budget.acquire, tokens, priority)
-            except BudgetTooSmall as exc:
-                raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
-            if not self.slots.take() and await self._unless_halted(self.slots.acquire, priority):
-                budget.restamp(ticket)  # it waited for a slot after paying: the provider counts it from now
-            status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, views)
-            if status == 200:
-                try:
-                    parsed = orjson.loads(raw)
-                except orjson.JSONDecodeError:
-                    verdict = Verdict(RETRY, "invalid_response", "truncated or non-JSON body", 200)
-                else:
-                    if _usable(parsed, chat):
-                        self._account(parsed, budget, ticket, tokens, fixed_out, model, views, chat, elapsed)
-                        if budget.silent < 64:  # a provider without rate-limit headers: stop looking
-                            budget.sync_headers(headers)
-                        self._failing_since = None
-                        return _one_line(raw, parsed), parsed, headers.get("x-request-id", "")
-                    verdict = Verdict(RETRY, "invalid_response",
-                                      "answer without " + ("choices" if chat else "data"), 200)
-            elif status:
-                if status == 429:
-                    for v in views:
-                        v.rate_limited += 1
-                budget.sync_headers(headers)
-                verdict = classify_status(status, raw, headers)
-            assert verdict is not None
-            if verdict.kind == STOP:
-                raise self._stop(verdict.code, verdict.status, verdict.message)
-            if verdict.kind == FAIL:
-                raise RequestFailed.make(verdict.code, self.scrub(verdict.message), verdict.status, attempt)
-            if verdict.kind == RETRY:
-                self._note_failing(verdict)
-            else:
-                self._failing_since = None  # a 429 is an answer: the provider is there
-            if attempt >= cfg.max_attempts:
-                raise RequestFailed.make(verdict.code, self.scrub(f"{verdict.message} (after {attempt} attempts)"),
-                                         verdict.status, attempt, retryable=True)
-            for v in views:
-                v.retries += 1
-            hint = min(verdict.wait, cfg.backoff_cap) if verdict.wait is not None else None
-            if verdict.kind == COOLDOWN:
-                if budget.requests or budget.tokens:
-                    budget.widen_margins()
-                if hint is not None:
-                    budget.cooldown(hint)  # the provider said when: every request of this budget waits
-                    continue
-            # Full jitter always; a server's Retry-After (capped) is a floor, never a reason to retry at once.
-            wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap)
-            await self._unless_halted(anyio.sleep, wait if hint is None else max(wait, hint))
-
-    async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, views: tuple[Counters, ...]
+    async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, views: tuple[Counters, ...], shield: bool
                            ) -> tuple[int, Any, bytes, Verdict | None, float]:
         """One attempt, holding a slot already taken: (status, headers, body, verdict of a failure below HTTP,
-        seconds on the wire). Shielded from the caller's cancellation; `cut()` ends it with NotSent."""
-        transport = ep.transport
-        assert transport is not None
+        seconds on the wire). Shielded from the caller's cancellation unless `shield` is false; `cut()` ends a
+        shielded one with NotSent."""
         for v in views:
             v.sent += 1
         self.stats.in_flight += 1
-        started = time.perf_counter()
         try:
+            if not shield:
+                return await self._post(ep, url, data)
             with anyio.CancelScope(shield=True) as wire:
                 self._wires.add(wire)
                 try:
-                    status, headers, raw = await transport.post(url, data)
-                    return status, headers, raw, None, time.perf_counter() - started
-                except TRANSPORT_ERRORS as exc:
-                    return 0, {}, b"", transport.verdict(exc), 0.0
-                except BodyTooLarge as exc:
-                    raise RequestFailed.make("response_too_large", str(exc), 200, 1) from None
+                    return await self._post(ep, url, data)
                 finally:
                     self._wires.discard(wire)
             raise NotSent()  # reached only when cut() cancelled the wire
         finally:
             self.stats.in_flight -= 1
             self.slots.release()
+
+    @staticmethod
+    async def _post(ep: Endpoint, url: str, data: bytes) -> tuple[int, Any, bytes, Verdict | None, float]:
+        transport = ep.transport
+        assert transport is not None
+        started = time.perf_counter()
+        try:
+            status, headers, raw = await transport.post(url, data)
+            return status, headers, raw, None, time.perf_counter() - started
+        except TRANSPORT_ERRORS as exc:
+            return 0, {}, b"", transport.verdict(exc), 0.0
+        except BodyTooLarge as exc:
+            raise RequestFailed.make("response_too_large", str(exc), 200, 1) from None
 
     def usage(self, parsed: dict[str, Any], model: str) -> tuple[int, int, int, float, float]:
         """(prompt, completion, cached prompt tokens, cost, cost at full input price) of an answer's usage."""

@@ -486,8 +486,10 @@ class Run:
 
     async def _send(self, item: WorkItem) -> Answer:
         if item.path == CHAT:
+            # The feeder looked the key up already. A worker is cancelled only by abandon() (a hard stop): its
+            # wire needs no shield.
             return await self.requests.call(CHAT, item.body, item.data, item.key, stage=self.stage,
-                                            check_cache=False)  # the feeder looked it up already
+                                            check_cache=False, shield=False)
         result = await self._embedding_entry(item.body, item.key, self.stage)
         views = self.requests.stats.views(self.stage, str(item.body.get("model") or ""))
         for v in views:
