@@ -753,7 +753,8 @@ def evol(message: str, seed: int = 0) -> dict:
     and for some rewrites the first sentence's verb replaced (the task drifts)."""
     text = _tagged(message, "instruction") or ""
     op = (_tagged(message, "operation") or "").strip().lower()
-    h = _hash(seed, "evol", op, text)
+    variant = _tagged(message, "variant") or ""  # several rewrites of one parent by one operation differ
+    h = _hash(seed, "evol", op, text, variant) if variant else _hash(seed, "evol", op, text)
     verb, _ = core_request(text)
     if op == "breadth":
         first = next(iter(sentences(text)), "")

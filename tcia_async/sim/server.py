@@ -276,10 +276,17 @@ class Handlers:
         key = _content_key(b"chat:", body)
         h = int.from_bytes(key[:8], "little") ^ self._seed_mix
         prompt = tokens.count_messages(messages)
-        # Short prompts (most benchmark requests) skip the cache's bookkeeping: nothing under 1,024 tokens is cached.
-        cached = self.prompt_cache.cached_tokens(model, messages, prompt) if prompt >= MIN_TOKENS else 0
         fmt = get("response_format")
         ftype = fmt.get("type") if type(fmt) is dict else None
+        prefix = messages
+        if ftype == "json_schema" and type(fmt.get("json_schema")) is dict:
+            # A structured-output schema is part of the prompt (billed and cached as its first part, as OpenAI
+            # does): counted here as a message before the others.
+            schema = orjson.dumps(fmt["json_schema"].get("schema")).decode()
+            prompt += tokens.count_once(schema)
+            prefix = [{"role": "system", "content": schema}, *messages]
+        # Short prompts (most benchmark requests) skip the cache's bookkeeping: nothing under 1,024 tokens is cached.
+        cached = self.prompt_cache.cached_tokens(model, prefix, prompt) if prompt >= MIN_TOKENS else 0
         choices = []
         completion = 0
         for i in range(n):

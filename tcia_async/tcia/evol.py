@@ -34,11 +34,13 @@ def hop_sizes(evol: Any, explore: Any) -> list[int]:
     return sizes + [sizes[-1]] * (evol.hops - len(sizes)) if sizes else [1] * evol.hops
 
 
-def evol_body(instruction: str, operation: str, *, model: str, temperature: float | None = None
-              ) -> dict[str, Any]:
-    item = "\n\n".join(["Rewrite the instruction.", block("instruction", instruction),
-                        block("operation", operation)])
-    return body("evol", item, model=model, temperature=temperature)
+def evol_body(instruction: str, operation: str, *, model: str, temperature: float | None = None,
+              variant: int = 0) -> dict[str, Any]:
+    parts = ["Rewrite the instruction.", block("instruction", instruction), block("operation", operation)]
+    if variant:
+        # Several rewrites of one parent by one operation: without this they would be one request, one answer.
+        parts.append(block("variant", str(variant)))
+    return body("evol", "\n\n".join(parts), model=model, temperature=temperature)
 
 
 def root(task: SeedTask) -> Instruction:
@@ -62,9 +64,17 @@ async def evolve(engine: Any, task: SeedTask, per_hop: list[int], *, emit: Calla
     for hop, n in enumerate(per_hop, 1):
         children: dict[int, Instruction] = {}
 
+        plan = []
+        seen: dict[tuple[int, str], int] = {}
+        for j in range(n):
+            op = rng_for(run_seed, "evol", task.seed_id, str(hop), str(j)).choice(OPERATIONS)
+            variant = seen.get((j % len(parents), op), 0)
+            seen[(j % len(parents), op)] = variant + 1
+            plan.append((op, variant))
+
         async def one(j: int) -> None:
             parent = parents[j % len(parents)]
-            op = rng_for(run_seed, "evol", task.seed_id, str(hop), str(j)).choice(OPERATIONS)
+            op, variant = plan[j]
 
             def problem(a: EvolAnswer) -> str | None:
                 text = a.instruction.strip()
@@ -76,9 +86,10 @@ async def evolve(engine: Any, task: SeedTask, per_hop: list[int], *, emit: Calla
 
             async with limiter:
                 try:
-                    a = await engine.chat_json(evol_body(parent.prompt, op, model=model, temperature=temperature),
-                                               EvolAnswer, schema_name="tcia_evol", sample=j, stage="evol",
-                                               priority=priority, check=problem)
+                    a = await engine.chat_json(evol_body(parent.prompt, op, model=model, temperature=temperature,
+                                                         variant=variant),
+                                               EvolAnswer, schema_name="tcia_evol", stage="evol", priority=priority,
+                                               check=problem)
                 except RequestFailed as exc:
                     if on_failure is not None:
                         on_failure(f"{task.seed_id}/e{hop}-{j:05d}", exc)
