@@ -54,11 +54,15 @@ CORPUS = [
 ]
 
 
-def build(corpus=CORPUS, dim: int = DIM, **kw) -> TaskDB:
+KINDS = ["meeting", "meeting", "meeting", "code", "code", "translation", "email", None]
+
+
+def build(corpus=CORPUS, dim: int = DIM, kinds=None, examples: bool = True, **kw) -> TaskDB:
     b = TaskDBBuilder()
-    for d in corpus:
-        b.add(d)
+    for d, kind in zip(corpus, kinds or [None] * len(corpus)):
+        b.add(d, kind)
     return TaskDB.build(b, embed(b.type_texts(), dim), embed(b.constraint_texts(), dim),
+                        example_vectors=embed(b.example_texts(), dim) if examples else None,
                         embedding_model="toy-embed", params=BuildParams(eps=0.35, min_samples=2), **kw)
 
 
@@ -104,7 +108,9 @@ def test_build_groups_types_and_pools_constraints() -> None:
     assert neutral is not None and db.constraints[neutral].count == 2
     # Every constraint lands in the pool of its task type's cluster.
     meeting = db.nearest_task_types(embed(["Meeting Summarization"]), 1)[0][0]
-    assert meeting.name == "Meeting Summarization" and meeting.distance < 1e-5
+    assert meeting.name == "Meeting Summarization" and meeting.matched == "Meeting Summarization"
+    # Ranked by the blend of nearest member and centroid: exact on the member, not on the whole cluster.
+    assert meeting.matched_distance < 1e-5 < meeting.distance
     pool = {p.text for p in db.constraint_pool(meeting.cluster)}
     assert {"Use at most 120 words.", "Use bullet points.", "List every action item with an owner."} <= pool
     assert "Translate into French." not in pool
@@ -153,13 +159,13 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_order_of_arrival_does_not_change_the_db(tmp_path: Path) -> None:
-    shuffled = CORPUS[:]
-    random.Random(4).shuffle(shuffled)
-    a, b = build(), build(shuffled)
+    pairs = list(zip(CORPUS, KINDS))
+    random.Random(4).shuffle(pairs)
+    a, b = build(kinds=KINDS), build([d for d, _ in pairs], kinds=[k for _, k in pairs])
     a.save(tmp_path / "a")
     b.save(tmp_path / "b")
-    for name in ("manifest.json", "types.jsonl", "clusters.jsonl", "constraints.jsonl", "types.hnsw",
-                 "constraints.hnsw"):
+    for name in ("manifest.json", "types.jsonl", "clusters.jsonl", "constraints.jsonl", "examples.jsonl",
+                 "types.hnsw", "constraints.hnsw", "examples.hnsw", "centroids.npy"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
@@ -197,3 +203,107 @@ def test_empty_builder() -> None:
     db = TaskDB.build(TaskDBBuilder(), np.empty((0, 8)), np.empty((0, 8)), embedding_model="e")
     assert db.nearest_task_types(np.ones(8), 3) == [[]]
     assert db.nearest_constraints(np.ones(8), 3) == [[]]
+
+
+def test_examples_find_a_cluster_from_a_task_description() -> None:
+    db = build()
+    assert db.manifest.counts.examples == len(db.examples) == 7
+    meeting = next(t for t in db.types if t.text == "Meeting Summarization")
+    assert {e.text for e in db.examples if e.type == meeting.id} == {
+        "Summarize the meeting transcript.", "Summarize the meeting notes.", "Summarize the call."}
+    # A description shares no word with the type name, but does with an example of its work.
+    hit = db.nearest_task_types(embed(["summarize the call"]), 2)[0][0]
+    assert hit.cluster == meeting.cluster and hit.matched == "Summarize the call."
+    assert hit.matched_distance < 1e-5 and hit.matched_distance <= hit.distance
+    # Without examples the same description finds nothing of the kind first.
+    names_only = build(examples=False)
+    assert names_only.nearest_task_types(embed(["summarize the call"]), 1)[0][0].matched != "Summarize the call."
+
+
+def test_examples_are_a_bounded_sample_that_ignores_arrival_order() -> None:
+    corpus = [decomp("Code Generation", f"Write function number {i}.", ("Content", "Add tests.")) for i in range(40)]
+    a, b = TaskDBBuilder(examples_per_type=5), TaskDBBuilder(examples_per_type=5)
+    for d in corpus:
+        a.add(d)
+    for d in reversed(corpus):
+        b.add(d)
+    assert len(a.example_texts()) == 5 and a.example_texts() == b.example_texts()
+    assert a.counts.tasks == 40
+
+
+def test_kinds_give_the_label_agreement_and_each_cluster_its_kind(tmp_path: Path) -> None:
+    db = build(kinds=KINDS)
+    meeting = next(t for t in db.types if t.text == "Meeting Summarization")
+    assert meeting.kinds == {"meeting": 3} and db.cluster_kind(meeting.cluster) == "meeting"
+    a = db.manifest.agreement
+    assert a is not None and a.tasks == 7 and a.kinds == 4 and a.purity == 1.0
+    assert db.stats()["label_agreement"]["adjusted_rand"] == a.adjusted_rand
+    db.save(tmp_path / "db")
+    assert TaskDB.load(tmp_path / "db").manifest.agreement == a
+    # No kinds, no agreement; the types files stay free of empty fields.
+    plain = build()
+    assert plain.manifest.agreement is None and plain.stats()["label_agreement"] is None
+    plain.save(tmp_path / "plain")
+    assert b'"kinds"' not in (tmp_path / "plain" / "types.jsonl").read_bytes()
+
+
+def test_reembedded_keeps_clusters_and_pools_with_new_vectors() -> None:
+    db = build(kinds=KINDS)
+    types, examples, constraints = db.texts()
+    assert len(types) == len(db.types) and len(examples) == len(db.examples)
+    new = db.reembedded(embed(types, 32), embed(examples, 32), embed(constraints, 32),
+                        embedding_model="toy-32", embedding_identity="toy/32")
+    m = new.manifest
+    assert (m.embedding_model, m.embedding_dim, m.embedding_identity, m.clustered_with) == (
+        "toy-32", 32, "toy/32", "toy-embed")
+    assert new.clusters == db.clusters and new.types == db.types and m.agreement == db.manifest.agreement
+    hit = new.nearest_task_types(embed(["Translation"], 32), 1, embedding_model="toy-32")[0][0]
+    assert hit.name == "Translation"
+    with pytest.raises(RetrievalError, match="vectors for"):
+        db.reembedded(embed(types[:1], 32), embed(examples, 32), embed(constraints, 32), embedding_model="x")
+
+
+def test_a_format_1_database_still_loads(tmp_path: Path) -> None:
+    import json
+
+    db = build(examples=False)
+    db.save(tmp_path / "db")
+    for name in ("examples.jsonl", "examples.hnsw", "examples.hnsw.json", "centroids.npy"):
+        (tmp_path / "db" / name).unlink()
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    manifest["format"] = 1
+    (tmp_path / "db" / "manifest.json").write_text(json.dumps(manifest))
+    old = TaskDB.load(tmp_path / "db")
+    q = embed(["Meeting Summarization", "Translate into German"])
+    assert old.nearest_task_types(q, 2) == db.nearest_task_types(q, 2)
+
+
+def test_damaged_files_are_named_in_the_error(tmp_path: Path) -> None:
+    import shutil
+
+    build().save(tmp_path / "db")
+
+    def damaged(name: str, change) -> Path:
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "db", d)
+        change(d)
+        return d
+
+    cut = damaged("cut", lambda d: (d / "clusters.jsonl").write_bytes(
+        b"\n".join((d / "clusters.jsonl").read_bytes().splitlines()[:2]) + b"\n"))
+    with pytest.raises(RetrievalError, match=r"types.jsonl:\d+: cluster \d+, but .*clusters.jsonl holds 2"):
+        TaskDB.load(cut)
+    half = damaged("half", lambda d: (d / "clusters.jsonl").write_bytes((d / "clusters.jsonl").read_bytes()[:-9]))
+    with pytest.raises(RetrievalError, match=r"clusters.jsonl:\d+: .*truncated or damaged"):
+        TaskDB.load(half)
+
+    def manifest_dir(d: Path) -> None:
+        (d / "manifest.json").unlink()
+        (d / "manifest.json").mkdir()
+
+    with pytest.raises(RetrievalError, match=r"manifest.json: cannot be read"):
+        TaskDB.load(damaged("mdir", manifest_dir))
+    with pytest.raises(RetrievalError, match=r"centroids.npy: .*shape"):
+        TaskDB.load(damaged("cent", lambda d: np.save(d / "centroids.npy", np.zeros((1, 3), np.float32))))
+    with pytest.raises(RetrievalError, match=r"examples.jsonl: missing"):
+        TaskDB.load(damaged("noex", lambda d: (d / "examples.jsonl").unlink()))

@@ -3,6 +3,7 @@
 Pure: numpy vectors in, neighbours out. No network, no LLM, no engine; text is embedded by the caller.
 """
 
+from tcia_async.retrieval.agreement import Agreement, label_agreement
 from tcia_async.retrieval.dbscan import dbscan_hnsw, noise_to_singletons
 from tcia_async.retrieval.index import IndexParams, RetrievalError, VectorIndex, as_matrix
 from tcia_async.retrieval.store import (
@@ -11,6 +12,7 @@ from tcia_async.retrieval.store import (
     ConstraintEntry,
     ConstraintHit,
     Counts,
+    Example,
     Manifest,
     TaskDB,
     TaskDBBuilder,
@@ -20,7 +22,7 @@ from tcia_async.retrieval.store import (
 )
 
 __all__ = [
-    "BuildParams", "Cluster", "ConstraintEntry", "ConstraintHit", "Counts", "IndexParams", "Manifest",
-    "RetrievalError", "TaskDB", "TaskDBBuilder", "TaskType", "TypeHit", "VectorIndex", "as_matrix", "dbscan_hnsw",
-    "noise_to_singletons", "normalise",
+    "Agreement", "BuildParams", "Cluster", "ConstraintEntry", "ConstraintHit", "Counts", "Example", "IndexParams",
+    "Manifest", "RetrievalError", "TaskDB", "TaskDBBuilder", "TaskType", "TypeHit", "VectorIndex", "as_matrix",
+    "dbscan_hnsw", "label_agreement", "noise_to_singletons", "normalise",
 ]
