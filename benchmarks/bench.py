@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_report  # noqa: E402
 from common import HERE, PY, ROOT, child_env, machine, project_sim_available  # noqa: E402
 
-SCENARIOS = ["throughput", "latency_bound", "rate_limited", "resume", "memory", "hnsw", "pipeline"]
+SCENARIOS = ["throughput", "latency_bound", "rate_limited", "resume", "memory", "hnsw", "pipeline", "retrieval"]
 
 PROFILES: dict[str, dict[str, dict]] = {
     "tiny": {
@@ -40,6 +40,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "memory": {"n": 2000, "n_small": 500, "c": 64},
         "hnsw": {"n": 2000, "queries": 200, "dbscan_n": 500},
         "pipeline": {"sample": 4, "c": 16, "latency_ms": 20, "engine_n": 200},
+        "retrieval": {"stride": 4},
     },
     "quick": {
         "throughput": {"n": 5000, "c": 256, "rounds": 3, "sdk_n": 5000},
@@ -49,6 +50,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "memory": {"n": 100_000, "n_small": 10_000, "c": 256},
         "hnsw": {"n": 20_000},
         "pipeline": {"sample": 150, "c": 64, "latency_ms": 100, "engine_n": 4000},
+        "retrieval": {"stride": 1},
     },
     "full": {
         "throughput": {"n": 20_000, "c": 256, "rounds": 3, "sdk_n": 20_000},
@@ -58,6 +60,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "memory": {"n": 1_000_000, "n_small": 100_000, "c": 256},
         "hnsw": {"n": 100_000},
         "pipeline": {"sample": 2000, "c": 128, "latency_ms": 100, "engine_n": 20_000},
+        "retrieval": {"stride": 1},
     },
 }
 

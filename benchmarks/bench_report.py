@@ -17,6 +17,7 @@ REQUIRED = {
     "memory": ["n", "peak_rss_mb"],
     "hnsw": ["recall_at_10", "qps", "build_s"],
     "pipeline": ["overlap_ratio"],
+    "retrieval": ["local_top3", "hashed_top3"],
 }
 
 # (scenario, key, label, op, target or a function of the scenario's dict, source)
@@ -55,6 +56,10 @@ TARGETS = [
     ("pipeline", "pipeline_rps", "TCIA pipeline requests/s", None, None, ""),
     ("pipeline", "engine_rps", "engine req/s at the same latency and concurrency", None, None, ""),
     ("pipeline", "peak_rss_mb", "peak RSS of the run (MB)", "<", 300.0, "issue 12"),
+    ("retrieval", "local_top3", "task descriptions whose top-3 clusters are of their kind (local)", ">=", 0.90,
+     "issue 13"),
+    ("retrieval", "hashed_top3", "the same, hashed n-gram fallback (the shipped DB re-embedded)", None, None, ""),
+    ("retrieval", "hashed_built_top3", "the same, a DB built with hashed n-grams", None, None, ""),
 ]
 
 
