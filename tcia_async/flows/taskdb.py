@@ -874,7 +874,10 @@ def run_query(args: argparse.Namespace) -> int:
         print("(task DB built with the simulator: simulated data)")
     for note in notes:
         print(f"({note.removeprefix('note: ')})")
-    print("cosine distance (0 = same direction), nearest first:")
+    if args.constraint is not None:
+        print("cosine distance (0 = same direction), nearest first:")
+    else:
+        print("distance = 1 - (cosine to the nearest member + cosine to the cluster's centroid) / 2, nearest first:")
     if args.constraint is not None:
         for h in rows:
             print(f"{max(h['distance'], 0.0):.3f}  [{h['category']}] {h['text']}")
