@@ -451,6 +451,8 @@ _TASK_TYPES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"translat", _I), "Translation"),
     (re.compile(r"\bsql\b", _I), "SQL Query Generation"),
     (re.compile(r"python|function|\bcode\b|script|program", _I), "Code Generation"),
+    (re.compile(r"\bcustomer\b.*\b(email|message|ticket|complaint)|\bsupport ticket|\bcomplaint", _I),
+     "Customer Support Response"),
     (re.compile(r"\bemail\b|\be-mail\b", _I), "Email Writing"),
     (re.compile(r"\bpoem\b|\bstory\b|haiku|limerick|lyrics", _I), "Creative Writing"),
     (re.compile(r"classif|categori[sz]e|sentiment", _I), "Text Classification"),
