@@ -104,10 +104,6 @@ class ResponseCache:
         self._first: anyio.Event | None = None  # set when the first answer starts waiting
         self._lock = _Lock(self.path.with_name(self.path.name + ".lock"))
         self._db = self._open()
-        # Writes go through a second connection, used by one thread at a time (the flusher's worker thread, or
-        # the caller of flush and close): WAL lets the loop's connection read meanwhile.
-        self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._writer.execute("PRAGMA synchronous=NORMAL")
 
     def _open(self) -> sqlite3.Connection:
         if self.path.is_dir():
@@ -204,7 +200,7 @@ class ResponseCache:
             self._written(rows)
 
     def _write(self, rows: Iterable[tuple]) -> None:
-        db = self._writer
+        db = self._db
         try:
             db.execute("BEGIN")
             try:
@@ -219,10 +215,8 @@ class ResponseCache:
 
     async def run_flusher(self) -> None:
         """Write batches until cancelled: when `batch_rows` are waiting, or `flush_interval` after the first.
-
-        The write runs in a worker thread on a connection of its own (SQLite lets the event loop go on while it
-        writes); answers stay visible from memory until it is done. A cancelled flusher finishes the write it
-        started."""
+        (On the event loop: a thread measured 4 % fewer instructions per request on the loop, and a longer
+        window of answers not yet written at a kill -9.)"""
         while True:
             if not self._waiting:
                 self._first = anyio.Event()
@@ -231,9 +225,7 @@ class ResponseCache:
             if len(self._waiting) < self.batch_rows:
                 with anyio.move_on_after(self.flush_interval):
                     await self._full.wait()
-            rows = self._rows()
-            await anyio.to_thread.run_sync(self._write, rows)
-            self._written(rows)
+            self.flush()
 
     def close(self) -> None:
         """Write what is waiting, release the file and its lock."""
@@ -241,7 +233,6 @@ class ResponseCache:
             self.flush()
         finally:
             try:
-                self._writer.close()
                 self._db.close()
             finally:
                 self._lock.release()
