@@ -33,7 +33,7 @@ import orjson
 
 from tcia_async.config import EngineConfig
 from tcia_async.engine.cache import ResponseCache
-from tcia_async.engine.errors import EngineStats, NotSent, RequestFailed, RunStopped
+from tcia_async.engine.errors import EngineStats, NotSent, RequestFailed, RunStopped, primary
 from tcia_async.engine.limits import Clock, REAL_CLOCK, Limiter
 from tcia_async.engine.packing import Entry, Packer, PackResult
 from tcia_async.engine.request import CHAT, EMBEDDINGS, Endpoint, Requests, canonical
@@ -66,25 +66,6 @@ class StageEngine(Protocol):
 
     async def embed(self, texts: Sequence[str], model: str, *, dimensions: int | None = None, stage: str = "",
                     priority: int = 0) -> np.ndarray: ...
-
-
-def _primary(group: BaseExceptionGroup) -> BaseException:
-    """The exception a task group's failure stands for: the first that is not a cancellation."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(group)
-    cancelled = anyio.get_cancelled_exc_class()
-    for e in leaves:
-        if not isinstance(e, cancelled):
-            return e
-    return leaves[0] if leaves else group
 
 
 class Engine:
@@ -134,7 +115,7 @@ class Engine:
                 try:
                     await tg.__aexit__(None, None, None)
                 except BaseExceptionGroup as group:
-                    failure = _primary(group)
+                    failure = primary(group)
                     if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
                         raise failure from None  # the engine's own task failed (the cache, most likely)
         finally:

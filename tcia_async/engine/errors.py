@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 
 from tcia_async.records import ErrorOut
@@ -39,6 +40,29 @@ class NotSent(Exception):
     it has no answer and no result; a rerun sends it."""
 
 
+def primary(error: BaseException) -> BaseException:
+    """The exception an exception group stands for: a stop first, then an interrupt, then the first other error,
+    leaving out the cancellations it caused in the group's other tasks. Anything else is itself."""
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(error)
+    cancelled = anyio.get_cancelled_exc_class()
+    for kinds in ((RunStopped,), (KeyboardInterrupt,), (Exception,)):
+        for e in leaves:
+            if isinstance(e, kinds) and not isinstance(e, cancelled):
+                return e
+    return leaves[0] if leaves else error
+
+
 class Counters(msgspec.Struct, kw_only=True):
     """Counters of a set of requests. `ok`/`failed` count calls (a cached answer is `ok` and `cached`); `sent`
     counts HTTP attempts, `retries` attempts after the first, `rate_limited` 429 answers. Tokens and cost are
@@ -46,7 +70,12 @@ class Counters(msgspec.Struct, kw_only=True):
     `prompt_tokens` the provider served from its prompt cache, and `cost_full` the cost at full input price.
     `cost_replayed` is what the chat answers replayed from the cache cost when they were paid for (an earlier
     run's, or an identical request's): `cost + cost_replayed` is what the results cost to make.
-    `wire_s` sums the time answered attempts spent on the wire."""
+    `wire_s` sums the time answered attempts spent on the wire.
+
+    The Batch API (engine/batch.py): `batch_sent` counts lines uploaded in batch files (a resubmitted line
+    again), `batch_ok` lines answered by a batch; their tokens and cost are in the totals above, and also in
+    `batch_tokens` and `batch_cost` (at the batch discount); `batch_saved` is what they would have cost online
+    minus what they cost. Online = the totals minus the batch part."""
 
     ok: int = 0
     cached: int = 0
@@ -62,6 +91,11 @@ class Counters(msgspec.Struct, kw_only=True):
     cost_full: float = 0.0
     cost_replayed: float = 0.0
     wire_s: float = 0.0
+    batch_sent: int = 0
+    batch_ok: int = 0
+    batch_tokens: int = 0
+    batch_cost: float = 0.0
+    batch_saved: float = 0.0
 
 
 class EngineStats(Counters, kw_only=True):

@@ -14,10 +14,9 @@ Repeated custom_ids are found with `Dedup`, whose memory stays flat in the numbe
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections import deque
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -34,7 +33,7 @@ CHUNK = 256
 _BOM = b"\xef\xbb\xbf"
 
 # embedding_entry(body, key, stage) -> a future of the line's PackResult (Engine.embedding_entry)
-EmbedEntry = Callable[[dict[str, Any], bytes, str], "asyncio.Future[Any]"]
+EmbedEntry = Callable[[dict[str, Any], bytes, str], Awaitable[Any]]
 
 
 class WorkItem(msgspec.Struct, gc=False):

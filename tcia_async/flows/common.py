@@ -6,11 +6,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import anyio
+
+from tcia_async.engine.errors import primary
+
+__all__ = ["Interrupts", "Staged", "UsageError", "by_kind", "cache_files", "check_paths", "exit_for", "primary",
+           "run_async", "say"]
 
 
 class UsageError(Exception):
@@ -98,29 +103,20 @@ def run_async(fn: Callable[..., Any], *args: Any) -> Any:
     return anyio.run(fn, *args, backend="asyncio", backend_options=event_loop_options())
 
 
-def primary(error: BaseException) -> BaseException:
-    """The exception an exception group stands for: a stop first, then the first real error, ignoring the
-    cancellations it caused elsewhere."""
-    if not isinstance(error, BaseExceptionGroup):
-        return error
-    from tcia_async.engine import RunStopped
+def exit_for(exc: BaseException, usage: tuple[type[BaseException], ...], err: Callable[[str], None]) -> int:
+    """The exit code of a failure a user can reach, its one-line message said through `err`: a usage error of
+    the command (`usage`, the cache's and path problems) or an OS error on a file is exit 2. Anything else is a
+    bug: raised again, with its traceback."""
+    from tcia_async.engine.cache import CacheError
 
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(error)
-    cancelled = anyio.get_cancelled_exc_class()
-    for kinds in ((RunStopped,), (KeyboardInterrupt,), (Exception,)):
-        for e in leaves:
-            if isinstance(e, kinds) and not isinstance(e, cancelled):
-                return e
-    return leaves[0] if leaves else error
+    e = primary(exc)
+    if isinstance(e, (CacheError, UsageError, *usage)):
+        err(str(e))
+        return 2
+    if isinstance(e, OSError):
+        err(f"{getattr(e, 'filename', None) or ''}: {e.strerror or e}".lstrip(": "))
+        return 2
+    raise exc
 
 
 class Interrupts:
@@ -146,12 +142,3 @@ class Interrupts:
 def by_kind(counts: Mapping[str, int]) -> str:
     """`400 bad_request 3, timeout 1` from {code: count}, most frequent first."""
     return ", ".join(f"{code} {n}" for code, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def first_lines(items: Iterable[str], n: int) -> list[str]:
-    out = []
-    for i, item in enumerate(items):
-        if i >= n:
-            break
-        out.append(item)
-    return out

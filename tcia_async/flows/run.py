@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import Interrupts, Staged, UsageError, cache_files, check_paths, primary
+from tcia_async.flows.common import Interrupts, Staged, UsageError, cache_files, check_paths, exit_for, primary
 from tcia_async.io import BadLine, iter_jsonl
 from tcia_async.records import Failure, Instruction, Pair, Seed
 
@@ -430,7 +430,6 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def run_cli(args: argparse.Namespace) -> int:
     from tcia_async.config import ConfigError
-    from tcia_async.engine.cache import CacheError
     from tcia_async.engine.client import is_loopback
 
     out = Path(args.out)
@@ -486,14 +485,7 @@ def run_cli(args: argparse.Namespace) -> int:
         _err("interrupted; rerun the same command to continue")
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
-        err = primary(exc)
-        if isinstance(err, (CacheError, RetrievalError, UsageError)):
-            _err(str(err))
-            return EXIT_USAGE
-        if isinstance(err, OSError):
-            _err(f"{getattr(err, 'filename', None) or ''}: {err.strerror or err}".lstrip(": "))
-            return EXIT_USAGE
-        raise
+        return exit_for(exc, (RetrievalError,), _err)
     finally:
         if rec is not None:
             rec.close()
