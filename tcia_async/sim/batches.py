@@ -5,6 +5,11 @@ are answered at once (same answers as online, no limits or faults, except `batch
 `completed` with an output file (OpenAI's format: `{"id", "custom_id", "response": {"status_code",
 "request_id", "body"}, "error"}` per line, input order) and, when some lines failed, an error file in the same
 format. An input file that does not parse, or names another endpoint, fails the batch at validation.
+
+Provider refusals, when configured: `batch_expire` (the first N batches to finish expire part way: answered lines
+in the output file, the rest in the error file with code `batch_expired`), `batch_enqueued_tokens` (a model's
+prompt tokens in batches in progress are capped: a batch over the cap fails at validation, or its create is
+answered 400, with code `token_limit_exceeded`), `upload_quota_after` (uploads answered 429 insufficient_quota).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
+
+from tcia_async.sim import tokens
 
 if TYPE_CHECKING:
     from tcia_async.sim.config import SimConfig
@@ -50,6 +57,9 @@ class BatchStore:
         self._content: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self._lines: dict[str, list] = {}  # validated input lines per batch
+        self._enqueued: dict[str, dict[str, int]] = {}  # prompt tokens by model of each batch in progress
+        self._uploads = 0
+        self._expired = 0
         self._fail_rng = random.Random(cfg.seed ^ 0xBA7C4)
         self._changed = asyncio.Event()
         self._n = 0
@@ -82,7 +92,13 @@ class BatchStore:
             return _bad("'purpose' is required", "purpose")
         if upload is None or isinstance(upload, str) or not hasattr(upload, "file"):
             return _bad("'file' is required", "file")
+        quota = self._cfg.upload_quota_after
+        if quota is not None and self._uploads >= quota:
+            return _json({"error": {"message": "You exceeded your current quota, please check your plan and billing "
+                                    "details. [simulated]", "type": "insufficient_quota", "param": None,
+                                    "code": "insufficient_quota"}}, 429)
         data = upload.file.read()
+        self._uploads += 1
         return _json(self.add_file(upload.filename or "upload.jsonl", purpose, data))
 
     async def list_files(self, request: web.BaseRequest) -> web.Response:
@@ -121,6 +137,11 @@ class BatchStore:
         if endpoint not in _ENDPOINTS:
             return _bad(f"endpoint must be one of {sorted(_ENDPOINTS)}", "endpoint")
         window = body.get("completion_window", "24h")
+        if self._cfg.batch_enqueued_tokens is not None and self._cfg.batch_token_limit_at == "create":
+            over = self._over_token_limit(_tokens_by_model(self._content.get(fid, b"")))
+            if over is not None:
+                return _json({"error": {"message": over, "type": "invalid_request_error", "param": None,
+                                        "code": "token_limit_exceeded"}}, 400)
         now = int(time.time())
         bid = self._new_id("batch_sim")
         batch = {
@@ -150,6 +171,7 @@ class BatchStore:
             b["status"] = "cancelled"
             b["cancelling_at"] = b["cancelled_at"] = now
             self._lines.pop(bid, None)
+            self._enqueued.pop(bid, None)
             self._notify()
         return _json(b)
 
@@ -221,6 +243,14 @@ class BatchStore:
         if not lines and not errors:
             errors.append({"code": "empty_file", "message": "The input file is empty.", "param": None,
                            "line": None})
+        cfg = self._cfg
+        if not errors and cfg.batch_enqueued_tokens is not None and cfg.batch_token_limit_at == "validate":
+            mine = _tokens_by_model(raw)
+            over = self._over_token_limit(mine)
+            if over is not None:
+                errors.append({"code": "token_limit_exceeded", "message": over, "param": None, "line": None})
+            else:
+                self._enqueued[b["id"]] = mine
         if errors:
             b.update(status="failed", failed_at=now, errors={"object": "list", "data": errors})
             return
@@ -233,12 +263,22 @@ class BatchStore:
         from tcia_async.sim.server import BadRequest  # the server module imports this one
 
         lines = self._lines.pop(b["id"], [])
+        self._enqueued.pop(b["id"], None)
         out, err = [], []
         ledger = self._h.ledger
-        for obj in lines:
+        expire_at = len(lines)
+        if self._expired < self._cfg.batch_expire:
+            self._expired += 1
+            expire_at = len(lines) // 2
+        for i, obj in enumerate(lines):
             self._n += 1
             rid = f"batch_req_sim{self._n}"
             req_id = f"req_sim_b{self._n}"
+            if i >= expire_at:
+                err.append({"id": rid, "custom_id": obj["custom_id"], "response": None, "error": {
+                    "code": "batch_expired",
+                    "message": "This request could not be executed before the completion window expired."}})
+                continue
             if self._fail_rng.random() < self._cfg.batch_fail_rate:
                 body = {"error": {"message": "The server had an error processing this request. [simulated]",
                                   "type": "server_error", "param": None, "code": None}}
@@ -264,8 +304,28 @@ class BatchStore:
         if err:
             b["error_file_id"] = self.add_file(f"{b['id']}_error.jsonl", "batch_output",
                                                b"".join(orjson.dumps(x, option=dump) for x in err))["id"]
-        b.update(status="completed", finalizing_at=now, completed_at=now,
-                 request_counts={"total": len(lines), "completed": len(out), "failed": len(err)})
+        if expire_at < len(lines):
+            b.update(status="expired", expired_at=now)
+        else:
+            b.update(status="completed", finalizing_at=now, completed_at=now)
+        b["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
+
+    def _over_token_limit(self, mine: dict[str, int]) -> str | None:
+        """Why a batch with `mine` prompt tokens per model would go over the enqueued-token limit, or None."""
+        limit = self._cfg.batch_enqueued_tokens
+        assert limit is not None
+        for model, n in mine.items():
+            queued = sum(t.get(model, 0) for t in self._enqueued.values())
+            if queued + n > limit:
+                return (f"Enqueued token limit reached for {model} in organization org-sim. Limit: {limit:,} enqueued "
+                        f"tokens. Please try submitting fewer tokens or wait for existing batches to complete. "
+                        "[simulated]")
+        return None
+
+    async def wait_created(self, n: int) -> None:
+        """Return once at least `n` batches were created."""
+        while len(self.batches) < n:
+            await self._changed.wait()
 
     async def wait(self, bid: str, status: str) -> dict:
         while True:
@@ -275,3 +335,21 @@ class BatchStore:
             if b["status"] == status or b["status"] in _TERMINAL:
                 return b
             await self._changed.wait()
+
+
+def _tokens_by_model(raw: bytes) -> dict[str, int]:
+    """Prompt tokens of an input file's lines, by model (lines that do not parse count nothing)."""
+    out: dict[str, int] = {}
+    for line in raw.splitlines():
+        try:
+            obj = orjson.loads(line)
+            body = obj["body"]
+            model = str(body.get("model") or "")
+            if "messages" in body:
+                n = tokens.count_messages(body["messages"])
+            else:
+                n = tokens.count_input(body.get("input"))[0]
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
+            continue
+        out[model] = out.get(model, 0) + n
+    return out

@@ -50,6 +50,16 @@ class SimConfig(msgspec.Struct, kw_only=True):
     # None: batches advance only when Simulator.advance_batches() is called (for tests).
     batch_delay_s: float | None = 1.0
     batch_fail_rate: float = 0.0  # share of batch lines answered with a 500 in the error file
+    # The first N batches to finish expire instead: the first half of their lines are answered (output file), the
+    # rest go to the error file with code `batch_expired`, as OpenAI reports requests the window did not reach.
+    batch_expire: int = 0
+    # Enqueued-token limit per model (prompt tokens of the batches in progress): a batch that would go over it
+    # fails at validation with code `token_limit_exceeded` ("validate"), or its create is answered 400 with that
+    # code ("create"). None: no limit.
+    batch_enqueued_tokens: int | None = None
+    batch_token_limit_at: Literal["validate", "create"] = "validate"
+    # File uploads answered 429 insufficient_quota once this many uploads were accepted (0: every upload).
+    upload_quota_after: int | None = None
 
     embedding_dim: int = 384
     record_bodies: int = 0  # keep the last N request bodies (chat and embeddings) for Simulator.bodies()
