@@ -171,26 +171,22 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def load_engine_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
-                       origins: Mapping[str, str] | None = None, **kw_overrides: Any) -> EngineConfig:
-    """Engine settings: the `[engine]` table of an optional TOML file, then `overrides` (setting -> value,
-    dotted for nested ones such as "limits.rpm"; None = not given), validated.
-
-    `origins` names where each override came from ("--rpm", "$OPENAI_BASE_URL"), for error messages.
-    """
+def _load_table(name: str, typ: type, path: str | os.PathLike[str] | None, merged: Mapping[str, Any],
+                origins: Mapping[str, str] | None) -> tuple[Any, dict[str, str]]:
+    """(the `[name]` table of an optional TOML file with `merged` on top, as a `typ`; where each key came from).
+    `merged` maps a setting (dotted for nested ones) to a value, None = not given."""
     data: dict[str, Any] = {}
     where: dict[str, str] = {}
     source = "settings"
     if path is not None:
         source = str(path)
         doc = load_toml(path)
-        table = doc.get("engine", {})
+        table = doc.get(name, {})
         if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [engine] must be a table")
+            raise ConfigError(f"{source}: [{name}] must be a table")
         data.update(table)
         for key in _flatten(table):
-            where[key] = f"{source}: [engine] {key}"
-    merged = {**(overrides or {}), **kw_overrides}
+            where[key] = f"{source}: [{name}] {key}"
     for key, value in merged.items():
         if value is None:
             continue
@@ -201,14 +197,90 @@ def load_engine_config(path: str | os.PathLike[str] | None = None, overrides: Ma
         node[parts[-1]] = value
         where[key] = (origins or {}).get(key, f"{key} (given)")
     try:
-        cfg = msgspec.convert(data, EngineConfig, strict=False)
+        return msgspec.convert(data, typ, strict=False), where
     except msgspec.ValidationError as exc:
         # "... - at `$.limits.rpm`": name the flag or file key that set it.
         text = str(exc)
         at = text.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text else ""
         origin = where.get(at)
         raise ConfigError(f"{origin}: {text.split(' - at ')[0]}" if origin else f"{source}: {text}") from None
+
+
+def load_engine_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
+                       origins: Mapping[str, str] | None = None, **kw_overrides: Any) -> EngineConfig:
+    """Engine settings: the `[engine]` table of an optional TOML file, then `overrides` (setting -> value,
+    dotted for nested ones such as "limits.rpm"; None = not given), validated.
+
+    `origins` names where each override came from ("--rpm", "$OPENAI_BASE_URL"), for error messages.
+    """
+    cfg, where = _load_table("engine", EngineConfig, path, {**(overrides or {}), **kw_overrides}, origins)
     return validate_engine(cfg, where)
+
+
+# -- the Batch API mode ---------------------------------------------------------------------------------------
+
+
+class BatchSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The Batch API mode (engine/batch.py), the `[batch]` table. Defaults are OpenAI's limits."""
+
+    max_requests: int = 50_000  # lines per batch file
+    max_bytes: int = 200_000_000  # bytes per batch file (OpenAI: 200 MB)
+    # Prompt tokens a model may have in batches in progress (the provider's enqueued-token limit), for every
+    # model unless `model_enqueued_tokens` names it; None: no limit. A batch file never holds more, and a batch
+    # is created only when ours in progress leave room (one the provider refuses for it waits and is retried).
+    enqueued_tokens: int | None = None
+    model_enqueued_tokens: dict[str, int] = {}
+    completion_window: str = "24h"
+    poll_interval: float = 30.0  # seconds before the first status check of a batch; then longer, up to poll_max
+    poll_max: float = 300.0
+    # Failed (5xx), expired and cancelled lines are sent again in new batches this many times at most; then they
+    # are recorded as failures of this run (a rerun tries them again). Permanent (400-class) failures never are.
+    max_resubmits: int = 3
+    discount: float = 0.5  # batch price = online price x discount (OpenAI: 50 % off)
+    delete_files: bool = True  # delete our input, output and error files at the provider once a batch is settled
+
+    def token_budget(self, model: str) -> int | None:
+        return self.model_enqueued_tokens.get(model, self.enqueued_tokens)
+
+
+_BATCH_RULES: list[tuple[str, float, bool, bool]] = [
+    ("max_requests", 1, False, True),
+    ("max_bytes", 1024, False, True),
+    ("poll_interval", 0, True, False),
+    ("poll_max", 0, True, False),
+    ("max_resubmits", 0, False, True),
+    ("discount", 0, False, False),
+]
+
+
+def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -> BatchSettings:
+    where = where or {}
+
+    def name(key: str) -> str:
+        return where.get(key) or f"batch.{key}"
+
+    for key, low, strict, whole in _BATCH_RULES:
+        check_number(getattr(cfg, key), name(key), low=low, strict=strict, whole=whole)
+    if cfg.discount > 1:
+        raise ConfigError(f"{name('discount')} = {cfg.discount!r}: must be at most 1 (0.5: half the online price)")
+    if cfg.poll_max < cfg.poll_interval:
+        raise ConfigError(f"{name('poll_max')} = {cfg.poll_max!r}: must be at least poll_interval "
+                          f"({cfg.poll_interval:g})")
+    check_number(cfg.enqueued_tokens, name("enqueued_tokens"), low=1, strict=False, whole=True,
+                 none_means="no limit")
+    for model, n in cfg.model_enqueued_tokens.items():
+        check_number(n, name(f"model_enqueued_tokens.{model}"), low=1, strict=False, whole=True)
+    if not cfg.completion_window.strip():
+        raise ConfigError(f"{name('completion_window')}: empty (OpenAI accepts \"24h\")")
+    return cfg
+
+
+def load_batch_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
+                        origins: Mapping[str, str] | None = None) -> BatchSettings:
+    """Batch settings: the `[batch]` table of an optional TOML file, then `overrides` (None = not given),
+    validated; errors name the flag or file key (as `load_engine_config`)."""
+    cfg, where = _load_table("batch", BatchSettings, path, overrides or {}, origins)
+    return validate_batch(cfg, where)
 
 
 # -- the TCIA run ---------------------------------------------------------------------------------------------

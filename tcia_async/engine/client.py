@@ -5,11 +5,15 @@
 failure below HTTP (timeout, refused or reset connection, truncated body) raises one of `TRANSPORT_ERRORS`, and
 `Transport.verdict(exc)` classifies it. The connector's limit is raised to the engine's concurrency (aiohttp's
 default of 100 starves a larger pool).
+
+For the Batch API (engine/batch.py): `get`, `delete`, `upload` (a file from disk as multipart/form-data, streamed)
+and `download` (a body streamed to a file on disk, so a large output file never sits in memory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -94,16 +98,58 @@ class Transport:
             length = resp.content_length
             if length is not None and length <= self.max_body:
                 return resp.status, resp.headers, await resp.read()
-            if length is not None:
-                raise BodyTooLarge(f"answer of {length} bytes, over the cap of {self.max_body}")
-            parts: list[bytes] = []
-            size = 0
-            async for chunk in resp.content.iter_any():
-                size += len(chunk)
-                if size > self.max_body:
-                    raise BodyTooLarge(f"answer longer than the cap of {self.max_body} bytes")
-                parts.append(chunk)
-            return resp.status, resp.headers, b"".join(parts)
+            return resp.status, resp.headers, await self._capped(resp)
+
+    async def _capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body of `resp`, or BodyTooLarge past `max_body` bytes (an announced length is checked first)."""
+        length = resp.content_length
+        if length is not None and length > self.max_body:
+            raise BodyTooLarge(f"answer of {length} bytes, over the cap of {self.max_body}")
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > self.max_body:
+                raise BodyTooLarge(f"answer longer than the cap of {self.max_body} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def get(self, url: str) -> tuple[int, Any, bytes]:
+        """(status, headers, body) of a GET (the same errors as `post`)."""
+        assert self._session is not None, "Transport.open() first"
+        async with self._session.get(url) as resp:
+            return resp.status, resp.headers, await self._capped(resp)
+
+    async def delete(self, url: str) -> tuple[int, Any, bytes]:
+        assert self._session is not None, "Transport.open() first"
+        async with self._session.delete(url) as resp:
+            return resp.status, resp.headers, await self._capped(resp)
+
+    async def upload(self, url: str, path: str | os.PathLike[str], fields: dict[str, str]) -> tuple[int, Any, bytes]:
+        """POST the file at `path` as the multipart field `file` with `fields` beside it (OpenAI's /v1/files).
+        The file is streamed from disk."""
+        assert self._session is not None, "Transport.open() first"
+        with open(path, "rb") as fh:
+            form = aiohttp.FormData()
+            for name, value in fields.items():
+                form.add_field(name, value)
+            form.add_field("file", fh, filename=os.path.basename(path), content_type="application/jsonl")
+            body = form()
+            # The session's JSON content type would win over the form's: name the multipart one here.
+            async with self._session.post(url, data=body, headers={"Content-Type": body.content_type}) as resp:
+                return resp.status, resp.headers, await self._capped(resp)
+
+    async def download(self, url: str, dest: str | os.PathLike[str]) -> tuple[int, Any, bytes]:
+        """GET `url` into the file `dest` (any size, written as it arrives): (status, headers, b"") on a 200, else
+        (status, headers, the error body) and `dest` is not written."""
+        assert self._session is not None, "Transport.open() first"
+        async with self._session.get(url) as resp:
+            if resp.status != 200:
+                return resp.status, resp.headers, await self._capped(resp)
+            with open(dest, "wb") as fh:
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    fh.write(chunk)
+            return resp.status, resp.headers, b""
 
     def verdict(self, exc: BaseException) -> Verdict:
         """The retry verdict of a transport failure (one of TRANSPORT_ERRORS)."""
