@@ -23,7 +23,7 @@ budget, a connection slot held only on the wire, retries. What the Engine adds:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import anyio
@@ -66,6 +66,47 @@ class StageEngine(Protocol):
 
     async def embed(self, texts: Sequence[str], model: str, *, dimensions: int | None = None, stage: str = "",
                     priority: int = 0) -> np.ndarray: ...
+
+
+async def ask_json(chat: Callable[..., Awaitable[dict[str, Any]]], attempts: int, body: dict[str, Any],
+                   typ: type[T], *, schema_name: str | None = None, sample: int = 0, stage: str = "",
+                   priority: int = 0, check: Callable[[T], str | None] | None = None) -> T:
+    """The answer of `chat(body)` decoded as `typ` (a msgspec Struct), asked for with `typ`'s JSON schema (strict
+    structured output).
+
+    An answer that does not decode, or that `check` finds wrong (it returns what is wrong, or None), is asked
+    again: the conversation goes on with the bad answer and the problem, so the model knows what to mend (a new
+    body, so a cache key of its own: a rerun replays the same decisions). After `attempts` answers,
+    RequestFailed with code "schema_mismatch".
+    """
+    name = schema_name or getattr(typ, "__name__", "answer")
+    body = {**body, "response_format": response_format_for(typ, name)}
+    attempts = max(1, attempts)
+    why = ""
+    for k in range(attempts):
+        answer = await chat(body, sample, stage=stage, priority=priority)
+        content = None
+        try:
+            message = answer["choices"][0]["message"]
+            content = message.get("content")
+            if not isinstance(content, str):
+                raise ValueError(message.get("refusal") or "the answer has no text content")
+            value = msgspec.json.decode(content, type=typ)
+            problem = check(value) if check is not None else None
+            if problem is None:
+                return value
+            why = problem[:400]
+        except (msgspec.ValidationError, msgspec.DecodeError, KeyError, IndexError, TypeError,
+                ValueError, AttributeError) as exc:
+            why = f"{type(exc).__name__}: {exc}"[:400]
+        if k + 1 < attempts:
+            body = {**body, "messages": [*body["messages"],
+                                         {"role": "assistant", "content": content or ""},
+                                         {"role": "user", "content": (
+                                             f"That answer does not match the required JSON schema ({why}). "
+                                             "Reply again with only a JSON object that matches it.")}]}
+    raise RequestFailed.make("schema_mismatch", f"no answer matched {name} in {attempts} attempts (last: {why})",
+                             200, attempts)
 
 
 class Engine:
@@ -180,42 +221,9 @@ class Engine:
     async def chat_json(self, body: dict[str, Any], typ: type[T], *, schema_name: str | None = None,
                         sample: int = 0, stage: str = "", priority: int = 0,
                         check: Callable[[T], str | None] | None = None) -> T:
-        """The answer of a chat completion decoded as `typ` (a msgspec Struct), asked for with `typ`'s JSON
-        schema (strict structured output).
-
-        An answer that does not decode, or that `check` finds wrong (it returns what is wrong, or None), is asked
-        again: the conversation goes on with the bad answer and the problem, so the model knows what to mend (a
-        new body, so a cache key of its own: a rerun replays the same decisions). After `schema_attempts`
-        answers, RequestFailed with code "schema_mismatch".
-        """
-        name = schema_name or getattr(typ, "__name__", "answer")
-        body = {**body, "response_format": response_format_for(typ, name)}
-        attempts = max(1, self.config.schema_attempts)
-        why = ""
-        for k in range(attempts):
-            answer = await self.chat(body, sample, stage=stage, priority=priority)
-            content = None
-            try:
-                message = answer["choices"][0]["message"]
-                content = message.get("content")
-                if not isinstance(content, str):
-                    raise ValueError(message.get("refusal") or "the answer has no text content")
-                value = msgspec.json.decode(content, type=typ)
-                problem = check(value) if check is not None else None
-                if problem is None:
-                    return value
-                why = problem[:400]
-            except (msgspec.ValidationError, msgspec.DecodeError, KeyError, IndexError, TypeError,
-                    ValueError, AttributeError) as exc:
-                why = f"{type(exc).__name__}: {exc}"[:400]
-            if k + 1 < attempts:
-                body = {**body, "messages": [*body["messages"],
-                                             {"role": "assistant", "content": content or ""},
-                                             {"role": "user", "content": (
-                                                 f"That answer does not match the required JSON schema ({why}). "
-                                                 "Reply again with only a JSON object that matches it.")}]}
-        raise RequestFailed.make("schema_mismatch", f"no answer matched {name} in {attempts} attempts (last: {why})",
-                                 200, attempts)
+        """The answer of a chat completion decoded as `typ` (a msgspec Struct): see `ask_json`."""
+        return await ask_json(self.chat, self.config.schema_attempts, body, typ, schema_name=schema_name,
+                              sample=sample, stage=stage, priority=priority, check=check)
 
     # -- embeddings -----------------------------------------------------------------------------------------------
 
