@@ -54,6 +54,13 @@ COMMANDS: dict[str, _Command] = {
         "tcia_async.flows.run",
         "run_cli",
     ),
+    "batches": _Command(
+        "list the Batch API batches recorded in a state directory; --cancel cancels those in flight",
+        "The batches that `generate --mode batch` (and the other batch modes) recorded in a state directory, with "
+        "their status and request counts at the provider. The directory is only read.",
+        "tcia_async.flows.batches",
+        "run_cli",
+    ),
     "compare": _Command(
         "compare several runs side by side (e.g. TCIA against the Evol-Instruct baseline)",
         "A side-by-side table and plots of runs of `tcia-async run`: diversity and on-task ratio per hop, kept "

@@ -127,8 +127,6 @@ def test_query_and_stats(tmp_path: Path, simulator, capsys) -> None:
 
 def test_usage_errors(tmp_path: Path, simulator, capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus.jsonl")
-    assert build(corpus, tmp_path / "db", simulator.base_url, "--mode", "batch") == 2
-    assert "not available yet" in capsys.readouterr().err
     assert build(tmp_path / "missing.jsonl", tmp_path / "db", simulator.base_url) == 2
     assert "corpus file not found" in capsys.readouterr().err
     assert main(["db", "query", str(tmp_path / "nodb"), "x"]) == 2

@@ -8,6 +8,12 @@ when the run finishes, so a refused, failed or interrupted run never damages a p
 
 The cache defaults to RESULTS + ".cache.db": rerunning the same command after a crash, Ctrl-C or a stop replays
 every answered request from it, sends only the rest, and writes RESULTS complete.
+
+`--mode batch` sends the lines through the provider's Batch API instead (engine/batch.py): a first pass computes
+every line's cache key exactly as the online pass does (runner.FileSource) and hands the lines to `run_batches`,
+which answers them into the same cache; then the online results pass writes every line from the cache, and the
+lines the batches could not answer as error results (nothing is sent online). The batch ids live in
+RESULTS + ".batches/" (`--batch-dir`): a rerun reattaches to the batches in flight.
 """
 
 from __future__ import annotations
@@ -55,6 +61,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="TOML", help="settings file with an [engine] table (limits, prices, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress and no summary on stderr (errors only)")
     p.add_argument("--summary-json", metavar="PATH", help="write the run summary as JSON to PATH")
+    p.add_argument("--mode", choices=("online", "batch"), default="online",
+                   help="online (default): requests as fast as the rate limits allow; batch: the provider's Batch "
+                   "API (OpenAI: half price, answers within 24 h), same results and cache")
+    p.add_argument("--batch-dir", metavar="DIR", help="batch mode: where batch files and ids are kept (default "
+                   "RESULTS.batches); `tcia-async batches DIR` lists them")
+    p.add_argument("--poll-interval", type=float, metavar="S", help="batch mode: seconds before the first status "
+                   "check of a batch, growing after each (default 30; the [batch] table of --config holds the rest)")
 
 
 def default_cache_path(output: str) -> str:
@@ -86,6 +99,18 @@ def build_config(args: argparse.Namespace) -> Any:
     elif not cfg.cache_path:
         cfg.cache_path = default_cache_path(args.output)
     return cfg
+
+
+def default_batch_dir(output: str) -> str:
+    return str(output) + ".batches"
+
+
+def build_batch_settings(args: argparse.Namespace) -> Any:
+    """The BatchSettings from flags > the [batch] table of --config > defaults (ConfigError when wrong)."""
+    from tcia_async.config import load_batch_settings
+
+    return load_batch_settings(args.config, {"poll_interval": args.poll_interval},
+                               {"poll_interval": "--poll-interval"})
 
 
 def _err(msg: str) -> None:
@@ -178,20 +203,27 @@ async def _main(args: argparse.Namespace, cfg: Any, state: _State, staged: Stage
         staged.fh.flush()
         if not args.quiet and tty:
             print("\r\x1b[2K", end="", file=sys.stderr, flush=True)
-        stats = engine.stats
+    return _summary(args, cfg, state, staged, engine.stats, sink, run.source.lines, run.stopped,
+                    interrupts.interrupted)
+
+
+def _summary(args: argparse.Namespace, cfg: Any, state: _State, staged: Staged, stats: Any, sink: Any, lines: int,
+             stopped: str | None, interrupted: bool) -> dict[str, Any]:
     elapsed = time.perf_counter() - state.started
-    if run.stopped:
+    with_cost = bool(cfg.prices)
+    if stopped:
         status = "stopped"
-    elif interrupts.interrupted:
+    elif interrupted:
         status = "interrupted"
     else:
         status = "complete" if sink.failed == 0 else "complete with errors"
     return {
         "status": status,
+        "mode": args.mode,
         "input": str(args.input),
         "results": str(staged.final),
         "cache": cfg.cache_path,
-        "lines": run.source.lines,
+        "lines": lines,
         "results_written": sink.written,
         "ok": sink.written - sink.failed,
         "failed": sink.failed,
@@ -205,8 +237,118 @@ async def _main(args: argparse.Namespace, cfg: Any, state: _State, staged: Stage
         "cost_usd": round(stats.cost, 6) if with_cost else None,
         "elapsed_s": round(elapsed, 3),
         "req_per_s": round(sink.written / elapsed, 1) if elapsed > 0 else None,
-        "stopped_reason": run.stopped,
+        "stopped_reason": stopped,
     }
+
+
+class _NoResults:
+    """The sink of batch mode's key pass: bad lines get their results in the results pass, not here."""
+
+    def bad(self, custom_id: Any, line: int, error: Any) -> None:
+        pass
+
+
+class _FromBatches:
+    """The results pass of batch mode: the lines of a FileSource, each answered in the cache or failed in the
+    batches. Failed and unanswered lines get their error result here, so the Run only replays from the cache and
+    sends nothing online."""
+
+    def __init__(self, source: Any, cache: Any, failures: dict[bytes, Any], sink: Any) -> None:
+        self._source = source
+        self._cache = cache
+        self._failures = failures
+        self._sink = sink
+
+    @property
+    def lines(self) -> int:
+        return self._source.lines
+
+    async def next_chunk(self) -> Any:
+        from tcia_async.records import ErrorOut
+
+        chunk = await self._source.next_chunk()
+        if not chunk:
+            return chunk
+        hits = self._cache.get_many([it.key for it in chunk])
+        answered = []
+        for it in chunk:
+            if it.key in hits:
+                answered.append(it)
+                continue
+            error = self._failures.get(it.key) or ErrorOut(
+                code="batch_unanswered", message="no batch answered this line; rerun to send it again")
+            self._sink.fail(it, error)
+        return answered
+
+    def close(self) -> None:
+        self._source.close()
+
+
+async def _main_batch(args: argparse.Namespace, cfg: Any, settings: Any, state: _State, staged: Staged
+                      ) -> dict[str, Any]:
+    import anyio
+
+    from tcia_async.engine import Engine, RunStopped
+    from tcia_async.engine.batch import BatchItem, BatchRun
+    from tcia_async.engine.runner import FileSink, FileSource, Run
+    from tcia_async.flows.batches import progress_printer
+
+    stopped: str | None = None
+    async with Engine(cfg) as engine:
+        batches = BatchRun(engine, args.batch_dir, settings, stage="generate",
+                           on_progress=None if args.quiet else progress_printer(_err))
+        sink = FileSink(staged.fh, on_bad=state.report_bad)
+        run: Run | None = None
+        waiting = anyio.CancelScope()
+
+        def first() -> None:
+            if run is not None:  # the results pass: a replay from the cache, ends at once
+                run.drain()
+                return
+            _err("interrupted: no more uploads or status checks; the batches already created go on at the provider "
+                 "(rerun the same command to collect them; Ctrl-C again to abandon a batch create on the wire)")
+            waiting.cancel()
+
+        def second() -> None:
+            batches.cut()
+            if run is not None:
+                run.abandon()
+
+        interrupts = Interrupts(first, second)
+        keys = FileSource(engine.requests, args.input, _NoResults())
+
+        async def items():
+            while (chunk := await keys.next_chunk()) is not None:
+                for it in chunk:
+                    yield BatchItem(it.key, it.path, it.body)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(interrupts.watch)
+            try:
+                with waiting:
+                    outcome = await batches.run(items())
+            except RunStopped as exc:
+                stopped = exc.message
+            finally:
+                keys.close()
+            if stopped is None and not interrupts.interrupted:
+                source = _FromBatches(FileSource(engine.requests, args.input, sink), engine.cache,
+                                      outcome.failures, sink)
+                run = Run(engine.requests, engine.embedding_entry, source, sink)
+                await run.run()
+            tg.cancel_scope.cancel()
+        staged.fh.flush()
+        out = batches.outcome
+        summary = _summary(args, cfg, state, staged, engine.stats, sink, keys.lines, stopped,
+                           interrupts.interrupted)
+        s = engine.stats
+        summary["batch"] = {"dir": str(args.batch_dir), "batches": out.batches, "uploads": out.uploads,
+                            "reattached": out.reattached, "lines_sent": out.sent, "answered": out.answered,
+                            "resubmitted": out.resubmitted, "held_by_earlier_batches": out.held,
+                            "unanswered": len(out.failures), "tokens": s.batch_tokens,
+                            "cost_usd": round(s.batch_cost, 6) if cfg.prices else None,
+                            "saved_usd": round(s.batch_saved, 6) if cfg.prices else None}
+    return summary
 
 
 _CODES = {"complete": EXIT_OK, "complete with errors": EXIT_SOME_FAILED, "stopped": EXIT_STOPPED,
@@ -215,9 +357,11 @@ _CODES = {"complete": EXIT_OK, "complete with errors": EXIT_SOME_FAILED, "stoppe
 
 def run_cli(args: argparse.Namespace) -> int:
     from tcia_async.config import ConfigError
+    from tcia_async.engine.batch import StateBusy
     from tcia_async.engine.cache import CacheError
     from tcia_async.engine.client import is_loopback
 
+    settings = None
     try:
         cfg = build_config(args)
         out = Path(args.output)
@@ -226,6 +370,14 @@ def run_cli(args: argparse.Namespace) -> int:
         if cfg.cache_path:
             for i, f in enumerate(cache_files(cfg.cache_path)):
                 writes["--cache" if i == 0 else f"the cache's {f.rsplit('.', 1)[-1]} file"] = f
+        if args.mode == "batch":
+            settings = build_batch_settings(args)
+            if not cfg.cache_path:
+                raise UsageError("--mode batch needs the cache (its answers go there): drop --no-cache")
+            args.batch_dir = args.batch_dir or default_batch_dir(args.output)
+            _check_batch_dir(args.batch_dir, {"INPUT": args.input, "--config": args.config, **writes})
+        elif args.batch_dir or args.poll_interval is not None:
+            raise UsageError("--batch-dir and --poll-interval are for --mode batch")
         check_paths({"INPUT": args.input, "--config": args.config}, writes)
     except (ConfigError, UsageError) as exc:
         _err(str(exc))
@@ -248,13 +400,16 @@ def run_cli(args: argparse.Namespace) -> int:
 
             ResponseCache(cfg.cache_path).close()
         staged = Staged(out)
-        summary = run_async(_main, args, cfg, state, staged)
+        if settings is not None:
+            summary = run_async(_main_batch, args, cfg, settings, state, staged)
+        else:
+            summary = run_async(_main, args, cfg, state, staged)
     except KeyboardInterrupt:  # a Ctrl-C that arrived before the handler was installed
         _err("interrupted; rerun the same command to continue")
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
         err = primary(exc)
-        if isinstance(err, CacheError):
+        if isinstance(err, (CacheError, StateBusy)):
             _err(str(err))
             return EXIT_USAGE
         if isinstance(err, OSError):
@@ -287,7 +442,20 @@ def run_cli(args: argparse.Namespace) -> int:
     elif code == EXIT_SOME_FAILED:
         _err(f"{summary['failed']} of {summary['results_written']} lines ended in an error "
              f"({by_kind(summary['failed_by_code'])}); each has an error result in {args.output}")
+    if code in (EXIT_STOPPED, EXIT_INTERRUPTED) and settings is not None:
+        _err(f"batches already created go on at the provider: the rerun collects them (`tcia-async batches "
+             f"{args.batch_dir}` lists them, --cancel cancels them)")
     return code
+
+
+def _check_batch_dir(batch_dir: str, others: dict[str, Any]) -> None:
+    """The batch directory is a directory (or will be), and none of the command's files."""
+    real = os.path.realpath(batch_dir)
+    for role, path in others.items():
+        if path is not None and os.path.realpath(path) == real:
+            raise UsageError(f"--batch-dir and {role} are the same path ({batch_dir}); nothing was written")
+    if os.path.exists(batch_dir) and not os.path.isdir(batch_dir):
+        raise UsageError(f"{batch_dir}: exists and is not a directory (--batch-dir names a directory)")
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -297,3 +465,9 @@ def _print_summary(s: dict[str, Any]) -> None:
           f"  ok {s['ok']} (from cache {s['cached']}), failed {s['failed']}; sent {s['sent']} requests, "
           f"retries {s['retries']}, answered 429 {s['rate_limited']}; tokens {s['tokens']['total']:,}{cost}",
           file=sys.stderr, flush=True)
+    b = s.get("batch")
+    if b is not None:
+        saved = f", ${b['cost_usd']:.4f} (saved ${b['saved_usd']:.4f})" if b["cost_usd"] is not None else ""
+        print(f"  batch: {b['batches']} batches created, {b['reattached']} reattached; {b['lines_sent']} lines sent "
+              f"({b['resubmitted']} resubmitted), {b['answered']} answered, {b['unanswered']} without an answer; "
+              f"tokens {b['tokens']:,}{saved}; state in {b['dir']}", file=sys.stderr, flush=True)

@@ -90,7 +90,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="embedding model: 'local' (default: multilingual-e5-small in this process, no API), "
                    "'hashed' (n-gram fallback), or a hosted model such as text-embedding-3-small")
     b.add_argument("--mode", choices=("online", "batch"), default="online",
-                   help="online: requests as fast as the rate limits allow; batch: the provider's Batch API")
+                   help="online: requests as fast as the rate limits allow; batch: the decompositions go through "
+                   "the provider's Batch API (half price, within 24 h; ids kept in DBDIR/batches, a rerun "
+                   "reattaches), then the build replays them from the cache")
+    b.add_argument("--poll-interval", type=float, metavar="S", default=None,
+                   help="--mode batch: seconds before the first status check of a batch, growing after each "
+                   "(default 30; the [batch] table of --config holds the rest)")
     b.add_argument("--concurrency", type=_positive_int, default=64, help="requests in flight (default 64)")
     b.add_argument("--cache", default=None, help="response cache (default DBDIR/cache.db)")
     b.add_argument("--eps", type=_cosine_eps, default=None,
@@ -579,9 +584,8 @@ def run_build(args: argparse.Namespace) -> int:
         _say(f"tcia-async db build: {msg}")
         return EXIT_USAGE
 
-    if args.mode == "batch":
-        return fail("--mode batch is not available yet (the Batch API transport is a later issue); use "
-                    "--mode online")
+    if args.mode != "batch" and args.poll_interval is not None:
+        return fail("--poll-interval is for --mode batch")
     if args.corpus is None and args.decompositions is None:
         return fail("needs a corpus, or --decompositions FILE (or both)")
     if args.corpus is not None and not Path(args.corpus).is_file():
@@ -600,6 +604,12 @@ def run_build(args: argparse.Namespace) -> int:
     try:
         _check_build_paths(args, cache)
         config = _engine_config(args, cache_path=cache, concurrency=args.concurrency)
+        args.batch_settings = None
+        if args.mode == "batch" and not args.decompositions:  # with --decompositions nothing is decomposed
+            from tcia_async.config import load_batch_settings
+
+            args.batch_settings = load_batch_settings(args.config, {"poll_interval": args.poll_interval},
+                                                      {"poll_interval": "--poll-interval"})
     except (UsageError, ConfigError) as exc:
         return fail(str(exc))
     try:
@@ -614,9 +624,10 @@ def run_build(args: argparse.Namespace) -> int:
         return fail(str(exc))
     except Exception as exc:
         from tcia_async.engine import RunStopped
+        from tcia_async.engine.batch import StateBusy
         from tcia_async.engine.cache import CacheError
 
-        if isinstance(exc, (CacheError, OSError)):
+        if isinstance(exc, (CacheError, OSError, StateBusy)):
             return fail(str(exc))
         if isinstance(exc, RunStopped):
             _say(f"stopped: {exc}; answered calls are cached in {cache}: rerun the same command to continue")
@@ -650,8 +661,15 @@ async def _build_main(config, args, params, embedding_model, identity, say):
     simulated = any(s is not None for s in sims)
     try:
         async with Engine(config, local_models=embed.local_models()) as engine:
+            stage_engine = engine
+            if args.batch_settings is not None:
+                from tcia_async.engine.batch import BatchReplay
+
+                done = await decompose_in_batches(engine, args.corpus, Path(args.out) / "batches",
+                                                  args.batch_settings, model=args.model, limit=args.limit, say=say)
+                stage_engine = BatchReplay(engine, done.failures)  # what no batch answered is not sent online
             db, summary = await build_db(
-                engine, args.corpus, args.out, model=args.model, embedding_model=embedding_model,
+                stage_engine, args.corpus, args.out, model=args.model, embedding_model=embedding_model,
                 embedding_identity=identity, decompositions=args.decompositions, params=params,
                 concurrency=args.concurrency, simulated=simulated, limit=args.limit, progress=say,
             )
@@ -659,6 +677,32 @@ async def _build_main(config, args, params, embedding_model, identity, say):
     except BaseExceptionGroup as group:  # the engine's own task group wraps what ended the block
         raise primary(group) from None
     return db, summary, stats
+
+
+async def decompose_in_batches(engine: Any, corpus: str | os.PathLike[str], state_dir: Path, settings: Any, *,
+                               model: str, limit: int | None = None, say: Callable[[str], None] = _say) -> Any:
+    """`db build --mode batch`: the decomposition of every usable corpus line (the request `decompose` sends
+    first) answered through the Batch API into the engine's cache, so that `build_db` then replays them (through
+    BatchReplay: a line no batch answered is a failed decomposition; a correction of an answer that does not match
+    the schema goes online). The BatchOutcome."""
+    from tcia_async.engine.batch import chat_json_item, run_batches
+    from tcia_async.flows.batches import progress_printer
+    from tcia_async.tcia.decompose import SCHEMA_NAME, build_body
+
+    def items() -> Iterator[Any]:
+        n = 0
+        for item in iter_corpus(corpus):
+            if isinstance(item, BadLine):
+                continue  # build_db reports it
+            if limit is not None and n >= limit:
+                break
+            n += 1
+            yield chat_json_item(engine, build_body(item.text, model=model), Decomposition, schema_name=SCHEMA_NAME)
+
+    out = await run_batches(engine, items(), state_dir, settings, stage="decompose", on_progress=progress_printer(say))
+    say(f"batches: {out.items} decompositions, {out.cached} already cached, {out.batches} batches created "
+        f"({out.reattached} reattached), {out.answered} answered, {len(out.failures)} without an answer")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
