@@ -287,10 +287,12 @@ def load_batch_settings(path: str | os.PathLike[str] | None = None, overrides: M
 
 
 class _Stage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """What every LLM stage table may set; None: the run's model, the provider's default temperature."""
+    """What every LLM stage table may set; None: the run's model, the provider's default temperature, the run's
+    mode ("online", or "batch": the provider's Batch API; verify and refine follow compose's)."""
 
     model: str | None = None
     temperature: float | None = None
+    mode: str | None = None
 
 
 class RunSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -298,6 +300,7 @@ class RunSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str = "gpt-4.1-mini"  # every stage that names no model of its own
     method: str = "tcia"  # or "evol": the Evol-Instruct baseline
     embedding_model: str | None = None  # None: the task database's
+    mode: str = "online"  # of every stage that names none: "online" or "batch"
 
 
 class ExploreSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -356,6 +359,11 @@ class RunConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     judge: JudgeSection = msgspec.field(default_factory=JudgeSection)
     evol: EvolSection = msgspec.field(default_factory=EvolSection)
     engine: dict[str, Any] = {}  # checked by load_engine_config
+    batch: dict[str, Any] = {}  # checked by load_batch_settings
+
+    def mode_of(self, stage: str) -> str:
+        """How a stage's requests go: "online" or "batch" (its own setting, else the run's)."""
+        return getattr(getattr(self, stage, None), "mode", None) or self.run.mode
 
     def model_of(self, stage: str) -> str:
         """The model a stage uses: its own, else the run's."""
@@ -397,6 +405,10 @@ def validate_run(cfg: RunConfig, where: Mapping[str, str] | None = None) -> RunC
         if high is not None and value > high:
             raise ConfigError(f"{name(key)} = {value!r}: must be at most {high:g}")
     check_number(cfg.run.seed, name("run.seed"), low=0, strict=False, whole=True)
+    for stage in ("run", *_LLM_STAGES):
+        mode = getattr(getattr(cfg, stage), "mode", None)
+        if mode is not None and mode not in ("online", "batch"):
+            raise ConfigError(f"{name(stage + '.mode')} = {mode!r}: must be \"online\" or \"batch\"")
     if cfg.run.method not in ("tcia", "evol"):
         raise ConfigError(f"{name('run.method')} = {cfg.run.method!r}: must be \"tcia\" or \"evol\"")
     for stage in _LLM_STAGES:
@@ -424,7 +436,7 @@ def load_run_config(path: str | os.PathLike[str] | None = None, overrides: Mappi
     if path is not None:
         source = str(path)
         data = load_toml(path)
-        for key in _flatten({k: v for k, v in data.items() if k != "engine"}):
+        for key in _flatten({k: v for k, v in data.items() if k not in ("engine", "batch")}):
             where[key] = f"{source}: [{key.split('.')[0]}] {key.split('.', 1)[-1]}"
     for key, value in (overrides or {}).items():
         if value is None:

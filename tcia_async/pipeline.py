@@ -10,6 +10,10 @@ before it. There is no barrier between stages.
 - `NotSent` (the engine was halted: Ctrl-C) drops the item quietly: a rerun does it.
 - `RunStopped` (quota, auth, a provider failing on everything) ends the whole pipeline: `run` raises it.
 - `stop_intake()` stops reading new input; items already inside finish.
+- A stage with a `gate` (a `BatchGate`, its stand-in for the engine) runs in batch mode: it waits for all its
+  inputs (a batch needs them all), runs every item at once, and whenever each unfinished item waits for an answer
+  not in the cache, the waiting requests go to the provider's Batch API as one round; the items go on with the
+  answers. Items still leave it one by one, as they finish.
 
 `stats` holds, per stage, items in, out, failed and in flight, and the times (seconds since the start) of its
 first and last output, plus outputs per second of the run for the timeline plot.
@@ -17,6 +21,7 @@ first and last output, plus outputs per second of the run for the timeline plot.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any
@@ -52,11 +57,119 @@ class StageStats(msgspec.Struct, kw_only=True):
 
 
 class Stage:
-    def __init__(self, name: str, fn: StageFn, workers: int = 1, buffer: int | None = None) -> None:
+    def __init__(self, name: str, fn: StageFn, workers: int = 1, buffer: int | None = None,
+                 gate: BatchGate | None = None) -> None:
         self.name = name
         self.fn = fn
         self.workers = max(1, workers)
         self.buffer = buffer if buffer is not None else max(16, 2 * self.workers)
+        self.gate = gate
+
+
+_ITEM: contextvars.ContextVar[int] = contextvars.ContextVar("tcia_pipeline_item", default=0)
+
+
+class BatchGate:
+    """The engine as a stage in batch mode sees it (a StageEngine). A chat whose answer is not in the cache waits;
+    once every unfinished item of the stage is waiting, `submit` sends the waiting requests to the Batch API
+    (engine/batch.py) and they go on, answered from the cache. A request the batches could not answer raises its
+    RequestFailed (never sent online). Embeddings go online: they are cheap and fast."""
+
+    def __init__(self, engine: Any, submit: Callable[[list[Any]], Awaitable[Any]]) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self._submit = submit
+        self._wanted: dict[bytes, Any] = {}
+        self._waiting: set[int] = set()  # items with a request waiting in this round
+        self._running = 0
+        self._quiet = anyio.Event()
+        self._answered = anyio.Event()
+        self.failures: dict[bytes, Any] = {}
+        self.rounds = 0
+        self._halted = False
+        self._scope: anyio.CancelScope | None = None
+
+    def halt(self) -> None:
+        """Stop waiting for batches (they stay at the provider: a rerun collects them); waiting calls end with
+        NotSent."""
+        self._halted = True
+        if self._scope is not None:
+            self._scope.cancel()
+        self._answered.set()
+        self._quiet.set()
+
+    async def chat(self, body: dict[str, Any], sample: int = 0, *, stage: str = "", priority: int = 0
+                   ) -> dict[str, Any]:
+        from tcia_async.engine import RequestFailed
+        from tcia_async.engine.batch import BatchItem
+        from tcia_async.engine.request import CHAT
+
+        from tcia_async.engine import NotSent
+
+        key = self.engine.key(body, CHAT, sample)
+        while True:
+            if self._halted:
+                raise NotSent()
+            error = self.failures.get(key)
+            if error is not None:
+                for v in self.engine.stats.views(stage, str(body.get("model") or "")):
+                    v.failed += 1
+                raise RequestFailed(error)
+            if self.engine.requests.lookup(key) is not None:
+                return await self.engine.chat(body, sample, stage=stage, priority=priority)
+            self._wanted[key] = BatchItem(key, CHAT, body)
+            self._waiting.add(_ITEM.get())
+            answered = self._answered
+            self._check()
+            await answered.wait()
+
+    async def chat_json(self, body: dict[str, Any], typ: type, **kw: Any) -> Any:
+        from tcia_async.engine.core import ask_json
+
+        return await ask_json(self.chat, self.config.schema_attempts, body, typ, **kw)
+
+    async def embed(self, texts: Any, model: str, **kw: Any) -> Any:
+        return await self.engine.embed(texts, model, **kw)
+
+    def _check(self) -> None:
+        if (self._wanted and len(self._waiting) >= self._running) or self._running == 0:
+            self._quiet.set()
+
+    async def run(self, items: list[Any], one: Callable[[Any], Awaitable[None]]) -> None:
+        """Run `one(item)` for every item at once, and the rounds of batches their requests make."""
+
+        async def item(i: int, it: Any) -> None:
+            _ITEM.set(i)
+            try:
+                await one(it)
+            finally:
+                self._running -= 1
+                self._waiting.discard(i)
+                self._check()
+
+        if not items:
+            return
+        async with anyio.create_task_group() as tg:
+            self._running = len(items)
+            for i, it in enumerate(items, 1):
+                tg.start_soon(item, i, it)
+            while not self._halted:
+                await self._quiet.wait()
+                self._quiet = anyio.Event()
+                if not self._wanted or self._halted:
+                    break  # every item is done
+                wanted, self._wanted = list(self._wanted.values()), {}
+                with anyio.CancelScope() as self._scope:
+                    outcome = await self._submit(wanted)
+                if self._halted:
+                    break
+                self.failures.update(outcome.failures)
+                self.rounds += 1
+                self._waiting.clear()
+                answered, self._answered = self._answered, anyio.Event()
+                answered.set()
+                if self._running == 0:
+                    break
 
 
 class Pipeline:
@@ -86,7 +199,9 @@ class Pipeline:
             for i, stage in enumerate(self.stages):
                 send_next = streams[i + 1][0] if i + 1 < len(streams) else None
                 recv = streams[i][1]
-                for _ in range(stage.workers):
+                if stage.gate is not None:
+                    tg.start_soon(self._batch_work, i, recv.clone(), send_next.clone() if send_next else None)
+                for _ in range(stage.workers if stage.gate is None else 0):
                     tg.start_soon(self._work, i, recv.clone(), send_next.clone() if send_next else None)
                 recv.close()
                 if send_next is not None:
@@ -108,11 +223,7 @@ class Pipeline:
                         await send.send(item)
                         await anyio.lowlevel.checkpoint()
 
-    async def _work(self, index: int, recv: MemoryObjectReceiveStream, send: MemoryObjectSendStream | None
-                    ) -> None:
-        from tcia_async.engine import NotSent, RunStopped
-
-        stage = self.stages[index]
+    def _emitter(self, index: int, send: MemoryObjectSendStream | None) -> Emit:
         st = self.stats[index]
 
         async def emit(item: Any) -> None:
@@ -128,22 +239,49 @@ class Pipeline:
             if send is not None:
                 await send.send(item)
 
+        return emit
+
+    async def _one(self, index: int, item: Any, emit: Emit) -> None:
+        """One item through one stage: its failure recorded, a halt dropping it, a stop ending the pipeline."""
+        from tcia_async.engine import NotSent, RunStopped
+
+        stage = self.stages[index]
+        st = self.stats[index]
+        st.in_flight += 1
+        try:
+            await stage.fn(item, emit)
+        except (RunStopped, anyio.get_cancelled_exc_class()):
+            raise
+        except NotSent:
+            pass  # halted before its request went out: a rerun does it
+        except Exception as exc:  # noqa: BLE001 - any failure of one item is recorded, the rest go on
+            st.failed += 1
+            self.on_failure(stage.name, item, exc)
+        finally:
+            st.in_flight -= 1
+
+    async def _work(self, index: int, recv: MemoryObjectReceiveStream, send: MemoryObjectSendStream | None
+                    ) -> None:
+        emit = self._emitter(index, send)
         async with recv:
             try:
                 async for item in recv:
-                    st.items_in += 1
-                    st.in_flight += 1
-                    try:
-                        await stage.fn(item, emit)
-                    except (RunStopped, anyio.get_cancelled_exc_class()):
-                        raise
-                    except NotSent:
-                        pass  # halted before its request went out: a rerun does it
-                    except Exception as exc:  # noqa: BLE001 - any failure of one item is recorded, the rest go on
-                        st.failed += 1
-                        self.on_failure(stage.name, item, exc)
-                    finally:
-                        st.in_flight -= 1
+                    self.stats[index].items_in += 1
+                    await self._one(index, item, emit)
+            finally:
+                if send is not None:
+                    await send.aclose()
+
+    async def _batch_work(self, index: int, recv: MemoryObjectReceiveStream, send: MemoryObjectSendStream | None
+                          ) -> None:
+        gate = self.stages[index].gate
+        assert gate is not None
+        emit = self._emitter(index, send)
+        async with recv:
+            try:
+                items = [item async for item in recv]  # a batch needs every input of the stage
+                self.stats[index].items_in = len(items)
+                await gate.run(items, lambda item: self._one(index, item, emit))
             finally:
                 if send is not None:
                     await send.aclose()

@@ -45,6 +45,8 @@ def _counters(c: Any) -> dict[str, Any]:
     d["cost"] = round(d["cost"], 6)
     d["cost_full"] = round(d["cost_full"], 6)
     d["cost_replayed"] = round(d["cost_replayed"], 6)
+    d["batch_cost"] = round(d["batch_cost"], 6)
+    d["batch_saved"] = round(d["batch_saved"], 6)
     d["wire_s"] = round(d["wire_s"], 3)
     return d
 
@@ -114,6 +116,7 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
                  "replayed_from_cache_usd": round(eng.cost_replayed, 6),
                  "usd_at_full_price": round(eng.cost_full, 6),
                  "saved_by_prompt_cache_usd": round(eng.cost_full - eng.cost, 6),
+                 "batch_usd": round(eng.batch_cost, 6), "saved_by_batch_usd": round(eng.batch_saved, 6),
                  "cached_prompt_tokens": eng.cached_tokens, "prompt_tokens": eng.prompt_tokens,
                  "per_1000_sft_examples_usd": round(cost / kept_sft * 1000, 6) if kept_sft else None,
                  "priced": bool(result["prices"]), "prices": result["prices"]},
@@ -122,6 +125,10 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
                  "last_compose_s": _r(compose.last_out_s, 3) if compose else None,
                  "requests_per_s": round(eng.sent / result["wall_s"], 2) if result["wall_s"] else None},
         "stages": stages,
+        "batch": {"stages": sorted(result.get("batch", {})), "rounds": result.get("batch", {}),
+                  "discount": result.get("batch_discount"),
+                  "requests_by_batch": eng.batch_ok + eng.batch_replayed,
+                  "requests_online": max(0, eng.sent - eng.batch_sent)},
         "config": result["config"],
         "paper": PAPER_NOTE,
     }
@@ -219,6 +226,13 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
     else:
         lines += ["No prices configured: set `[engine.prices.\"MODEL\"]` (input, output, cached_input: USD per 1M "
                   "tokens) to see the cost.", ""]
+    b = r.get("batch") or {}
+    if b.get("stages"):
+        lines += [f"Stages run through the provider's Batch API: {', '.join(b['stages'])} "
+                  f"({b['requests_by_batch']:,} answers from batches, this run's or replayed from earlier runs', "
+                  f"{b['requests_online']:,} requests sent online by this run); "
+                  f"batch price = {b['discount']} x online"
+                  + (f", saving ${co['saved_by_batch_usd']:.4f}." if co["priced"] else "."), ""]
     lines += ["| stage | requests sent | answers | cached | failed | prompt tokens | cached prompt | completion | "
               "cost USD |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in r["requests"]["by_stage"].items():

@@ -236,3 +236,56 @@ def test_ctrl_c_twice_stops_at_once_and_a_rerun_completes(tmp_path, small):
         p = run(argv(out, sim.base_url, small))
         assert p.returncode == 0, p.stderr
         assert len(lines(out / "instructions.jsonl")) == 18
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [
+    # the expensive stages in batch, the rest online
+    SMALL.replace("[respond]\n", '[respond]\nmode = "batch"\n') + '[judge]\nmode = "batch"\n',
+    # every LLM stage: compose's corrections make several rounds
+    SMALL + '[run]\nmode = "batch"\n',
+])
+def test_batch_mode_gives_what_online_gives(tmp_path, small, settings):
+    conf = tmp_path / "b.toml"
+    conf.write_text(settings + "[batch]\npoll_interval = 0.02\npoll_max = 0.1\n")
+    with SimThread(SimConfig(batch_delay_s=0.05)) as sim:
+        assert run(argv(tmp_path / "online", sim.base_url, small)).returncode == 0
+        before = sim.stats()
+        p = run(argv(tmp_path / "batch", sim.base_url, conf))
+        assert p.returncode == 0, p.stderr
+        after = sim.stats()
+        assert after["batch"]["lines_ok"] > before["batch"]["lines_ok"]
+        again = run(argv(tmp_path / "batch", sim.base_url, conf))  # a rerun of a finished run sends nothing
+        assert again.returncode == 0 and sim.stats()["requests"] == after["requests"]
+    for name in ("sft.jsonl", "preferences.jsonl", "instructions.jsonl"):
+        a = sorted(map(orjson.dumps, lines(tmp_path / "online" / name)))
+        b = sorted(map(orjson.dumps, lines(tmp_path / "batch" / name)))
+        assert a == b, name
+    report = orjson.loads((tmp_path / "batch" / "report.json").read_bytes())
+    assert report["batch"]["stages"] and report["batch"]["requests_by_batch"] > 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_batches_wait_and_a_rerun_collects_them(tmp_path, small):
+    import asyncio
+
+    conf = tmp_path / "b.toml"
+    conf.write_text(SMALL.replace("[respond]\n", '[respond]\nmode = "batch"\n')
+                    + "[batch]\npoll_interval = 0.02\npoll_max = 0.05\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:  # batches move only when the test says so
+        proc = subprocess.Popen(argv(out, sim.base_url, conf)[:-1], env=env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        created = asyncio.run_coroutine_threadsafe(sim.sim.handlers.batches.wait_created(2), sim._loop)
+        created.result(60)  # both generators' batches are at the provider
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "batches in progress stay at the provider" in err
+        sim.advance_batches()
+        sim.advance_batches()
+        p = run(argv(out, sim.base_url, conf))
+        assert p.returncode == 0, p.stderr
+        st = sim.stats()
+    assert st["duplicates"] == 0  # each line answered once: the rerun reattached, nothing was uploaded twice
+    assert len(lines(out / "sft.jsonl")) == 2 * len([i for i in lines(out / "instructions.jsonl") if i["kept"]])

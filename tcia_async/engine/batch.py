@@ -69,7 +69,7 @@ import orjson
 from tcia_async.config import BatchSettings, EngineConfig
 from tcia_async.engine.client import TRANSPORT_ERRORS, BodyTooLarge, Transport, provider_of
 from tcia_async.engine.errors import RequestFailed, RunStopped
-from tcia_async.engine.request import CHAT, EMBEDDINGS, _usable, canonical
+from tcia_async.engine.request import BATCH_ID, CHAT, EMBEDDINGS, canonical, usable
 from tcia_async.engine.retry import FAIL, RETRY, STOP, Verdict, backoff, classify_status
 from tcia_async.engine.runner import CHUNK, Dedup
 from tcia_async.engine.schema import response_format_for
@@ -475,6 +475,7 @@ class BatchRun:
             raise ValueError("the Batch API mode needs the engine's cache (its answers go there)")
         self.engine = engine
         self.requests = engine.requests
+        self.requests.batch_discount = settings.discount  # replays of batch answers cost this share
         self.cache = engine.cache
         self.dir = Path(state_dir)
         self.settings = settings
@@ -921,6 +922,7 @@ class BatchRun:
         resp = line.get("response")
         if _put_answer(self.cache, key, resp, rec.url):
             self._account(rec.model, resp["body"])
+            self.requests.paid_by_batch.add(key)  # counted here: its replay from the cache is not a second cost
             answered.add(key)
             retry.pop(key, None)
             return None
@@ -966,9 +968,9 @@ def _parse_line(raw: bytes) -> tuple[dict[str, Any], bytes | None]:
 
 def _put_answer(cache: Any, key: bytes, resp: Any, url: str) -> bool:
     """Cache a line's response when it is a usable answer (200, with choices or data); whether it was."""
-    if not (isinstance(resp, dict) and resp.get("status_code") == 200 and _usable(resp.get("body"), url == CHAT)):
+    if not (isinstance(resp, dict) and resp.get("status_code") == 200 and usable(resp.get("body"), url == CHAT)):
         return False
-    cache.put(key, orjson.dumps(resp["body"]), str(resp.get("request_id") or ""))
+    cache.put(key, orjson.dumps(resp["body"]), BATCH_ID + str(resp.get("request_id") or ""))
     return True
 
 

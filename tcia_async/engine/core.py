@@ -211,11 +211,11 @@ class Engine:
         """The response body of a chat completion (from the cache when answered before with this `sample`)."""
         req = self.requests
         data = canonical(body)
-        answer = await req.call(CHAT, body, data, req.chat_ep.key(CHAT, data, sample), stage=stage,
-                                priority=priority)
+        key = req.chat_ep.key(CHAT, data, sample)
+        answer = await req.call(CHAT, body, data, key, stage=stage, priority=priority)
         parsed = answer.parsed()
-        if answer.replayed:
-            req.replayed(parsed, str(body.get("model") or ""), stage)
+        if answer.replayed and key not in req.paid_by_batch:
+            req.replayed(parsed, str(body.get("model") or ""), stage, answer.request_id)
         return parsed
 
     async def chat_json(self, body: dict[str, Any], typ: type[T], *, schema_name: str | None = None,

@@ -96,6 +96,7 @@ class Counters(msgspec.Struct, kw_only=True):
     batch_tokens: int = 0
     batch_cost: float = 0.0
     batch_saved: float = 0.0
+    batch_replayed: int = 0  # answers a batch of an earlier run gave, replayed from the cache
 
 
 class EngineStats(Counters, kw_only=True):

@@ -40,6 +40,9 @@ EMBEDDINGS = "/v1/embeddings"
 SUPPORTED_URLS = (CHAT, EMBEDDINGS)
 
 _SORT = orjson.OPT_SORT_KEYS
+# The request id of an answer the Batch API gave starts with this in the cache, so a replay can count its cost at
+# the batch price.
+BATCH_ID = "batch:"
 
 
 def canonical(body: dict[str, Any]) -> bytes:
@@ -125,7 +128,8 @@ class _Abandoned(Exception):
     """The request another caller was waiting on was cancelled before it was sent; the waiter sends it."""
 
 
-def _usable(parsed: Any, chat: bool) -> bool:
+def usable(parsed: Any, chat: bool) -> bool:
+    """Whether a 200's parsed body is an answer: a chat completion with a choice, or embeddings data."""
     if type(parsed) is not dict:
         return False
     if chat:
@@ -169,6 +173,8 @@ class Requests:
         self._wires: set[anyio.CancelScope] = set()  # requests on the wire: cancelled by cut()
         self._failing_since: float | None = None  # first transient failure since the last real answer
         self._secrets: list[str] = []
+        self.batch_discount = 0.5  # the [batch] discount, set by whoever runs batches (replays of their answers)
+        self.paid_by_batch: set[bytes] = set()  # keys a batch answered (and counted) in this process
         self.chat_ep: Endpoint
         self.embed_ep: Endpoint
 
@@ -362,7 +368,7 @@ class Requests:
                     except orjson.JSONDecodeError:
                         verdict = Verdict(RETRY, "invalid_response", "truncated or non-JSON body", 200)
                     else:
-                        if _usable(parsed, chat):
+                        if usable(parsed, chat):
                             self._account(parsed, budget, ticket, tokens, fixed_out, model, views, chat, elapsed)
                             if budget.silent < 64:  # a provider without rate-limit headers: stop looking
                                 budget.sync_headers(headers)
@@ -463,12 +469,16 @@ class Requests:
         full = (p * price.input + c * price.output) / 1e6
         return p, c, cached, full - cached * (price.input - cached_price) / 1e6, full
 
-    def replayed(self, parsed: dict[str, Any], model: str, stage: str) -> None:
-        """Count what a chat answer replayed from the cache cost when it was paid for."""
-        if self.config.prices:
-            cost = self.usage(parsed, model)[3]
-            for v in self.stats.views(stage, model):
-                v.cost_replayed += cost
+    def replayed(self, parsed: dict[str, Any], model: str, stage: str, request_id: str = "") -> None:
+        """Count what a chat answer replayed from the cache cost when it was paid for (at the batch price when
+        the Batch API gave it)."""
+        by_batch = request_id.startswith(BATCH_ID)
+        cost = self.usage(parsed, model)[3] if self.config.prices else 0.0
+        if by_batch:
+            cost *= self.batch_discount
+        for v in self.stats.views(stage, model):
+            v.cost_replayed += cost
+            v.batch_replayed += by_batch
 
     def _account(self, parsed: dict[str, Any], budget: Budget, ticket: Any, tokens: float, fixed_out: float,
                  model: str, views: tuple[Counters, ...], chat: bool, elapsed: float) -> None:

@@ -61,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, metavar="N", help="requests on the wire at most (default 256)")
     p.add_argument("--rpm", type=float, help="requests per minute limit of each model")
     p.add_argument("--tpm", type=float, help="tokens per minute limit of each model")
+    p.add_argument("--mode", choices=("online", "batch"), default=None,
+                   help="online (default): requests as fast as the rate limits allow; batch: every LLM stage through "
+                   "the provider's Batch API (half the price, within 24 h; a stage then waits for all its inputs). "
+                   "Per stage: `mode = \"batch\"` in its table of --config")
+    p.add_argument("--poll-interval", type=float, metavar="S",
+                   help="batch mode: seconds before a batch's first status check (then longer; default 30)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
@@ -276,8 +282,13 @@ def _identity(item: Any) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_model: str, concurrency: int) -> list:
-    """The pipeline's stages for `cfg.run.method`, each a closure over the engine, the DB and the settings."""
+BATCHABLE = ("decompose", "compose", "evol", "validate", "on_task", "respond", "judge")
+
+
+def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_model: str, concurrency: int,
+                 gates: dict[str, Any] | None = None) -> list:
+    """The pipeline's stages for `cfg.run.method`, each a closure over the engine (or, for a stage in batch mode,
+    its BatchGate in `gates`), the DB and the settings."""
     import anyio
 
     from tcia_async.pipeline import Skip, Stage
@@ -296,13 +307,15 @@ def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_mod
 
     seed_no = cfg.run.seed
     method = cfg.run.method
+    gates = gates or {}
+    E = {name: gates.get(name, engine) for name in BATCHABLE}  # what each stage sends its requests through
     prio = {name: i for i, name in enumerate(STAGE_ORDER)}
     llm_workers = max(8, concurrency)
     settings = explore_mod.Settings(**msgspec.to_builtins(cfg.explore))
 
     async def st_decompose(seed: Seed, emit: Any) -> None:
         params = {"temperature": cfg.decompose.temperature} if cfg.decompose.temperature is not None else None
-        d = await decompose_seed(engine, seed.instruction, model=cfg.model_of("decompose"), params=params)
+        d = await decompose_seed(E["decompose"], seed.instruction, model=cfg.model_of("decompose"), params=params)
         if not d.complex or not d.tasks:
             raise Skip("no_task", "the seed states no explicit requirement, so it has no constraint set to "
                        "explore; give it at least one requirement (length, format, tone, content, ...)")
@@ -334,7 +347,7 @@ def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_mod
     async def st_compose(item: Any, emit: Any) -> None:
         task, cset = item
         ins = await compose_mod.compose(
-            engine, task, cset, model=cfg.model_of("compose"), temperature=cfg.compose.temperature,
+            E["compose"], task, cset, model=cfg.model_of("compose"), temperature=cfg.compose.temperature,
             verify_model=cfg.model_of("verify"), verify_temperature=cfg.verify.temperature,
             refine_attempts=cfg.compose.refine_attempts, priority=prio["compose"])
         if ins.dropped is not None:
@@ -350,21 +363,21 @@ def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_mod
         async def out(ins: Instruction) -> None:
             await emit((task, ins))
 
-        await evol_mod.evolve(engine, task, per_hop, emit=out, model=cfg.model_of("evol"),
+        await evol_mod.evolve(E["evol"], task, per_hop, emit=out, model=cfg.model_of("evol"),
                               temperature=cfg.evol.temperature, run_seed=seed_no, priority=prio["evol"],
                               workers=llm_workers,
                               on_failure=lambda ident, exc: rec.failed("evol", ident, task.seed_id, exc))
 
     async def st_validate(item: Any, emit: Any) -> None:
         task, ins = item
-        await validate(engine, ins, model=cfg.model_of("validate"), temperature=cfg.validate.temperature,
+        await validate(E["validate"], ins, model=cfg.model_of("validate"), temperature=cfg.validate.temperature,
                        min_validity=cfg.validate.min_validity, min_consistency=cfg.validate.min_consistency,
                        priority=prio["validate"])
         await emit((task, ins))
 
     async def st_on_task(item: Any, emit: Any) -> None:
         task, ins = item
-        await on_task(engine, task.instruction, ins, model=cfg.model_of("on_task"),
+        await on_task(E["on_task"], task.instruction, ins, model=cfg.model_of("on_task"),
                       temperature=cfg.on_task.temperature, priority=prio["on_task"])
         rec.instruction(ins)
         if ins.kept:
@@ -376,11 +389,11 @@ def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_mod
             await emit(p)
 
     async def st_respond(p: Pair, emit: Any) -> None:
-        await emit(await respond(engine, p, generators=cfg.respond.generators, temperature=cfg.respond.temperature,
+        await emit(await respond(E["respond"], p, generators=cfg.respond.generators, temperature=cfg.respond.temperature,
                                  max_tokens=cfg.respond.max_tokens, priority=prio["respond"]))
 
     async def st_judge(p: Pair, emit: Any) -> None:
-        await emit(await judge(engine, p, model=cfg.model_of("judge"), temperature=cfg.judge.temperature,
+        await emit(await judge(E["judge"], p, model=cfg.model_of("judge"), temperature=cfg.judge.temperature,
                                priority=prio["judge"]))
 
     async def st_select(p: Pair, emit: Any) -> None:
@@ -388,15 +401,17 @@ def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_mod
         rec.pair(p, sft, pref)
         await emit(p)
 
-    head = [Stage("decompose", st_decompose, min(llm_workers, 32))]
+    g = gates.get
+    head = [Stage("decompose", st_decompose, min(llm_workers, 32), gate=g("decompose"))]
     if method == "tcia":
         head += [Stage("retrieve", st_retrieve, 8), Stage("explore", st_explore, 2, buffer=4),
-                 Stage("compose", st_compose, llm_workers)]
+                 Stage("compose", st_compose, llm_workers, gate=g("compose"))]
     else:
-        head += [Stage("evol", st_evol, 4, buffer=4)]
-    return head + [Stage("validate", st_validate, llm_workers), Stage("on_task", st_on_task, llm_workers),
-                   Stage("pair", st_pair, 1), Stage("respond", st_respond, llm_workers),
-                   Stage("judge", st_judge, llm_workers), Stage("select", st_select, 1)]
+        head += [Stage("evol", st_evol, 4, buffer=4, gate=g("evol"))]
+    return head + [Stage("validate", st_validate, llm_workers, gate=g("validate")),
+                   Stage("on_task", st_on_task, llm_workers, gate=g("on_task")),
+                   Stage("pair", st_pair, 1), Stage("respond", st_respond, llm_workers, gate=g("respond")),
+                   Stage("judge", st_judge, llm_workers, gate=g("judge")), Stage("select", st_select, 1)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -407,12 +422,13 @@ def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_mod
 _FLAGS = {"base_url": "--base-url", "embedding_base_url": "--embedding-base-url", "api_key_env": "--api-key-env",
           "concurrency": "--concurrency", "limits.rpm": "--rpm", "limits.tpm": "--tpm"}
 _RUN_FLAGS = {"run.seed": "--seed", "run.model": "--model", "run.method": "--method",
-              "run.embedding_model": "--embedding-model"}
+              "run.embedding_model": "--embedding-model", "run.mode": "--mode"}
 
 
-def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(RunConfig, EngineConfig) from flags > --config > environment > defaults (ConfigError when wrong)."""
-    from tcia_async.config import load_engine_config, load_run_config, load_toml
+def build_configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(RunConfig, EngineConfig, BatchSettings) from flags > --config > environment > defaults (ConfigError when
+    wrong)."""
+    from tcia_async.config import load_batch_settings, load_engine_config, load_run_config, load_toml
 
     run_cfg = load_run_config(args.config, {k: getattr(args, f[2:].replace("-", "_")) for k, f in _RUN_FLAGS.items()},
                               _RUN_FLAGS)
@@ -425,7 +441,9 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any]:
             origins["base_url"] = "$OPENAI_BASE_URL"
     eng_cfg = load_engine_config(args.config, overrides, origins)
     eng_cfg.cache_path = str(Path(args.out) / "cache.db")
-    return run_cfg, eng_cfg
+    batch = load_batch_settings(args.config, {"poll_interval": args.poll_interval},
+                                {"poll_interval": "--poll-interval"})
+    return run_cfg, eng_cfg, batch
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -436,7 +454,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory")
-        run_cfg, eng_cfg = build_configs(args)
+        run_cfg, eng_cfg, batch_cfg = build_configs(args)
         writes: dict[str, Any] = {f"RUNDIR/{n}": out / n for n in (*OUTPUTS, "report.json", "report.md")}
         writes.update({f"RUNDIR/{n}.partial": out / (n + ".partial") for n in OUTPUTS})
         for f in cache_files(eng_cfg.cache_path):
@@ -480,7 +498,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
         ResponseCache(eng_cfg.cache_path).close()  # busy or broken: refused before any output is touched
         rec = Recorder(out)
-        result = run_async(_main, args, run_cfg, eng_cfg, db, emb_model, seeds, rec)
+        result = run_async(_main, args, run_cfg, eng_cfg, batch_cfg, db, emb_model, seeds, rec)
     except KeyboardInterrupt:
         _err("interrupted; rerun the same command to continue")
         return EXIT_INTERRUPTED
@@ -515,8 +533,8 @@ def _finish(args: argparse.Namespace, out: Path, rec: Recorder, result: dict[str
     return EXIT_OK
 
 
-async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, db: Any, emb_model: str, seeds: list[Seed],
-                rec: Recorder) -> dict[str, Any]:
+async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, batch_cfg: Any, db: Any, emb_model: str,
+                seeds: list[Seed], rec: Recorder) -> dict[str, Any]:
     import anyio
 
     from tcia_async.engine import Engine, RunStopped
@@ -528,15 +546,19 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, db: Any, e
     local = local_models(emb_model)
     started = time.time()
     async with Engine(eng_cfg, local_models=local) as engine:
+        gates = batch_gates(engine, run_cfg, batch_cfg, Path(args.out), quiet=args.quiet)
         stages = build_stages(engine, db, run_cfg, rec, embedding_model=emb_model,
-                              concurrency=eng_cfg.concurrency)
+                              concurrency=eng_cfg.concurrency, gates=gates)
         pipe = Pipeline(stages, rec.failure)
         stopped: str | None = None
 
         def first() -> None:
-            _err("interrupted: no new work; requests on the wire finish (Ctrl-C again to stop at once)")
+            _err("interrupted: no new work; requests on the wire finish (Ctrl-C again to stop at once)"
+                 + ("; batches in progress stay at the provider, a rerun collects them" if gates else ""))
             pipe.stop_intake()
             engine.halt()
+            for gate in gates.values():
+                gate.halt()
 
         def second() -> None:
             engine.cut()
@@ -567,7 +589,9 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, db: Any, e
             "wall_s": wall, "method": run_cfg.run.method, "config": msgspec.to_builtins(run_cfg),
             "engine": stats, "stages": pipe.stats, "embedding_model": emb_model, "db": str(db.path),
             "db_manifest": msgspec.to_builtins(db.manifest), "seeds": len(seeds),
-            "prices": msgspec.to_builtins(eng_cfg.prices), "diversity": div}
+            "prices": msgspec.to_builtins(eng_cfg.prices), "diversity": div,
+            "batch": {name: {"rounds": gate.rounds} for name, gate in gates.items()},
+            "batch_discount": batch_cfg.discount}
 
 
 async def measure_diversity(engine: Any, instructions: Path, model: str) -> dict[str, Any]:
@@ -604,6 +628,24 @@ async def measure_diversity(engine: Any, instructions: Path, model: str) -> dict
     return {"per_seed": per_seed, "reference": reference, "reference_n": len(corpus),
             "per_hop": {hop: {"diversity": sum(d for d, _ in v) / len(v), "n": sum(n for _, n in v)}
                         for hop, v in per_hop.items()}}
+
+
+def batch_gates(engine: Any, cfg: Any, settings: Any, out: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """A BatchGate for every LLM stage of this method that runs in batch mode (`mode = "batch"`), its state in
+    RUNDIR/batches/STAGE (a rerun reattaches to its batches in flight)."""
+    from tcia_async.engine.batch import run_batches
+    from tcia_async.flows.batches import progress_printer
+    from tcia_async.pipeline import BatchGate
+
+    stages = [s for s in BATCHABLE if cfg.mode_of(s) == "batch"
+              and not (cfg.run.method == "tcia" and s == "evol") and not (cfg.run.method == "evol" and s == "compose")]
+    gates = {}
+    for stage in stages:
+        def submit(items: list[Any], stage: str = stage) -> Any:
+            return run_batches(engine, items, out / "batches" / stage, settings, stage=stage,
+                               on_progress=None if quiet else progress_printer(_err))
+        gates[stage] = BatchGate(engine, submit)
+    return gates
 
 
 def check_in_process(model: str, db: Any) -> None:
