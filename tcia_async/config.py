@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +119,21 @@ def check_number(value: Any, where: str, *, low: float = 0.0, strict: bool = Tru
         raise ConfigError(f"{where} = {value!r}: must be {what} {bound}{hint}")
 
 
-# (setting, low, strict, whole); None means the setting may be absent, with that meaning.
-_ENGINE_RULES: list[tuple[str, float, bool, bool]] = [
+Rule = tuple  # (setting, low, strict, whole) or (setting, low, strict, whole, high); dotted for a nested table
+
+
+def check_rules(cfg: Any, rules: list[Rule], name: Callable[[str], str]) -> None:
+    """Check each rule's setting of `cfg` with `check_number` (and its upper bound), naming it with `name`."""
+    for key, low, strict, whole, *high in rules:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        check_number(value, name(key), low=low, strict=strict, whole=whole)
+        if high and high[0] is not None and value > high[0]:
+            raise ConfigError(f"{name(key)} = {value!r}: must be at most {high[0]:g}")
+
+
+_ENGINE_RULES: list[Rule] = [
     ("concurrency", 1, False, True),
     ("max_attempts", 1, False, True),
     ("timeout", 0, True, False),
@@ -143,8 +156,7 @@ def validate_engine(cfg: EngineConfig, where: Mapping[str, str] | None = None) -
     def name(key: str) -> str:
         return where.get(key) or f"engine.{key}"
 
-    for key, low, strict, whole in _ENGINE_RULES:
-        check_number(getattr(cfg, key), name(key), low=low, strict=strict, whole=whole)
+    check_rules(cfg, _ENGINE_RULES, name)
     for field in ("rpm", "tpm", "rps", "tps"):
         check_number(getattr(cfg.limits, field), name(f"limits.{field}"), none_means="no limit")
     for model, lim in cfg.model_limits.items():
@@ -243,7 +255,7 @@ class BatchSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         return self.model_enqueued_tokens.get(model, self.enqueued_tokens)
 
 
-_BATCH_RULES: list[tuple[str, float, bool, bool]] = [
+_BATCH_RULES: list[Rule] = [
     ("max_requests", 1, False, True),
     ("max_bytes", 1024, False, True),
     ("poll_interval", 0, True, False),
@@ -259,8 +271,7 @@ def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -
     def name(key: str) -> str:
         return where.get(key) or f"batch.{key}"
 
-    for key, low, strict, whole in _BATCH_RULES:
-        check_number(getattr(cfg, key), name(key), low=low, strict=strict, whole=whole)
+    check_rules(cfg, _BATCH_RULES, name)
     if cfg.discount > 1:
         raise ConfigError(f"{name('discount')} = {cfg.discount!r}: must be at most 1 (0.5: half the online price)")
     if cfg.poll_max < cfg.poll_interval:
@@ -375,7 +386,7 @@ class RunConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 # (table.key, low, strict, whole, high)
-_RUN_RULES: list[tuple[str, float, bool, bool, float | None]] = [
+_RUN_RULES: list[Rule] = [
     ("explore.queue_limit", 1, False, True, None),
     ("explore.repeats", 1, False, True, None),
     ("explore.sample", 1, False, True, None),
@@ -398,12 +409,7 @@ def validate_run(cfg: RunConfig, where: Mapping[str, str] | None = None) -> RunC
     def name(key: str) -> str:
         return where.get(key) or key
 
-    for key, low, strict, whole, high in _RUN_RULES:
-        table, field = key.split(".")
-        value = getattr(getattr(cfg, table), field)
-        check_number(value, name(key), low=low, strict=strict, whole=whole)
-        if high is not None and value > high:
-            raise ConfigError(f"{name(key)} = {value!r}: must be at most {high:g}")
+    check_rules(cfg, _RUN_RULES, name)
     check_number(cfg.run.seed, name("run.seed"), low=0, strict=False, whole=True)
     for stage in ("run", *_LLM_STAGES):
         mode = getattr(getattr(cfg, stage), "mode", None)

@@ -96,6 +96,31 @@ class Staged:
             self.fh.close()
 
 
+def engine_config(args: Any, flags: Mapping[str, str]) -> Any:
+    """The EngineConfig of a command: its flags (`flags` maps a setting to its flag, e.g. "limits.rpm": "--rpm"),
+    then the `[engine]` table of `--config`, then $OPENAI_BASE_URL, then the defaults; checked together, an error
+    naming where a bad value came from (ConfigError)."""
+    from tcia_async.config import load_engine_config, load_toml
+
+    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in flags.items()}
+    origins = dict(flags)
+    if getattr(args, "base_url", None) is None and os.environ.get("OPENAI_BASE_URL"):
+        table = load_toml(args.config).get("engine", {}) if args.config else {}
+        if not isinstance(table, dict) or "base_url" not in table:
+            overrides["base_url"] = os.environ["OPENAI_BASE_URL"]
+            origins["base_url"] = "$OPENAI_BASE_URL"
+    return load_engine_config(args.config, overrides, origins)
+
+
+def missing_key(cfg: Any) -> str | None:
+    """What to say when the provider needs an API key and none is set (loopback servers need none), else None."""
+    from tcia_async.engine.client import is_loopback
+
+    if cfg.api_key() or is_loopback(cfg.base_url):
+        return None
+    return f"no API key: set ${cfg.api_key_env} (or name another variable with --api-key-env)"
+
+
 def run_async(fn: Callable[..., Any], *args: Any) -> Any:
     """Run `fn(*args)` on a fresh event loop (uvloop where installed)."""
     from tcia_async.engine.tuning import event_loop_options

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import Interrupts, Staged, UsageError, by_kind, cache_files, check_paths, primary
+from tcia_async.flows.common import (Interrupts, Staged, UsageError, by_kind, cache_files, check_paths, engine_config,
+                                     exit_for, missing_key)
 
 EPILOG = """exit codes: 0 every line has its answer; 4 finished, but some lines ended in an error (the summary
 counts them by kind; each has an error result); 2 usage, configuration or path error (nothing written);
@@ -82,16 +83,7 @@ _FLAGS = {"base_url": "--base-url", "embedding_base_url": "--embedding-base-url"
 
 def build_config(args: argparse.Namespace) -> Any:
     """The EngineConfig from flags > --config [engine] > $OPENAI_BASE_URL > defaults (ConfigError when wrong)."""
-    from tcia_async.config import load_engine_config, load_toml
-
-    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in _FLAGS.items()}
-    origins = dict(_FLAGS)
-    if args.base_url is None and os.environ.get("OPENAI_BASE_URL"):
-        file_engine = load_toml(args.config).get("engine", {}) if args.config else {}
-        if not isinstance(file_engine, dict) or "base_url" not in file_engine:
-            overrides["base_url"] = os.environ["OPENAI_BASE_URL"]
-            origins["base_url"] = "$OPENAI_BASE_URL"
-    cfg = load_engine_config(args.config, overrides, origins)
+    cfg = engine_config(args, _FLAGS)
     if args.no_cache:
         cfg.cache_path = None
     elif args.cache:
@@ -358,8 +350,6 @@ _CODES = {"complete": EXIT_OK, "complete with errors": EXIT_SOME_FAILED, "stoppe
 def run_cli(args: argparse.Namespace) -> int:
     from tcia_async.config import ConfigError
     from tcia_async.engine.batch import StateBusy
-    from tcia_async.engine.cache import CacheError
-    from tcia_async.engine.client import is_loopback
 
     settings = None
     try:
@@ -382,8 +372,8 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ConfigError, UsageError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    if not cfg.api_key() and not is_loopback(cfg.base_url):
-        _err(f"no API key: set ${cfg.api_key_env} (or name another variable with --api-key-env)")
+    if (why := missing_key(cfg)) is not None:
+        _err(why)
         return EXIT_USAGE
 
     from tcia_async.engine.tuning import tune_gc
@@ -408,14 +398,7 @@ def run_cli(args: argparse.Namespace) -> int:
         _err("interrupted; rerun the same command to continue")
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
-        err = primary(exc)
-        if isinstance(err, (CacheError, StateBusy)):
-            _err(str(err))
-            return EXIT_USAGE
-        if isinstance(err, OSError):
-            _err(f"{getattr(err, 'filename', None) or ''}: {err.strerror or err}".lstrip(": "))
-            return EXIT_USAGE
-        raise
+        return exit_for(exc, (StateBusy,), _err)
     finally:
         if staged is not None:
             staged.close()

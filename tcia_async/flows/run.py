@@ -14,7 +14,6 @@ leaves a half line or a duplicate in them.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import Counter
@@ -24,7 +23,8 @@ from typing import Any
 import msgspec
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import Interrupts, Staged, UsageError, cache_files, check_paths, exit_for, primary
+from tcia_async.flows.common import (Interrupts, Staged, UsageError, cache_files, check_paths, engine_config, exit_for,
+                                     missing_key, primary)
 from tcia_async.io import BadLine, iter_jsonl
 from tcia_async.records import Failure, Instruction, Pair, Seed
 
@@ -428,18 +428,11 @@ _RUN_FLAGS = {"run.seed": "--seed", "run.model": "--model", "run.method": "--met
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(RunConfig, EngineConfig, BatchSettings) from flags > --config > environment > defaults (ConfigError when
     wrong)."""
-    from tcia_async.config import load_batch_settings, load_engine_config, load_run_config, load_toml
+    from tcia_async.config import load_batch_settings, load_run_config
 
     run_cfg = load_run_config(args.config, {k: getattr(args, f[2:].replace("-", "_")) for k, f in _RUN_FLAGS.items()},
                               _RUN_FLAGS)
-    overrides = {k: getattr(args, f[2:].replace("-", "_")) for k, f in _FLAGS.items()}
-    origins = dict(_FLAGS)
-    if args.base_url is None and os.environ.get("OPENAI_BASE_URL"):
-        table = load_toml(args.config).get("engine", {}) if args.config else {}
-        if not isinstance(table, dict) or "base_url" not in table:
-            overrides["base_url"] = os.environ["OPENAI_BASE_URL"]
-            origins["base_url"] = "$OPENAI_BASE_URL"
-    eng_cfg = load_engine_config(args.config, overrides, origins)
+    eng_cfg = engine_config(args, _FLAGS)
     eng_cfg.cache_path = str(Path(args.out) / "cache.db")
     batch = load_batch_settings(args.config, {"poll_interval": args.poll_interval},
                                 {"poll_interval": "--poll-interval"})
@@ -448,7 +441,6 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 def run_cli(args: argparse.Namespace) -> int:
     from tcia_async.config import ConfigError
-    from tcia_async.engine.client import is_loopback
 
     out = Path(args.out)
     try:
@@ -467,8 +459,8 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ConfigError, UsageError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    if not eng_cfg.api_key() and not is_loopback(eng_cfg.base_url):
-        _err(f"no API key: set ${eng_cfg.api_key_env} (or name another variable with --api-key-env)")
+    if (why := missing_key(eng_cfg)) is not None:
+        _err(why)
         return EXIT_USAGE
     from tcia_async.retrieval import RetrievalError, TaskDB
 
