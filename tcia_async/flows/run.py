@@ -83,51 +83,53 @@ def read_seeds(path: str, warn: Any) -> tuple[list[Seed], int]:
     """The usable seeds of a file; each bad line is reported as file:line: reason. (seeds, bad lines)"""
     seeds: list[Seed] = []
     seen: dict[str, int] = {}
-    bad = 0
-    for item in iter_jsonl(path):
-        if isinstance(item, BadLine):
-            warn(f"skipped {item}")
-            bad += 1
-            continue
+    bad = [0]
+    for item in _good_lines(path, warn, bad):
         try:
             seed = msgspec.convert(item.value, Seed)
             if not seed.id.strip() or not seed.instruction.strip():
                 raise ValueError("id and instruction must not be empty")
         except (msgspec.ValidationError, ValueError) as exc:
             warn(f"skipped {path}:{item.line}: {exc} (a seed is {{\"id\", \"instruction\", \"contexts\"?}})")
-            bad += 1
+            bad[0] += 1
             continue
         if seed.id in seen:
             warn(f"skipped {path}:{item.line}: seed id {seed.id!r} already used on line {seen[seed.id]}")
-            bad += 1
+            bad[0] += 1
             continue
         seen[seed.id] = item.line
         seeds.append(seed)
-    return seeds, bad
+    return seeds, bad[0]
+
+
+def _good_lines(path: str, warn: Any, bad: list[int]) -> Any:
+    """The parsed lines of a JSONL file; each bad one is said (file:line: reason) and counted in bad[0]."""
+    for item in iter_jsonl(path):
+        if isinstance(item, BadLine):
+            warn(f"skipped {item}")
+            bad[0] += 1
+        else:
+            yield item
 
 
 def read_contexts(path: str, seeds: list[Seed], warn: Any) -> int:
     """Add the contexts of a `{"seed_id", "context"}` file to the seeds; returns the bad lines."""
     by_id = {s.id: s for s in seeds}
-    bad = 0
-    for item in iter_jsonl(path):
-        if isinstance(item, BadLine):
-            warn(f"skipped {item}")
-            bad += 1
-            continue
+    bad = [0]
+    for item in _good_lines(path, warn, bad):
         v = item.value
         if not (isinstance(v, dict) and isinstance(v.get("seed_id"), str) and isinstance(v.get("context"), str)
                 and v["context"].strip()):
             warn(f"skipped {path}:{item.line}: expected {{\"seed_id\": str, \"context\": non-empty str}}")
-            bad += 1
+            bad[0] += 1
             continue
         seed = by_id.get(v["seed_id"])
         if seed is None:
             warn(f"skipped {path}:{item.line}: no seed with id {v['seed_id']!r}")
-            bad += 1
+            bad[0] += 1
             continue
         seed.contexts.append(v["context"])
-    return bad
+    return bad[0]
 
 
 def shipped_db() -> Path:
