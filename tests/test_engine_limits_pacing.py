@@ -229,3 +229,24 @@ def test_cooldown_and_header_sync_block_payments(clock):
     b.sync_headers({"x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "0",
                     "x-ratelimit-reset-requests": "30s"})
     assert b.try_pay()[0] == pytest.approx(30.0)
+
+
+def test_a_burst_counts_from_its_arrival_a_paced_admission_from_its_admission(clock):
+    """A burst (a fresh window) reaches the provider spread out; once answered, its admissions count from the
+    middle of their time on the wire, so the next paced request cannot land inside the provider's window of the
+    burst's last arrivals. A paced admission keeps its time."""
+    limit = 10
+    b = Budget(Limits(rps=limit), clock=clock)
+    t0 = clock.t
+    tickets = [b.try_pay()[1] for _ in range(limit)]  # the whole window at once
+    clock.advance(0.3)
+    for t in tickets:
+        b.answered(t, wire_s=0.3)  # answered 300 ms after the send: arrived by 150 ms, by our estimate
+    wait, _ = b.try_pay()
+    assert clock.t + wait >= t0 + 0.15 + 1.0  # not before a second after the estimated arrival
+    clock.advance(wait)
+    _, paced = b.try_pay()  # the window is hot now: this one is paced
+    expiry = paced[0][1][1]
+    clock.advance(0.5)
+    b.answered(paced, wire_s=0.5)
+    assert paced[0][1][1] == expiry  # unchanged

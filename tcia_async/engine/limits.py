@@ -115,9 +115,13 @@ class _Window:
         return 0.0
 
     def add(self, amount: float, now: float) -> list[float]:
+        """Admit `amount` now; the entry it went into: [first admission, expiry, amount, free], `free` 1.0 when
+        an admission of it was not paced (part of a burst)."""
+        free = 1.0
         if now < self.hot_until:
             self.next_at = max(self.next_at, now) + amount * PACE * self.period / self.limit
             expiry = now + self.period + self.paced_margin
+            free = 0.0
         else:
             expiry = now + self.period + self.margin
         self.used += amount
@@ -126,8 +130,9 @@ class _Window:
             if now - last[0] < self.merge:
                 last[1] = max(last[1], expiry)
                 last[2] += amount
+                last[3] = max(last[3], free)
                 return last
-        entry = [now, expiry, amount]
+        entry = [now, expiry, amount, free]
         self.entries.append(entry)
         return entry
 
@@ -328,6 +333,20 @@ class Budget:
         if used < reserved:
             self._wake()
 
+    def answered(self, ticket: Any, wire_s: float) -> None:
+        """The provider has answered the request of `ticket` after `wire_s` seconds on the wire. A request admitted
+        in a burst counts from the middle of its time on the wire: a burst reaches the provider spread over more
+        than our margins (new connections, the event loop's backlog), and a paced request after it must not land
+        within the provider's window of the burst's last arrivals. (Arriving takes less than answering for a
+        model API: the middle is a later estimate of the arrival, only ever stricter.) Paced admissions travel
+        alone and keep their time."""
+        if not ticket:
+            return
+        arrived = self.clock.now() - wire_s / 2
+        for w, entry in ticket:
+            if entry[3]:
+                entry[1] = max(entry[1], arrived + w.period + w.margin)
+
     def restamp(self, ticket: Any) -> None:
         """The request of `ticket` leaves only now: its admissions expire a period from now (later: stricter)."""
         if not ticket:
@@ -395,7 +414,7 @@ class Budget:
         if extra >= 1.0:
             secs = parse_reset(reset) if reset else None
             ttl = minute.period if secs is None else min(secs, minute.period)
-            minute.entries.append([now, now + ttl, extra])
+            minute.entries.append([now, now + ttl, extra, 0.0])
             minute.used += extra
 
 

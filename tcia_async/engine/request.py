@@ -362,6 +362,8 @@ class Requests:
                 if not self.slots.take() and await self._unless_halted(self.slots.acquire, priority):
                     budget.restamp(ticket)  # it waited for a slot after paying: the provider counts it from now
                 status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, views, shield)
+                if status:
+                    budget.answered(ticket, elapsed)
                 if status == 200:
                     try:
                         parsed = orjson.loads(raw)
