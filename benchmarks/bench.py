@@ -59,7 +59,7 @@ PROFILES: dict[str, dict[str, dict]] = {
         "resume": {"n": 20_000, "c": 256, "latency_ms": 200, "poll_ms": 20},
         "memory": {"n": 1_000_000, "n_small": 100_000, "c": 256},
         "hnsw": {"n": 100_000},
-        "pipeline": {"sample": 2000, "c": 128, "latency_ms": 100, "engine_n": 20_000},
+        "pipeline": {"seeds": 12, "sample": 2000, "c": 128, "latency_ms": 100, "engine_n": 20_000},
         "retrieval": {"stride": 1},
     },
 }

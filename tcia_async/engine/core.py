@@ -43,6 +43,7 @@ from tcia_async.engine.tokens import byte_estimate, count_embedding_input
 from tcia_async.records import BatchRequest, BatchResult
 
 T = TypeVar("T")
+LOCAL_BATCH = 32  # texts per call of an in-process embedding model
 
 
 class LocalEmbedder(Protocol):
@@ -311,8 +312,11 @@ class Engine:
             if cache is not None and entry.key is not None:
                 cache.put(entry.key, orjson.dumps(result.body()))
 
-        packer = self._packers[pkey] = Packer(model, send, self._tg.start_soon, on_answer,
-                                              self.config.embedding_batch_size, self.config.embedding_batch_tokens)
+        # An in-process model's memory grows with the texts it embeds at once (attention over every text):
+        # a few dozen at a time keep it small, at the same speed.
+        size = min(self.config.embedding_batch_size, LOCAL_BATCH) if local else self.config.embedding_batch_size
+        packer = self._packers[pkey] = Packer(model, send, self._tg.start_soon, on_answer, size,
+                                              self.config.embedding_batch_tokens)
         return packer
 
     def embedding_entry(self, body: dict[str, Any], key: bytes, stage: str = "", priority: int = 0
