@@ -1,4 +1,4 @@
-"""The direction of imports (DESIGN.md, "The house"): the rooms stay separable as the project grows."""
+"""The direction of imports (docs/architecture.md, "Layers"): the rooms stay separable as the project grows."""
 
 from __future__ import annotations
 

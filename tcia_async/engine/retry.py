@@ -1,4 +1,4 @@
-"""What is retried and how long to wait: the failure classification of DESIGN.md ("Failures").
+"""What is retried and how long to wait: the classification of every failed attempt.
 
 Every failed attempt gets one of four verdicts:
 
