@@ -69,6 +69,8 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
     stages = {st.name: msgspec.to_builtins(st) for st in result["stages"]}
     for name, st in stages.items():
         st.pop("per_second", None)
+        span = (st["last_out_s"] or 0.0) - (st["first_out_s"] or 0.0)
+        st["items_per_s"] = round(st["items_out"] / span, 2) if span > 0 else None
         calls = eng.stages.get(name)
         st["requests"] = _counters(calls) if calls is not None else None
     llm_stages = {name: _counters(c) for name, c in eng.stages.items()}

@@ -201,3 +201,21 @@ async def test_a_stopped_run_stays_stopped(tmp_path):
                 await engine.chat(chat("y"))
             assert "quota" in (engine.stopped or "")
         assert sim.stats()["requests"] == 1
+
+
+async def test_prompt_cached_tokens_are_counted_and_priced(tmp_path):
+    """A long static prefix repeated: the provider (the simulator's emulation) serves it from its prompt cache;
+    the engine counts those tokens and prices them at `cached_input`."""
+    system = "You grade answers. " + " ".join(f"Rule {i}: be precise about point {i}." for i in range(200))
+    prices = {"gpt-4o-mini": Price(input=1.0, output=2.0, cached_input=0.25)}
+    async with Simulator(SimConfig(batch_delay_s=None)) as sim:
+        async with Engine(EngineConfig(base_url=sim.base_url, prices=prices)) as engine:
+            for i in range(3):
+                body = {"model": "gpt-4o-mini", "max_tokens": 8, "messages": [
+                    {"role": "system", "content": system}, {"role": "user", "content": f"answer {i}"}]}
+                await engine.chat(body, stage="judge")
+        s = engine.stats.stages["judge"]
+    assert s.cached_tokens >= 2 * 1024 and s.cached_tokens % 128 == 0
+    assert s.cost < s.cost_full
+    saved = s.cached_tokens * (1.0 - 0.25) / 1e6
+    assert s.cost_full - s.cost == pytest.approx(saved)
