@@ -513,3 +513,15 @@ def test_evol_keeps_the_context_placeholder_once():
             for run_seed in range(3):
                 new = evolve(seed_text, op, seed=run_seed)
                 assert new.count("{context}") == 1 and new.endswith(block), (op, new)
+
+
+def test_compose_points_a_requirements_own_placeholder_at_the_block():
+    from tcia_async.sim.rules import compose, verify
+
+    item = ("<base_query>\nSummarize the notes.\n</base_query>\n<constraints>\n1. Use the notes in {context}.\n"
+            "2. Keep it short.\n</constraints>")
+    prompt = compose(item)["prompt"]
+    assert prompt.count("{context}") == 1  # what the stage's check requires
+    checks = verify(f"<prompt>\n{prompt}\n</prompt>\n<constraints>\n1. Use the notes in {{context}}.\n"
+                    "2. Keep it short.\n</constraints>")["results"]
+    assert all(c["covered"] for c in checks)

@@ -531,7 +531,7 @@ def verify(message: str, seed: int = 0) -> dict:
         m = _NUMBERED.match(line)
         if not m:
             continue
-        covered = _norm(m.group(2)) in prompt
+        covered = _norm(_own_placeholder(m.group(2))) in prompt
         results.append({
             "index": int(m.group(1)),
             "covered": covered,
@@ -559,7 +559,17 @@ def compose(message: str, seed: int = 0) -> dict:
         gaps = [i for i, ln in enumerate(lines) if _norm(ln) not in rest[i]]
         if gaps:
             del lines[gaps[(h >> 64) % len(gaps)]]
+    # A requirement may carry its own placeholder ("Use the notes in {context}."): it points at the block instead,
+    # as the compose prompt asks, so the placeholder stays there once.
+    lines = [_own_placeholder(ln) for ln in lines]
     return {"prompt": "\n".join([base, *lines, "[CONTEXT]\n{context}\n[END CONTEXT]"])}
+
+
+_PLACEHOLDER = re.compile(r"\{context\}|\[context\]", _I)
+
+
+def _own_placeholder(text: str) -> str:
+    return _PLACEHOLDER.sub("the context below", text)
 
 
 # ---- validate: limits and languages that contradict each other
