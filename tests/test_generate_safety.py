@@ -239,3 +239,23 @@ def test_a_bad_base_url_from_the_environment_is_named(tmp_path):
     p = subprocess.run([sys.executable, "-m", "tcia_async", "generate", str(inp), "-o", str(tmp_path / "o.jsonl")],
                        capture_output=True, text=True, env=e, timeout=60)
     assert p.returncode == 2 and "$OPENAI_BASE_URL = 'ftp://example'" in p.stderr
+
+
+def test_faults_of_every_kind_lose_nothing_and_pay_nothing_twice(tmp_path):
+    """5xx, resets, truncated and non-JSON bodies and hangs on 25 % of requests: every line gets its answer,
+    exit 0, and the simulator answered each request once (a retry only follows a failed attempt)."""
+    n = 300
+    inp = write(tmp_path / "in.jsonl", [chat_line(f"q{i}", f"question {i}") for i in range(n)])
+    conf = tmp_path / "c.toml"
+    conf.write_text("[engine]\ntimeout = 2\nbackoff_base = 0.01\nbackoff_cap = 0.05\nmax_attempts = 20\n")
+    sim_cfg = SimConfig(rate_500=0.05, rate_503=0.05, rate_reset=0.05, rate_truncated=0.05, rate_non_json=0.03,
+                        rate_hang=0.02, hang_s=5, batch_delay_s=None)
+    with SimThread(sim_cfg) as sim:
+        p = gen(inp, "-o", tmp_path / "o.jsonl", "--base-url", sim.base_url, "--config", conf, "--concurrency", "32")
+        st = sim.stats()
+    assert p.returncode == 0, p.stderr
+    res = results(tmp_path / "o.jsonl")
+    assert sorted(r["custom_id"] for r in res) == sorted(f"q{i}" for i in range(n))
+    assert all(r["error"] is None for r in res)
+    assert sum(st["faults"].values()) > 0.15 * n
+    assert st["unique"] == n and st["duplicates"] == 0
