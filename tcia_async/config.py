@@ -312,6 +312,9 @@ class RunSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     method: str = "tcia"  # or "evol": the Evol-Instruct baseline
     embedding_model: str | None = None  # None: the task database's
     mode: str = "online"  # of every stage that names none: "online" or "batch"
+    # The report's diversity: at most this many instructions of each seed and hop are embedded (a seeded sample;
+    # 0: all). Embedding is the slow part with the in-process model.
+    diversity_sample: int = 50
 
 
 class ExploreSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -387,6 +390,7 @@ class RunConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 # (table.key, low, strict, whole, high)
 _RUN_RULES: list[Rule] = [
+    ("run.diversity_sample", 0, False, True, None),
     ("explore.queue_limit", 1, False, True, None),
     ("explore.repeats", 1, False, True, None),
     ("explore.sample", 1, False, True, None),

@@ -91,8 +91,11 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
         "seeds_decomposed": rec.seeds_decomposed,
         "retrieval": rec.retrievals,
         "per_hop": per_hop,
-        "diversity": {"method": "mean of 1 - cosine over all pairs of a seed's composed instructions of a hop, "
-                                "exact (no sampling); averaged over seeds",
+        "diversity": {"method": "mean of 1 - cosine over all pairs of a seed's composed instructions of a hop "
+                                "(exact over the pairs; at most `sample` instructions of a seed and hop, drawn "
+                                "with the run seed); averaged over seeds",
+                      "sample": (div or {}).get("sample"), "embedded": (div or {}).get("embedded"),
+                      "composed": (div or {}).get("composed"),
                       "embedding_model": result["embedding_model"], "per_seed": (div or {}).get("per_seed", {}),
                       "reference": _r((div or {}).get("reference")),
                       "reference_note": "the diversity of instructions of every kind of work (the shipped corpus) "
@@ -182,7 +185,9 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
                      f"{_fmt(h['kept'])} | {_fmt(h['diversity'])} | {_fmt(h['paper_diversity'])} | "
                      f"{_fmt(h['on_task_ratio'], True)} | {_fmt(h['paper_on_task_ratio'], True)} |")
     ref = r["diversity"].get("reference")
-    lines += ["", f"Diversity: {r['diversity']['method']}, embedded with `{r['embedding_model']}`. "
+    d = r["diversity"]
+    lines += ["", f"Diversity: {d['method']}: {_fmt(d.get('embedded'))} of {_fmt(d.get('composed'))} instructions "
+              f"embedded (sample {d.get('sample') or 'all'}), with `{r['embedding_model']}`. "
               f"Paper columns: {r['paper']}. Diversity values depend on the embedding model: with "
               f"`{r['embedding_model']}`, {r['diversity'].get('reference_note', '')} measures "
               f"{_fmt(ref)}; compare hops and methods with one model, not our numbers with the paper's.", ""]

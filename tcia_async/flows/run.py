@@ -576,7 +576,9 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, batch_cfg:
         div = None
         if stopped is None and not interrupts.interrupted:
             rec.files["instructions.jsonl"].fh.flush()
-            div = await measure_diversity(engine, rec.files["instructions.jsonl"].temp, emb_model)
+            div = await measure_diversity(engine, rec.files["instructions.jsonl"].temp, emb_model,
+                                          sample=run_cfg.run.diversity_sample, run_seed=run_cfg.run.seed,
+                                          say=None if args.quiet else _err)
         stats = engine.stats
     status = "stopped" if stopped else ("interrupted" if interrupts.interrupted else "complete")
     return {"status": status, "stopped": stopped, "simulated": simulated, "started": started,
@@ -588,12 +590,15 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, batch_cfg:
             "batch_discount": batch_cfg.discount}
 
 
-async def measure_diversity(engine: Any, instructions: Path, model: str) -> dict[str, Any]:
-    """Diversity per hop (report.py): each seed's composed instructions of a hop, embedded (context block taken
-    out; cached like every call), then averaged over seeds."""
+async def measure_diversity(engine: Any, instructions: Path, model: str, *, sample: int = 50, run_seed: int = 0,
+                            say: Any = None) -> dict[str, Any]:
+    """Diversity per hop (report.py): each seed's composed instructions of a hop (at most `sample` of them, drawn
+    with the run seed; 0: all), embedded (context block taken out; cached like every call), then averaged over
+    seeds."""
     import numpy as np
 
     from tcia_async.report import diversity
+    from tcia_async.tcia.explore import rng_for
     from tcia_async.tcia.pair import fill
 
     groups: dict[tuple[str, int], list[str]] = {}
@@ -605,6 +610,14 @@ async def measure_diversity(engine: Any, instructions: Path, model: str) -> dict
             groups.setdefault((v["seed_id"], v["hop"]), []).append(fill(v["prompt"], None))
     per_seed: dict[str, dict[int, float]] = {}
     per_hop: dict[int, list[tuple[float, int]]] = {}
+    composed = sum(len(t) for t in groups.values())
+    for key, texts in groups.items():
+        if sample and len(texts) > sample:
+            groups[key] = rng_for(run_seed, "diversity", key[0], str(key[1])).sample(texts, sample)
+    embedded = sum(len(t) for t in groups.values())
+    if say is not None and embedded > 500:
+        say(f"embedding {embedded:,} of the {composed:,} composed instructions with {model!r} for the report's "
+            "diversity")
     for (seed_id, hop), texts in sorted(groups.items()):
         if len(texts) < 2:
             continue
@@ -619,7 +632,8 @@ async def measure_diversity(engine: Any, instructions: Path, model: str) -> dict
     corpus = [item.value["instruction"] for item in iter_jsonl(shipped_corpus())
               if not isinstance(item, BadLine)][:68]
     reference = diversity(np.asarray(await engine.embed(corpus, model=model, stage="report"))) if corpus else None
-    return {"per_seed": per_seed, "reference": reference, "reference_n": len(corpus),
+    return {"per_seed": per_seed, "reference": reference, "reference_n": len(corpus), "sample": sample,
+            "embedded": embedded, "composed": composed,
             "per_hop": {hop: {"diversity": sum(d for d, _ in v) / len(v), "n": sum(n for _, n in v)}
                         for hop, v in per_hop.items()}}
 
