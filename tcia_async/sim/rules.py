@@ -559,10 +559,10 @@ def compose(message: str, seed: int = 0) -> dict:
         gaps = [i for i, ln in enumerate(lines) if _norm(ln) not in rest[i]]
         if gaps:
             del lines[gaps[(h >> 64) % len(gaps)]]
-    # A requirement may carry its own placeholder ("Use the notes in {context}."): it points at the block instead,
-    # as the compose prompt asks, so the placeholder stays there once.
+    # A requirement (or the base query) may carry its own placeholder ("Use the notes in {context}."): it points at
+    # the block instead, as the compose prompt asks, so the placeholder stays there once.
     lines = [_own_placeholder(ln) for ln in lines]
-    return {"prompt": "\n".join([base, *lines, "[CONTEXT]\n{context}\n[END CONTEXT]"])}
+    return {"prompt": "\n".join([_own_placeholder(base), *lines, "[CONTEXT]\n{context}\n[END CONTEXT]"])}
 
 
 _PLACEHOLDER = re.compile(r"\{context\}|\[context\]", _I)
