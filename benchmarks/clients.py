@@ -11,7 +11,7 @@ It prints one JSON line: `n`, `ok`, `failed`, `wall_s` and `cpu_s` of the run wi
 the last result written and flushed; for the engine, to the engine closed, so its cache's last commit is inside
 it: imports, session set-up and interpreter start are outside it, and are reported as `setup_cpu_s`), `rps` and
 `cpu_us` per request. CPU is this process's own (time.process_time), all threads; `loop_cpu_us` is the part of
-the thread that runs the event loop (the engine writes its cache on a worker thread), and `user_us`/`sys_us` split
+the thread that runs the event loop (the engine's local embedders run on worker threads), and `user_us`/`sys_us` split
 the process's CPU into user and kernel time.
 
 Our clients, the engine and the raw floor, run with the same garbage-collector setting (`tune_gc`, as
@@ -406,9 +406,7 @@ async def run_engine(args: argparse.Namespace) -> None:
     # the floor's window leaves out: what asymmetry remains counts against the engine.
     w.stop()
     stats = engine.stats
-    import msgspec
-
-    report(args, w, stats.ok, stats.failed, engine_stats=msgspec.to_builtins(stats))
+    report(args, w, stats.ok, stats.failed, engine_stats=stats.to_builtins())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,9 +7,9 @@
 # Runs the client (benchmarks/clients.py, C=256, fresh cache) under callgrind at two sizes against a simulator on
 # loopback and prints (large - small) / (N_LARGE - N_SMALL) for the event loop's thread and for the other threads
 # together, so start-up and imports cancel out. Each run is about 50 times slower than normal: a minute or two.
-# Seen on the 2-core development machine (2026-11-25): raw aiohttp 411k on its only thread; the engine 525k on
-# the loop's thread at the start of session 3, 472k at its end. The cache's writer process is not counted
-# (callgrind does not follow children); its work is off the loop. Counts move with timing-dependent batching
+# Seen on the 2-core development machine: raw aiohttp 411k on its only thread; the engine 472k at the end of
+# session 3 (its cache written by a child process, not counted); 575k on 2026-12-01 with the cache written on the
+# loop (549k + 23k on a worker thread when it was written there). Counts move with timing-dependent batching
 # (a run under valgrind is about 50 times slower), so confirm a change with real runs too.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -112,8 +112,7 @@ class BatchGate:
                 raise NotSent()
             error = self.failures.get(key)
             if error is not None:
-                for v in self.engine.stats.views(stage, str(body.get("model") or "")):
-                    v.failed += 1
+                self.engine.stats.view(stage, str(body.get("model") or "")).failed += 1
                 raise RequestFailed(error)
             if self.engine.requests.lookup(key) is not None:
                 return await self.engine.chat(body, sample, stage=stage, priority=priority)

@@ -115,7 +115,7 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
         },
         "constraints": constraints,
         "answers": {"judge_scores": judge, "wins": dict(rec.wins), "preference_pairs": rec.preferences},
-        "requests": {"total": _counters(eng), "by_stage": llm_stages,
+        "requests": {"total": _counters(eng.total()), "by_stage": llm_stages,
                      "by_model": {m: _counters(c) for m, c in eng.models.items()}},
         "cost": {"usd": round(cost, 6), "paid_by_this_run_usd": round(eng.cost, 6),
                  "replayed_from_cache_usd": round(eng.cost_replayed, 6),

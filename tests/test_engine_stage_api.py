@@ -219,3 +219,19 @@ async def test_prompt_cached_tokens_are_counted_and_priced(tmp_path):
     assert s.cost < s.cost_full
     saved = s.cached_tokens * (1.0 - 0.25) / 1e6
     assert s.cost_full - s.cost == pytest.approx(saved)
+
+
+async def test_identical_embedding_lines_of_generate_pay_once(tmp_path):
+    """Two generate lines with one embeddings body: the second shares the first while it is in flight, and
+    reads the cache once it is answered; it is never sent again."""
+    async with Simulator(SimConfig(latency_ms=20, batch_delay_s=None)) as sim:
+        body = {"model": EMB, "input": "same text"}
+        async with Engine(EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))) as engine:
+            key = engine.key(body, "/v1/embeddings")
+            first = engine.embedding_entry(body, key)
+            second = engine.embedding_entry(body, key)
+            assert second is first  # in flight: shared
+            answered = await first
+            third = await engine.embedding_entry(body, key)  # answered since: from the cache
+            assert third.data == answered.data
+        assert sim.stats()["requests"] == 1

@@ -112,8 +112,7 @@ class BatchReplay:
     def _check(self, key: bytes, model: Any, stage: str) -> None:
         error = self.failures.get(key)
         if error is not None:
-            for v in self.engine.stats.views(stage, str(model or "")):
-                v.failed += 1
+            self.engine.stats.view(stage, str(model or "")).failed += 1
             raise RequestFailed(error)
 
     async def chat(self, body: dict[str, Any], sample: int = 0, *, stage: str = "", priority: int = 0
@@ -701,8 +700,7 @@ class BatchRun:
         self._log.append({"event": "upload", **msgspec.to_builtins(rec)})
         self.outcome.uploads += 1
         self.outcome.sent += rec.lines
-        for v in self.engine.stats.views(self.stage, rec.model):
-            v.batch_sent += rec.lines
+        self.engine.stats.view(self.stage, rec.model).batch_sent += rec.lines
         await self._lifecycle(rec)
 
     async def _recover(self, unbatched: list[BatchRecord]) -> None:
@@ -944,17 +942,17 @@ class BatchRun:
     def _account(self, model: str, body: dict[str, Any]) -> None:
         p, c, cached, cost, full = self.requests.usage(body, model)
         d = self.settings.discount
-        for v in self.engine.stats.views(self.stage, model):
-            v.prompt_tokens += p
-            v.completion_tokens += c
-            v.cached_tokens += cached
-            v.tokens += p + c
-            v.cost += cost * d
-            v.cost_full += full * d
-            v.batch_ok += 1
-            v.batch_tokens += p + c
-            v.batch_cost += cost * d
-            v.batch_saved += cost * (1 - d)
+        v = self.engine.stats.view(self.stage, model)
+        v.prompt_tokens += p
+        v.completion_tokens += c
+        v.cached_tokens += cached
+        v.tokens += p + c
+        v.cost += cost * d
+        v.cost_full += full * d
+        v.batch_ok += 1
+        v.batch_tokens += p + c
+        v.batch_cost += cost * d
+        v.batch_saved += cost * (1 - d)
 
 
 def _parse_line(raw: bytes) -> tuple[dict[str, Any], bytes | None]:

@@ -246,36 +246,27 @@ class Engine:
             if not isinstance(t, str):
                 raise TypeError("embed() takes strings")
             keys.append(ep.key(EMBEDDINGS, canonical({**params, "input": t})))
-        views = self.stats.views(stage, model)
+        counts = self.stats.view(stage, model)
         found: dict[bytes, Any] = {}
         if self._cache is not None and keys:
             for k, (raw, _) in self._cache.get_many(keys).items():
                 found[k] = orjson.loads(raw)["data"][0]["embedding"]
-        for v in views:
-            v.cached += len(found)
+        counts.cached += len(found)
         futures: dict[bytes, asyncio.Future] = {}
         for k, t in zip(keys, texts):
             if k in found or k in futures:
                 continue
-            fut = self._embedding.get(k)
-            if fut is None:
-                tokens = byte_estimate(t) if local else count_embedding_input(model, t)
-                fut = self._packer(ep, model, params, local).submit([t], tokens, k, stage, priority)
-                self._embedding[k] = fut
-                fut.add_done_callback(lambda _f, k=k: self._embedding.pop(k, None))
-            futures[k] = fut
+            futures[k] = self._entry(ep, model, params, local, [t], k, stage, priority)
         if futures:
             await asyncio.wait(list(futures.values()))  # cancelling this leaves the packed calls going
             for k, fut in futures.items():
                 exc = fut.exception()
                 if exc is not None:
                     if isinstance(exc, RequestFailed):
-                        for v in views:
-                            v.failed += 1
+                        counts.failed += 1
                     raise exc
                 found[k] = fut.result().data[0]["embedding"]
-        for v in views:
-            v.ok += len(keys)
+        counts.ok += len(keys)
         if not keys:
             return np.zeros((0, 0), dtype=np.float32)
         return np.asarray([found[k] for k in keys], dtype=np.float32)
@@ -295,8 +286,7 @@ class Engine:
             async def send(inputs: list[Any], tokens: int, stage: str, priority: int) -> dict[str, Any]:
                 async with self._local_gate:
                     vectors = await anyio.to_thread.run_sync(embedder.embed, list(inputs))
-                for v in self.stats.views(stage, model):
-                    v.sent += 1
+                self.stats.view(stage, model).sent += 1
                 return {"object": "list", "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0},
                         "data": [{"object": "embedding", "index": i, "embedding": vec.tolist()}
                                  for i, vec in enumerate(np.asarray(vectors, dtype=np.float32))]}
@@ -319,17 +309,34 @@ class Engine:
                                               self.config.embedding_batch_tokens)
         return packer
 
+    def _entry(self, ep: Endpoint, model: str, params: dict[str, Any], local: bool, inputs: list[Any], key: bytes,
+               stage: str, priority: int) -> asyncio.Future:
+        """The packed entry embedding `inputs` under `key`: the one already in flight for that key if any."""
+        fut = self._embedding.get(key)
+        if fut is None:
+            tokens = sum(byte_estimate(str(t)) for t in inputs) if local else count_embedding_input(model, inputs)
+            fut = self._packer(ep, model, params, local).submit(inputs, tokens, key, stage, priority)
+            self._embedding[key] = fut
+            fut.add_done_callback(lambda _f: self._embedding.pop(key, None))
+        return fut
+
     def embedding_entry(self, body: dict[str, Any], key: bytes, stage: str = "", priority: int = 0
                         ) -> asyncio.Future:
-        """A Batch-format embeddings body as one packed entry cached under `key` (generate's lines)."""
+        """A Batch-format embeddings body as one packed entry cached under `key` (generate's lines). An entry
+        answered since the caller looked in the cache, or in flight for an identical line, is not sent again."""
         model = str(body.get("model") or "")
+        hit = self._cache.get(key) if self._cache is not None else None
+        if hit is not None:
+            done = asyncio.get_running_loop().create_future()
+            answer = orjson.loads(hit[0])
+            done.set_result(PackResult(answer["data"], 0, answer.get("model") or model))
+            return done
         inp = body.get("input")
         inputs = inp if isinstance(inp, list) and inp and not isinstance(inp[0], int) else [inp]
         params = {k: v for k, v in body.items() if k != "input"}
         local = model in self.local_models
         ep = self._local_eps[model] if local else self.requests.embed_ep
-        return self._packer(ep, model, params, local).submit(inputs, count_embedding_input(model, inputs), key,
-                                                             stage, priority)
+        return self._entry(ep, model, params, local, inputs, key, stage, priority)
 
     # -- bulk -----------------------------------------------------------------------------------------------------
 

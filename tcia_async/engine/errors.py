@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import anyio
 import msgspec
 
@@ -99,20 +102,54 @@ class Counters(msgspec.Struct, kw_only=True):
     batch_replayed: int = 0  # answers a batch of an earlier run gave, replayed from the cache
 
 
-class EngineStats(Counters, kw_only=True):
-    """The engine's totals, and the same counters per stage (the `stage=` of each call; "" when none was given)
-    and per model. `in_flight` is the number of requests on the wire now."""
+def _sum(counters: Iterable[Counters]) -> Counters:
+    out = Counters()
+    for c in counters:
+        for f in Counters.__struct_fields__:
+            setattr(out, f, getattr(out, f) + getattr(c, f))
+    return out
 
-    in_flight: int = 0
-    stages: dict[str, Counters] = {}
-    models: dict[str, Counters] = {}
 
-    def views(self, stage: str, model: str) -> tuple[Counters, Counters, Counters]:
-        """The three counters one request adds to: the totals, its stage's and its model's."""
-        s = self.stages.get(stage)
-        if s is None:
-            s = self.stages[stage] = Counters()
-        m = self.models.get(model)
-        if m is None:
-            m = self.models[model] = Counters()
-        return self, s, m
+class EngineStats:
+    """The engine's counters: one `Counters` per (stage, model) pair, which each request adds to once (the
+    `stage=` of its call, "" when none was given); the totals (also as attributes: `stats.ok`), `stages` and
+    `models` are sums made when read. `in_flight` is the number of requests on the wire now."""
+
+    def __init__(self) -> None:
+        self.pairs: dict[tuple[str, str], Counters] = {}
+        self.in_flight = 0
+
+    def view(self, stage: str, model: str) -> Counters:
+        """The counters a request of `stage` to `model` adds to."""
+        c = self.pairs.get((stage, model))
+        if c is None:
+            c = self.pairs[(stage, model)] = Counters()
+        return c
+
+    def total(self) -> Counters:
+        return _sum(self.pairs.values())
+
+    def _by(self, i: int) -> dict[str, Counters]:
+        groups: dict[str, list[Counters]] = {}
+        for key, c in self.pairs.items():
+            groups.setdefault(key[i], []).append(c)
+        return {name: _sum(cs) for name, cs in groups.items()}
+
+    @property
+    def stages(self) -> dict[str, Counters]:
+        return self._by(0)
+
+    @property
+    def models(self) -> dict[str, Counters]:
+        return self._by(1)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in Counters.__struct_fields__:
+            return getattr(self.total(), name)
+        raise AttributeError(name)
+
+    def to_builtins(self) -> dict[str, Any]:
+        """The totals, per stage and per model, as plain data (JSON)."""
+        return {**msgspec.to_builtins(self.total()), "in_flight": self.in_flight,
+                "stages": {k: msgspec.to_builtins(v) for k, v in self.stages.items()},
+                "models": {k: msgspec.to_builtins(v) for k, v in self.models.items()}}

@@ -138,20 +138,35 @@ def usable(parsed: Any, chat: bool) -> bool:
     return type(parsed.get("data")) is list
 
 
-def _count(views: tuple[Counters, ...], answer: Answer | None) -> None:
+def _count(c: Counters, answer: Answer | None) -> None:
     """Count one call as answered (shared: from the cache or an identical request) or failed (None)."""
-    for v in views:
-        if answer is None:
-            v.failed += 1
-        else:
-            v.ok += 1
-            if answer.shared:
-                v.cached += 1
+    if answer is None:
+        c.failed += 1
+    else:
+        c.ok += 1
+        if answer.shared:
+            c.cached += 1
 
 
 def _one_line(raw: bytes, parsed: Any) -> bytes:
     # Results are JSONL and the cache stores what a result line embeds: no raw line breaks.
     return orjson.dumps(parsed) if (b"\n" in raw or b"\r" in raw) else raw
+
+
+class _Unshielded:
+    """The wire without a shield: the caller's cancellation reaches it (a no-op scope)."""
+
+    def __enter__(self) -> _Unshielded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def cancel(self) -> None:  # cut() cancels the caller instead
+        return None
+
+
+_UNSHIELDED = _Unshielded()
 
 
 class Requests:
@@ -258,12 +273,12 @@ class Requests:
         Counts it as ok, cached or failed in the stats. `shield=False` leaves the wire to the caller's
         cancellation (a caller whose only cancellation is a hard stop: generate's workers)."""
         model = str(body.get("model") or "")
-        views = self.stats.views(stage, model)
+        counts = self.stats.view(stage, model)
         while True:
             if check_cache:
                 hit = self.lookup(key)
                 if hit is not None:
-                    _count(views, hit)
+                    _count(counts, hit)
                     return hit
             if key not in self._inflight:
                 break
@@ -279,10 +294,10 @@ class Requests:
                 check_cache = True  # its sender was cancelled before the wire: look again, then send it
                 continue
             if isinstance(outcome, BaseException):
-                _count(views, None)
+                _count(counts, None)
                 raise outcome
             answer = Answer(outcome[0], None, outcome[1], True)
-            _count(views, answer)
+            _count(counts, answer)
             return answer
         # Nothing awaits between the check above and `exchange` marking the key in flight.
         ep = self.endpoint(path)
@@ -292,10 +307,10 @@ class Requests:
             raw, parsed, rid = await self.exchange(ep, path, data, budget, tokens, model, fixed_out=fixed,
                                                    stage=stage, priority=priority, key=key, shield=shield)
         except RequestFailed:
-            _count(views, None)
+            _count(counts, None)
             raise
         answer = Answer(raw, parsed, rid, False)
-        _count(views, answer)
+        _count(counts, answer)
         return answer
 
     def _reservation(self, budget: Budget, body: dict[str, Any], size: int, model: str) -> tuple[float, float]:
@@ -343,7 +358,7 @@ class Requests:
         try:
             cfg = self.config
             chat = path == CHAT
-            views = self.stats.views(stage, model)
+            counts = self.stats.view(stage, model)
             assert ep.transport is not None
             url = ep.urls[path]
             attempt = 0
@@ -361,7 +376,7 @@ class Requests:
                     raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
                 if not self.slots.take() and await self._unless_halted(self.slots.acquire, priority):
                     budget.restamp(ticket)  # it waited for a slot after paying: the provider counts it from now
-                status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, views, shield)
+                status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, counts, shield)
                 if status:
                     budget.answered(ticket, elapsed)
                 if status == 200:
@@ -371,7 +386,7 @@ class Requests:
                         verdict = Verdict(RETRY, "invalid_response", "truncated or non-JSON body", 200)
                     else:
                         if usable(parsed, chat):
-                            self._account(parsed, budget, ticket, tokens, fixed_out, model, views, chat, elapsed)
+                            self._account(parsed, budget, ticket, tokens, fixed_out, model, counts, chat, elapsed)
                             if budget.silent < 64:  # a provider without rate-limit headers: stop looking
                                 budget.sync_headers(headers)
                             self._failing_since = None
@@ -381,8 +396,7 @@ class Requests:
                                           "answer without " + ("choices" if chat else "data"), 200)
                 elif status:
                     if status == 429:
-                        for v in views:
-                            v.rate_limited += 1
+                        counts.rate_limited += 1
                     budget.sync_headers(headers)
                     verdict = classify_status(status, raw, headers)
                 assert verdict is not None
@@ -397,8 +411,7 @@ class Requests:
                 if attempt >= cfg.max_attempts:
                     raise RequestFailed.make(verdict.code, self.scrub(f"{verdict.message} (after {attempt} attempts)"),
                                              verdict.status, attempt, retryable=True)
-                for v in views:
-                    v.retries += 1
+                counts.retries += 1
                 hint = min(verdict.wait, cfg.backoff_cap) if verdict.wait is not None else None
                 if verdict.kind == COOLDOWN:
                     if budget.requests or budget.tokens:
@@ -420,40 +433,33 @@ class Requests:
             self._share(key, (raw, rid))
         return raw, parsed, rid
 
-    async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, views: tuple[Counters, ...], shield: bool
+    async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, counts: Counters, shield: bool
                            ) -> tuple[int, Any, bytes, Verdict | None, float]:
         """One attempt, holding a slot already taken: (status, headers, body, verdict of a failure below HTTP,
         seconds on the wire). Shielded from the caller's cancellation unless `shield` is false; `cut()` ends a
         shielded one with NotSent."""
-        for v in views:
-            v.sent += 1
+        transport = ep.transport
+        assert transport is not None
+        counts.sent += 1
         self.stats.in_flight += 1
+        wire = anyio.CancelScope(shield=True) if shield else _UNSHIELDED
+        started = time.perf_counter()
         try:
-            if not shield:
-                return await self._post(ep, url, data)
-            with anyio.CancelScope(shield=True) as wire:
+            with wire:
                 self._wires.add(wire)
                 try:
-                    return await self._post(ep, url, data)
+                    status, headers, raw = await transport.post(url, data)
+                    return status, headers, raw, None, time.perf_counter() - started
+                except TRANSPORT_ERRORS as exc:
+                    return 0, {}, b"", transport.verdict(exc), 0.0
+                except BodyTooLarge as exc:
+                    raise RequestFailed.make("response_too_large", str(exc), 200, 1) from None
                 finally:
                     self._wires.discard(wire)
             raise NotSent()  # reached only when cut() cancelled the wire
         finally:
             self.stats.in_flight -= 1
             self.slots.release()
-
-    @staticmethod
-    async def _post(ep: Endpoint, url: str, data: bytes) -> tuple[int, Any, bytes, Verdict | None, float]:
-        transport = ep.transport
-        assert transport is not None
-        started = time.perf_counter()
-        try:
-            status, headers, raw = await transport.post(url, data)
-            return status, headers, raw, None, time.perf_counter() - started
-        except TRANSPORT_ERRORS as exc:
-            return 0, {}, b"", transport.verdict(exc), 0.0
-        except BodyTooLarge as exc:
-            raise RequestFailed.make("response_too_large", str(exc), 200, 1) from None
 
     def usage(self, parsed: dict[str, Any], model: str) -> tuple[int, int, int, float, float]:
         """(prompt, completion, cached prompt tokens, cost, cost at full input price) of an answer's usage."""
@@ -478,25 +484,24 @@ class Requests:
         cost = self.usage(parsed, model)[3] if self.config.prices else 0.0
         if by_batch:
             cost *= self.batch_discount
-        for v in self.stats.views(stage, model):
-            v.cost_replayed += cost
-            v.batch_replayed += by_batch
+        c = self.stats.view(stage, model)
+        c.cost_replayed += cost
+        c.batch_replayed += by_batch
 
     def _account(self, parsed: dict[str, Any], budget: Budget, ticket: Any, tokens: float, fixed_out: float,
-                 model: str, views: tuple[Counters, ...], chat: bool, elapsed: float) -> None:
+                 model: str, counts: Counters, chat: bool, elapsed: float) -> None:
         p, c, cached, cost, full = self.usage(parsed, model)
         if chat:
             self.estimator.observe(model, c)
         if ticket:
             budget.settle(ticket, tokens, p + (c if fixed_out < 0 else fixed_out))
-        for v in views:
-            v.prompt_tokens += p
-            v.completion_tokens += c
-            v.cached_tokens += cached
-            v.tokens += p + c
-            v.cost += cost
-            v.cost_full += full
-            v.wire_s += elapsed
+        counts.prompt_tokens += p
+        counts.completion_tokens += c
+        counts.cached_tokens += cached
+        counts.tokens += p + c
+        counts.cost += cost
+        counts.cost_full += full
+        counts.wire_s += elapsed
 
     def _note_failing(self, verdict: Verdict) -> None:
         """Only transient failures (no connection, 5xx, timeouts, broken bodies) for `unreachable_after` seconds:

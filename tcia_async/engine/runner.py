@@ -263,8 +263,7 @@ class _Source:
         self.lines = 0  # input lines seen (requests and bad lines)
 
     def _bad(self, custom_id: Any, line: int, code: str, reason: str) -> None:
-        for v in self._requests.stats.views(self._stage, ""):
-            v.failed += 1
+        self._requests.stats.view(self._stage, "").failed += 1
         if isinstance(custom_id, str) and custom_id and code == "bad_input":
             self._claims.append((custom_id, line))  # its result is out: a later line may not use the id again
         self._sink.bad(custom_id, line, ErrorOut(code=code, message=f"{self._name}:{line}: {reason}", line=line))
@@ -470,9 +469,9 @@ class Run:
                     if hit is None:
                         self._queue.append(it)
                         continue
-                    for v in stats.views(self.stage, str(it.body.get("model") or "")):
-                        v.ok += 1
-                        v.cached += 1
+                    c = stats.view(self.stage, str(it.body.get("model") or ""))
+                    c.ok += 1
+                    c.cached += 1
                     self.sink.ok(it, Answer(hit[0], None, hit[1], True))
                 if self._queue:
                     self._wake_workers()
@@ -490,9 +489,7 @@ class Run:
             return await self.requests.call(CHAT, item.body, item.data, item.key, stage=self.stage,
                                             check_cache=False, shield=False)
         result = await self._embedding_entry(item.body, item.key, self.stage)
-        views = self.requests.stats.views(self.stage, str(item.body.get("model") or ""))
-        for v in views:
-            v.ok += 1
+        self.requests.stats.view(self.stage, str(item.body.get("model") or "")).ok += 1
         body = result.body()
         return Answer(orjson.dumps(body), body, "", False)
 
@@ -515,8 +512,7 @@ class Run:
                 answer = await self._send(item)
             except RequestFailed as exc:
                 if item.path != CHAT:
-                    for v in self.requests.stats.views(self.stage, str(item.body.get("model") or "")):
-                        v.failed += 1
+                    self.requests.stats.view(self.stage, str(item.body.get("model") or "")).failed += 1
                 self.sink.fail(item, exc.error)
             except RunStopped as exc:
                 if self.stopped is None:
