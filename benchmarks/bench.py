@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import signal
@@ -141,7 +140,7 @@ def exit_on_signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.sh", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="bench.sh", description=__doc__.split("\n\n")[0].replace("\n", " "))
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="profile", action="store_const", const="quick",
                       help="a few minutes on 2 cores (default)")
