@@ -139,6 +139,30 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
     }
 
 
+
+def plot_per_hop(plt: Any, path: Path, hops: list[int], runs: list[tuple[str, list[float] | None, list[float]]],
+                 diversity_note: str = "") -> None:
+    """Diversity and on-task ratio per hop of `runs` (label, diversity or None when not comparable, on-task),
+    with the paper's TCIA and Evol-Instruct lines, as one PNG at `path`."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, diversity, on_task in runs:
+        if diversity is not None:
+            axes[0].plot(hops, diversity, "o-", label=label)
+        axes[1].plot(hops, on_task, "o-", label=label)
+    for name, style in (("tcia", "--"), ("evol", ":")):
+        axes[0].plot(hops, [PAPER[name]["diversity"].get(h) for h in hops], style, color="grey",
+                     label=f"paper {name}")
+        axes[1].plot(hops, [PAPER[name]["on_task"].get(h) for h in hops], style, color="grey",
+                     label=f"paper {name}")
+    axes[0].set_title("diversity per hop" + diversity_note)
+    axes[1].set_title("on-task ratio per hop")
+    for ax in axes:
+        ax.set_xlabel("hop")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
 def _constraint_report(rec: Any) -> dict[str, Any]:
     unique: dict[str, int] = {}
     by_origin: dict[str, int] = {}
@@ -279,22 +303,9 @@ def plot(out: Path, r: dict[str, Any], stages: list[Any]) -> list[str]:
     written.append("timeline.png")
     hops = [h for h in r["per_hop"] if h["hop"] > 0]
     if hops:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
         xs = [h["hop"] for h in hops]
-        axes[0].plot(xs, [h["diversity"] for h in hops], "o-", label=f"this run ({r['method']})")
-        axes[1].plot(xs, [h["on_task_ratio"] for h in hops], "o-", label=f"this run ({r['method']})")
-        for name, style in (("tcia", "--"), ("evol", ":")):
-            p = PAPER[name]
-            axes[0].plot(xs, [p["diversity"].get(x) for x in xs], style, label=f"paper {name}")
-            axes[1].plot(xs, [p["on_task"].get(x) for x in xs], style, label=f"paper {name}")
-        axes[0].set_title("diversity per hop")
-        axes[1].set_title("on-task ratio per hop")
-        for ax in axes:
-            ax.set_xlabel("hop")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "per_hop.png", dpi=110)
-        plt.close(fig)
+        plot_per_hop(plt, out / "per_hop.png", xs, [(f"this run ({r['method']})", [h["diversity"] for h in hops],
+                                                    [h["on_task_ratio"] for h in hops])])
         written.append("per_hop.png")
     scores = r["answers"]["judge_scores"]
     if scores:

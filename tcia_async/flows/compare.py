@@ -122,26 +122,13 @@ def plot(out: Path, c: dict[str, Any]) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from tcia_async.report import PAPER
+    from tcia_async.report import plot_per_hop
 
     hops = c["hops"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in c["runs"]:
-        if c["diversity_compared"]:
-            axes[0].plot(hops, [r["diversity"][h] for h in hops], "o-", label=r["name"])
-        axes[1].plot(hops, [r["on_task_ratio"][h] for h in hops], "o-", label=r["name"])
-    for name, style in (("tcia", "--"), ("evol", ":")):
-        axes[0].plot(hops, [PAPER[name]["diversity"].get(h) for h in hops], style, color="grey",
-                     label=f"paper {name}")
-        axes[1].plot(hops, [PAPER[name]["on_task"].get(h) for h in hops], style, color="grey", label=f"paper {name}")
-    axes[0].set_title("diversity per hop" + ("" if c["diversity_compared"] else " (not comparable: see compare.md)"))
-    axes[1].set_title("on-task ratio per hop")
-    for ax in axes:
-        ax.set_xlabel("hop")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=110)
-    plt.close(fig)
+    runs = [(r["name"], [r["diversity"][h] for h in hops] if c["diversity_compared"] else None,
+             [r["on_task_ratio"][h] for h in hops]) for r in c["runs"]]
+    plot_per_hop(plt, out / "compare.png", hops, runs,
+                 "" if c["diversity_compared"] else " (not comparable: see compare.md)")
     return "compare.png"
 
 
