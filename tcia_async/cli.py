@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from tcia_async import __version__
-from tcia_async.flows import EXIT_USAGE
+from tcia_async.flows import EXIT_INTERRUPTED, EXIT_USAGE
 
 
 class _Command(NamedTuple):
@@ -134,6 +134,14 @@ def _resolve(handler: str):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # a Ctrl-C before a command's own handling starts (imports) or after it ends
+        print("tcia-async: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)

@@ -94,7 +94,7 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def convert(data: Any, typ: type, source: str) -> Any:
     """Turn a TOML table into a settings Struct, naming the file and the offending key on error."""
     try:
-        return msgspec.convert(data, typ, strict=False)
+        return msgspec.convert(data, typ)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
@@ -209,7 +209,7 @@ def _load_table(name: str, typ: type, path: str | os.PathLike[str] | None, merge
         node[parts[-1]] = value
         where[key] = (origins or {}).get(key, f"{key} (given)")
     try:
-        return msgspec.convert(data, typ, strict=False), where
+        return msgspec.convert(data, typ), where
     except msgspec.ValidationError as exc:
         # "... - at `$.limits.rpm`": name the flag or file key that set it.
         text = str(exc)
@@ -225,8 +225,17 @@ def load_engine_config(path: str | os.PathLike[str] | None = None, overrides: Ma
 
     `origins` names where each override came from ("--rpm", "$OPENAI_BASE_URL"), for error messages.
     """
+    if path is not None:
+        check_file(path)
     cfg, where = _load_table("engine", EngineConfig, path, {**(overrides or {}), **kw_overrides}, origins)
     return validate_engine(cfg, where)
+
+
+def check_file(path: str | os.PathLike[str]) -> None:
+    """Every table and key of a settings file, whichever command reads it: a misspelt table or key in a part
+    this command does not use is still an error (ConfigError), not silently ignored."""
+    load_run_config(path)
+    load_batch_settings(path)
 
 
 # -- the Batch API mode ---------------------------------------------------------------------------------------
@@ -458,7 +467,7 @@ def load_run_config(path: str | os.PathLike[str] | None = None, overrides: Mappi
         node[field] = value
         where[key] = (origins or {}).get(key, key)
     try:
-        cfg = msgspec.convert(data, RunConfig, strict=False)
+        cfg = msgspec.convert(data, RunConfig)
     except msgspec.ValidationError as exc:
         text = str(exc)
         at = text.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text else ""

@@ -60,7 +60,7 @@ def iter_jsonl(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTE
             try:
                 yield Line(line=lineno, value=orjson.loads(raw))
             except orjson.JSONDecodeError as exc:
-                yield BadLine(path=name, line=lineno, reason=f"not valid JSON ({exc})")
+                yield BadLine(path=name, line=lineno, reason=f"not valid JSON ({exc.msg}, at character {exc.pos + 1})")
 
 
 _encoder = msgspec.json.Encoder()

@@ -76,7 +76,9 @@ class Decomposition(msgspec.Struct, kw_only=True):
     tasks: list[Task] = []
 
 
-class Seed(msgspec.Struct, kw_only=True):
+class Seed(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A seed line: a misspelt field ("context") is an error, not a seed silently without its contexts."""
+
     id: str
     instruction: str
     contexts: list[str] = []

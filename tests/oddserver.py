@@ -4,6 +4,7 @@ does not cover. The answer depends on the user message:
 - "cr": a valid answer whose JSON has bare carriage returns between tokens;
 - "no-choices": a 200 with `"choices": []`;
 - "endless": a 200 whose chunked body never ends;
+- "500": a 500, every time;
 - anything else: a plain valid answer.
 
 `with OddServer() as s:` serves on a thread; `s.base_url`, `s.requests` (count).
@@ -42,6 +43,8 @@ class OddServer:
         if text == "cr":
             raw = json.dumps(ANSWER).replace(', "usage"', ',\r"usage"').encode()
             return web.Response(body=raw, content_type="application/json")
+        if text == "500":
+            return web.json_response({"error": {"message": "odd server error"}}, status=500)
         if text == "no-choices":
             return web.json_response({**ANSWER, "choices": []})
         if text == "endless":

@@ -22,6 +22,12 @@ def test_engine_table_loads_limits_per_model_limits_and_prices(tmp_path):
     ("[engine]\nconcurrency = 'many'\n", "Expected `int`"),
     ("[engine.limits]\nrmp = 5\n", "unknown field `rmp`"),
     ("[engine\n", "not valid TOML"),
+    # Tables the command reading [engine] does not use are checked too, and numbers are numbers.
+    ("[engin]\nconcurrency = 5\n", "unknown field `engin`"),
+    ("[explore]\nsampel = 5\n", "unknown field `sampel`"),
+    ("[batch]\nmax_request = 5\n", "unknown field `max_request`"),
+    ("[engine]\nconcurrency = '5'\n", "Expected `int`, got `str`"),
+    ("[run]\nseed = '3'\n", "Expected `int`, got `str`"),
 ])
 def test_bad_settings_name_the_file_and_the_problem(tmp_path, text, words):
     path = tmp_path / "bad.toml"

@@ -33,3 +33,11 @@ def test_demo_refuses_an_out_that_is_a_file(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tcia_async", "demo", "--out", str(f)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "not a directory" in proc.stderr and f.read_text() == "mine"
+
+
+def test_demo_refuses_a_folder_of_someone_elses_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "-m", "tcia_async", "demo", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "files of its own (notes.txt)" in proc.stderr, proc.stderr
+    assert [x.name for x in tmp_path.iterdir()] == ["notes.txt"]

@@ -170,11 +170,26 @@ async def test_hang_times_out_and_is_retried(tmp_path):
 
 
 async def test_attempts_run_out_into_a_recorded_failure(tmp_path):
+    """A request failing alone (the provider answers others) spends its attempts and is that request's error."""
+    from oddserver import OddServer
+
+    with OddServer() as srv:
+        async with Engine(cfg(srv, tmp_path, max_attempts=3)) as e:
+            await e.chat(chat("hello"))
+            with pytest.raises(RequestFailed) as info:
+                await e.chat(chat("500"))
+            await e.chat(chat("the run goes on"))
+        assert info.value.error.code == "server_error" and info.value.error.attempts == 3
+        assert srv.requests == 1 + 3 + 1
+
+
+async def test_attempts_run_out_on_a_provider_that_never_answered_is_a_stop(tmp_path):
     async with Simulator(SimConfig(batch_delay_s=None, rate_500=1.0)) as sim:
         async with Engine(cfg(sim, tmp_path, max_attempts=3)) as e:
-            with pytest.raises(RequestFailed) as info:
+            with pytest.raises(RunStopped, match="answered only errors"):
                 await e.chat(chat("doomed"))
-        assert info.value.error.code == "server_error" and info.value.error.attempts == 3
+            with pytest.raises(RunStopped):  # stays stopped: nothing more is sent
+                await e.chat(chat("next"))
         assert sim.stats()["requests"] == 3
 
 

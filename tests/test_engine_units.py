@@ -291,6 +291,7 @@ def test_files_that_are_not_this_cache_are_refused_untouched(tmp_path):
     (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
     with pytest.raises(CacheError, match="not a usable cache"):
         ResponseCache(tmp_path / "junk.db")
+    assert not (tmp_path / "junk.db.lock").exists()  # refused before anything was written beside it
     with pytest.raises(CacheError, match="is a directory"):
         ResponseCache(tmp_path)
 
@@ -358,3 +359,14 @@ def test_dedup_spills_to_disk_and_still_finds_every_repeat():
 ])
 def test_bad_requests_are_named(value, problem):
     assert problem in check_request(value)[3]
+
+
+def test_stats_read_as_a_sentence_and_sum_over_stages_and_models():
+    from tcia_async.engine.errors import EngineStats
+
+    s = EngineStats()
+    s.view("compose", "m1").ok += 2
+    s.view("judge", "m2").ok += 1
+    s.view("judge", "m2").failed += 1
+    assert (s.ok, s.stages["judge"].failed, s.models["m1"].ok) == (3, 1, 2)
+    assert str(s).startswith("3 answered (0 from the cache), 1 failed")

@@ -161,6 +161,33 @@ def test_a_dead_port_stops_with_exit_3(tmp_path):
     assert not (tmp_path / "o.jsonl").exists() and (tmp_path / "o.jsonl.partial").exists()
 
 
+def test_a_dead_port_stops_once_the_first_request_has_spent_its_attempts(tmp_path):
+    """With the default two minutes of `unreachable_after`, a provider that never answered stops the run as soon
+    as one request has spent its attempts: no line gets an error result, the rerun continues."""
+    inp = write(tmp_path / "in.jsonl", [chat_line(f"q{i}", f"question {i}") for i in range(20)])
+    conf = tmp_path / "c.toml"
+    conf.write_text("[engine]\nbackoff_base = 0.01\nbackoff_cap = 0.02\n")
+    p = gen(inp, "-o", tmp_path / "o.jsonl", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--config", conf)
+    assert p.returncode == 3 and "no connection to the provider" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    partial = tmp_path / "o.jsonl.partial"
+    assert not partial.exists() or partial.read_bytes() == b""  # no line was recorded as failed
+
+
+def test_one_request_failing_alone_is_recorded_and_the_run_goes_on(tmp_path):
+    """A request that spends its attempts on 500s while the provider answers the others is that line's error,
+    not a stop."""
+    good = [chat_line(f"g{i}", f"question {i}") for i in range(5)]
+    inp = write(tmp_path / "in.jsonl", good + [chat_line("bad", "500")])
+    conf = tmp_path / "c.toml"
+    conf.write_text("[engine]\nbackoff_base = 0.01\nbackoff_cap = 0.02\nmax_attempts = 3\nconcurrency = 1\n")
+    with OddServer() as srv:
+        p = gen(inp, "-o", tmp_path / "o.jsonl", "--base-url", srv.base_url, "--config", conf)
+    assert p.returncode == 4, p.stderr
+    rows = {r["custom_id"]: r for r in results(tmp_path / "o.jsonl")}
+    assert rows["bad"]["error"] is not None and all(rows[f"g{i}"]["error"] is None for i in range(5))
+
+
 # -- odd input and odd answers -------------------------------------------------------------------------------------
 
 

@@ -132,13 +132,15 @@ def test_bad_seed_lines_are_named_and_the_good_ones_run(tmp_path, small):
         orjson.dumps({"id": "no-instruction"}),
         orjson.dumps(good),  # the same id again
         orjson.dumps({"id": "bare", "instruction": "Hi."}),  # no requirement: nothing to explore
+        orjson.dumps({**good, "id": "typo", "context": ["a misspelt field"]}),
     ]) + b"\n")
     out = tmp_path / "run"
     with SimThread(SimConfig(batch_delay_s=None)) as sim:
         p = run(argv(out, sim.base_url, small, seeds=seeds))
     assert p.returncode == 4, p.stderr  # finished, but some items ended in an error
-    for line in (2, 3, 4):
+    for line in (2, 3, 4, 6):
         assert f"seeds.jsonl:{line}:" in p.stderr
+    assert "unknown field `context`" in p.stderr
     failures = lines(out / "failures.jsonl")
     assert [(f["stage"], f["id"], f["code"]) for f in failures] == [("decompose", "bare", "no_task")]
     assert len(lines(out / "instructions.jsonl")) == 6
@@ -160,6 +162,16 @@ def test_settings_and_paths_are_checked_before_anything_is_written(tmp_path, sma
     p = run(argv(out, "http://127.0.0.1:9/v1", small))
     assert p.returncode == 2 and "not a task database" in p.stderr
     assert not out.exists()
+
+
+def test_a_folder_of_someone_elses_files_is_refused_untouched(tmp_path, small):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "sft.jsonl").write_text("MINE\n")
+    p = run(argv(theirs, "http://127.0.0.1:9/v1", small))
+    assert p.returncode == 2 and "a folder with files of its own (sft.jsonl)" in p.stderr, p.stderr
+    assert sorted(x.name for x in theirs.iterdir()) == ["sft.jsonl"]
+    assert (theirs / "sft.jsonl").read_text() == "MINE\n"
 
 
 @pytest.mark.slow

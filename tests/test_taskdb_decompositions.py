@@ -134,6 +134,11 @@ def test_paths_that_collide_are_refused_before_anything_is_written(tmp_path, sma
     (tmp_path / "afile").write_text("x")
     assert build(corpus, "--decompositions", dec, "--out", tmp_path / "afile") == 2
     assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    assert build(corpus, "--decompositions", dec, "--out", tmp_path / "theirs") == 2
+    assert "a folder with files of its own (notes.txt)" in capsys.readouterr().err
+    assert [x.name for x in (tmp_path / "theirs").iterdir()] == ["notes.txt"]
     assert not out.exists() and corpus.read_bytes() == before
     assert models["local"].texts == []
     assert (tmp_path / "inside" / "records.jsonl").read_bytes() == before

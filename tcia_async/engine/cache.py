@@ -108,6 +108,16 @@ class ResponseCache:
     def _open(self) -> sqlite3.Connection:
         if self.path.is_dir():
             raise CacheError(f"{self.path}: is a directory, not a cache file")
+        try:
+            with open(self.path, "rb") as fh:
+                head = fh.read(16)
+        except FileNotFoundError:
+            head = b""
+        except OSError as exc:
+            raise CacheError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
+        if head and head != b"SQLite format 3\x00":  # refused before its lock file is made beside it
+            raise CacheError(f"{self.path}: not a usable cache (not an SQLite database); delete it or use another "
+                             "--cache")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock.take(self.path)
         try:

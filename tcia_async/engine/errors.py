@@ -148,6 +148,11 @@ class EngineStats:
             return getattr(self.total(), name)
         raise AttributeError(name)
 
+    def __str__(self) -> str:
+        t = self.total()
+        return (f"{t.ok} answered ({t.cached} from the cache), {t.failed} failed; {t.sent} requests sent, "
+                f"{t.retries} retries, {t.rate_limited} answered 429; {t.tokens:,} tokens")
+
     def to_builtins(self) -> dict[str, Any]:
         """The totals, per stage and per model, as plain data (JSON)."""
         return {**msgspec.to_builtins(self.total()), "in_flight": self.in_flight,

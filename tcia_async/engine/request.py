@@ -187,6 +187,9 @@ class Requests:
         self._waits: set[anyio.CancelScope] = set()  # waits before the wire: cancelled by halt()
         self._wires: set[anyio.CancelScope] = set()  # requests on the wire: cancelled by cut()
         self._failing_since: float | None = None  # first transient failure since the last real answer
+        self._answered = False  # the provider has answered something (not a transient failure) in this run
+        self._streak = 0  # which run of transient failures this is (one per _failing_since)
+        self._streak_requests = 0  # how many requests failed in it
         self._secrets: list[str] = []
         self.batch_discount = 0.5  # the [batch] discount, set by whoever runs batches (replays of their answers)
         self.paid_by_batch: set[bytes] = set()  # keys a batch answered (and counted) in this process
@@ -248,8 +251,8 @@ class Requests:
                 "insufficient_quota": "the provider says the quota is used up (429 insufficient_quota)",
                 "unauthorized": "the provider rejected the API key (401)",
                 "forbidden": "the provider refused access (403)",
-                "unreachable": f"no connection to the provider for {self.config.unreachable_after:g} s",
-                "failing": f"the provider answered only errors for {self.config.unreachable_after:g} s",
+                "unreachable": "no connection to the provider",
+                "failing": "the provider answered only errors (5xx, timeouts or broken answers)",
             }.get(code, f"the provider refused the run ({status} {code})")
             self.stopped = self.scrub(f"{why}: {message}".strip())
         return RunStopped(self.stopped)
@@ -362,6 +365,7 @@ class Requests:
             assert ep.transport is not None
             url = ep.urls[path]
             attempt = 0
+            streak = -1  # the run of transient failures this request last counted itself in
             while True:
                 if self.stopped is not None:
                     raise RunStopped(self.stopped)
@@ -390,6 +394,7 @@ class Requests:
                             if budget.silent < 64:  # a provider without rate-limit headers: stop looking
                                 budget.sync_headers(headers)
                             self._failing_since = None
+                            self._answered = True
                             raw, rid = _one_line(raw, parsed), headers.get("x-request-id", "")
                             break
                         verdict = Verdict(RETRY, "invalid_response",
@@ -402,13 +407,23 @@ class Requests:
                 assert verdict is not None
                 if verdict.kind == STOP:
                     raise self._stop(verdict.code, verdict.status, verdict.message)
-                if verdict.kind == FAIL:
-                    raise RequestFailed.make(verdict.code, self.scrub(verdict.message), verdict.status, attempt)
                 if verdict.kind == RETRY:
                     self._note_failing(verdict)
+                    if streak != self._streak:
+                        streak = self._streak
+                        self._streak_requests += 1
                 else:
-                    self._failing_since = None  # a 429 is an answer: the provider is there
+                    self._failing_since = None  # a 4xx or a 429 is an answer: the provider is there
+                    self._answered = True
+                if verdict.kind == FAIL:
+                    raise RequestFailed.make(verdict.code, self.scrub(verdict.message), verdict.status, attempt)
                 if attempt >= cfg.max_attempts:
+                    if verdict.kind == RETRY and self._failing_since is not None and (
+                            not self._answered or self._streak_requests > 1):
+                        # Nothing but transient failures, for more than this one request (or since the start):
+                        # the provider is down, not this request's problem. Stop instead of failing every line.
+                        raise self._stop("unreachable" if verdict.code == "connection_error" else "failing",
+                                         verdict.status, verdict.message)
                     raise RequestFailed.make(verdict.code, self.scrub(f"{verdict.message} (after {attempt} attempts)"),
                                              verdict.status, attempt, retryable=True)
                 counts.retries += 1
@@ -509,6 +524,8 @@ class Requests:
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now
+            self._streak += 1
+            self._streak_requests = 0
         elif now - self._failing_since >= self.config.unreachable_after:
             raise self._stop("unreachable" if verdict.code == "connection_error" else "failing", verdict.status,
                              verdict.message)

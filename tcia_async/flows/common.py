@@ -14,8 +14,8 @@ import anyio
 
 from tcia_async.engine.errors import primary
 
-__all__ = ["Interrupts", "Staged", "UsageError", "by_kind", "cache_files", "check_paths", "exit_for", "primary",
-           "run_async", "say"]
+__all__ = ["Interrupts", "Staged", "UsageError", "by_kind", "cache_files", "check_out_dir", "check_paths", "exit_for",
+           "primary", "run_async", "say"]
 
 
 class UsageError(Exception):
@@ -34,6 +34,22 @@ def cache_files(cache: str | os.PathLike[str]) -> list[str]:
     """The files a cache at `cache` owns (SQLite's WAL and shared memory, our lock)."""
     c = os.fspath(cache)
     return [c, c + "-wal", c + "-shm", c + ".lock"]
+
+
+def check_out_dir(out: Path, flag: str, markers: tuple[str, ...], what: str) -> None:
+    """Refuse an --out folder that exists, is not empty and holds none of `markers` (the files an earlier run of
+    this command leaves): its files are someone else's, and this command would replace some of them."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"{flag} {out}: exists and is not a directory")
+    if any((out / m).exists() for m in markers):
+        return
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise UsageError(f"{flag} {out}: a folder with files of its own ({shown}), not {what}; its files would be "
+                         "replaced: choose a new or empty folder")
 
 
 def check_paths(reads: Mapping[str, str | os.PathLike[str] | None],

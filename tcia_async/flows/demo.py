@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from typing import Any
 import orjson
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from tcia_async.flows.common import UsageError, check_out_dir
 
 # Example prices (USD per 1M tokens; OpenAI's list prices for these models in 2025), so the report shows a cost.
 DEMO_SETTINGS = """# Settings of the demo run: small, so it finishes within a minute on two cores.
@@ -88,8 +90,10 @@ def _child_env() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        _say(f"tcia-async demo: --out {out} exists and is not a directory")
+    try:
+        check_out_dir(out, "--out", ("demo.toml",), "the folder of an earlier demo")
+    except UsageError as exc:
+        _say(f"tcia-async demo: {exc}")
         return EXIT_USAGE
     for name, value in (("--sets", args.sets), ("--rpm", args.rpm), ("--concurrency", args.concurrency)):
         if value < 1:
@@ -100,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"
-    for stale in ("cache.db", "cache.db-wal", "cache.db-shm"):
-        (run_dir / stale).unlink(missing_ok=True)  # a demo starts from nothing, so its figures mean something
+    if run_dir.is_dir():  # an earlier demo's (checked above): the run starts from nothing, so its figures mean something
+        shutil.rmtree(run_dir)
     config = out / "demo.toml"
     config.write_text(DEMO_SETTINGS.format(sample=args.sets, concurrency=args.concurrency, rpm=args.rpm))
 

@@ -31,8 +31,8 @@ from tcia_async.flows.common import (Interrupts, Staged, UsageError, by_kind, ca
 
 EPILOG = """exit codes: 0 every line has its answer; 4 finished, but some lines ended in an error (the summary
 counts them by kind; each has an error result); 2 usage, configuration or path error (nothing written);
-3 stopped: quota, auth, or the provider failing on everything for unreachable_after seconds (rerun to
-continue); 130 interrupted (rerun to continue)."""
+3 stopped: quota, auth, or the provider failing on everything (for unreachable_after seconds, or a
+request's attempts) (rerun to continue); 130 interrupted (rerun to continue)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

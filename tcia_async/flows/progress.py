@@ -28,7 +28,7 @@ class Progress:
                 f"on the wire {s.in_flight}  429s {s.rate_limited}  retries {s.retries}{cost}")
 
     def line(self) -> str:
-        stages = "  ".join(f"{st.name} {st.items_out}/{st.items_in}"
+        stages = "  ".join(f"{st.name} {st.items_in}→{st.items_out}"
                            + (f" ({st.in_flight} busy)" if st.in_flight else "")
                            + (f" {st.failed} failed" if st.failed else "") for st in self.pipe.stats)
         return f"{self.overall()}\n  {stages}"

@@ -23,8 +23,8 @@ from typing import Any
 import msgspec
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import (Interrupts, Staged, UsageError, cache_files, check_paths, engine_config, exit_for,
-                                     missing_key, primary)
+from tcia_async.flows.common import (Interrupts, Staged, UsageError, cache_files, check_out_dir, check_paths,
+                                     engine_config, exit_for, missing_key, primary)
 from tcia_async.io import BadLine, iter_jsonl
 from tcia_async.records import Failure, Instruction, Pair, Seed
 
@@ -444,10 +444,10 @@ def build_configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def run_cli(args: argparse.Namespace) -> int:
     from tcia_async.config import ConfigError
 
+    args.started = time.monotonic()
     out = Path(args.out)
     try:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out}: exists and is not a directory")
+        check_out_dir(out, "--out", ("cache.db",), "the folder of an earlier run")
         run_cfg, eng_cfg, batch_cfg = build_configs(args)
         writes: dict[str, Any] = {f"RUNDIR/{n}": out / n for n in (*OUTPUTS, "report.json", "report.md")}
         writes.update({f"RUNDIR/{n}.partial": out / (n + ".partial") for n in OUTPUTS})
@@ -480,6 +480,10 @@ def run_cli(args: argparse.Namespace) -> int:
     if not seeds:
         _err(f"{args.seeds}: no usable seed")
         return EXIT_USAGE
+    bare = [s.id for s in seeds if not s.contexts]
+    if bare:
+        _err(f"note: {len(bare)} seed(s) without a context ({', '.join(bare[:3])}{', ...' if len(bare) > 3 else ''}): "
+             "their instructions are answered without an input; give contexts in the seed line or with --contexts")
 
     from tcia_async.engine.tuning import tune_gc
     from tcia_async.flows.common import run_async
@@ -509,11 +513,12 @@ def _finish(args: argparse.Namespace, out: Path, rec: Recorder, result: dict[str
 
     status = result["status"]
     if status in ("stopped", "interrupted"):
-        why = result.get("stopped") or "interrupted"
-        _err(f"{status}: {why}. Answers are cached in {out / 'cache.db'}; the outputs so far are in "
+        why = f"{status}: {result['stopped']}" if result.get("stopped") else status
+        _err(f"{why}. Answers are cached in {out / 'cache.db'}; the outputs so far are in "
              f"{out}/*.partial; rerun the same command to continue (nothing answered is sent again).")
         return EXIT_STOPPED if status == "stopped" else EXIT_INTERRUPTED
     rec.commit()
+    result["command_s"] = time.monotonic() - args.started
     report = write_report(out, result, rec, result["diversity"])
     failed = sum(rec.failures.values()) + bad
     if not args.quiet:
@@ -521,8 +526,9 @@ def _finish(args: argparse.Namespace, out: Path, rec: Recorder, result: dict[str
     print(f"wrote {out}/sft.jsonl ({rec.sft} examples), preferences.jsonl ({rec.preferences}), "
           f"instructions.jsonl, report.md", flush=True)
     if failed:
-        _err(f"{failed} items ended in an error ({', '.join(f'{s} {n}' for s, n in rec.failures.items())}"
-             f"{f', bad input lines {bad}' if bad else ''}): see {out / 'failures.jsonl'}")
+        kinds = [f"{s} {n}" for s, n in rec.failures.items()] + ([f"bad input lines {bad}"] if bad else [])
+        _err(f"{failed} item{'s' if failed != 1 else ''} ended in an error ({', '.join(kinds)}): see "
+             f"{out / 'failures.jsonl'}")
         return EXIT_SOME_FAILED
     return EXIT_OK
 
@@ -574,15 +580,18 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, batch_cfg:
         progress.close()
         wall = pipe.elapsed()
         div = None
+        div_s = None
         if stopped is None and not interrupts.interrupted:
+            t_div = time.monotonic()
             rec.files["instructions.jsonl"].fh.flush()
             div = await measure_diversity(engine, rec.files["instructions.jsonl"].temp, emb_model,
                                           sample=run_cfg.run.diversity_sample, run_seed=run_cfg.run.seed,
                                           say=None if args.quiet else _err)
+            div_s = time.monotonic() - t_div
         stats = engine.stats
     status = "stopped" if stopped else ("interrupted" if interrupts.interrupted else "complete")
     return {"status": status, "stopped": stopped, "simulated": simulated, "started": started,
-            "wall_s": wall, "method": run_cfg.run.method, "config": msgspec.to_builtins(run_cfg),
+            "wall_s": wall, "diversity_s": div_s, "method": run_cfg.run.method, "config": msgspec.to_builtins(run_cfg),
             "engine": stats, "stages": pipe.stats, "embedding_model": emb_model, "db": str(db.path),
             "db_manifest": msgspec.to_builtins(db.manifest), "seeds": len(seeds),
             "prices": msgspec.to_builtins(eng_cfg.prices), "diversity": div,

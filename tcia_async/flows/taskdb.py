@@ -26,7 +26,7 @@ import msgspec
 
 from tcia_async import embed
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import UsageError, cache_files, check_paths, primary, run_async
+from tcia_async.flows.common import UsageError, cache_files, check_out_dir, check_paths, primary, run_async
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
 from tcia_async.records import Decomposition
 
@@ -368,7 +368,7 @@ async def build_db(
         records.write(Record(line=item.line, id=item.id, decomposition=d, kind=kind))
         summary.decomposed += 1
         if summary.decomposed % every == 0:
-            say(f"decomposed {summary.decomposed} of ~{total_lines} lines")
+            say(f"{'read' if decompositions is not None else 'decomposed'} {summary.decomposed} of ~{total_lines} lines")
 
     def bad_line(item: BadLine) -> None:
         summary.bad_lines += 1
@@ -574,6 +574,7 @@ def _check_build_paths(args: argparse.Namespace, cache: str) -> None:
     writes: dict[str, str | None] = {f"--out ({name})": str(out / name) for name in DB_FILES}
     writes.update({f"--cache ({Path(f).name})" if i else "--cache": f for i, f in enumerate(cache_files(cache))})
     check_paths({"corpus": args.corpus, "--decompositions": args.decompositions}, writes)
+    check_out_dir(out, "--out", ("manifest.json", "cache.db"), "a task database or the folder of an earlier build")
 
 
 def run_build(args: argparse.Namespace) -> int:
