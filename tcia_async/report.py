@@ -8,6 +8,7 @@ sum over pairs i != j of u_i . u_j = |S|^2 - n, so the mean similarity is (|S|^2
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +298,12 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
 
 def plot(out: Path, r: dict[str, Any], stages: list[Any]) -> list[str]:
     """PNG plots next to the report (no display needed); the file names written."""
+    with warnings.catch_warnings():  # an empty run draws empty plots; matplotlib's warnings are not the user's
+        warnings.simplefilter("ignore")
+        return _plot(out, r, stages)
+
+
+def _plot(out: Path, r: dict[str, Any], stages: list[Any]) -> list[str]:
     try:
         import matplotlib
 
