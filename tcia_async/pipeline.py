@@ -85,6 +85,9 @@ class BatchGate:
         self._quiet = anyio.Event()
         self._answered = anyio.Event()
         self.failures: dict[bytes, Any] = {}
+        from tcia_async.engine.batch import BatchReplay
+
+        self._replay = BatchReplay(engine, self.failures)  # raises what the batches could not answer
         self.rounds = 0
         self._halted = False
         self._scope: anyio.CancelScope | None = None
@@ -100,20 +103,15 @@ class BatchGate:
 
     async def chat(self, body: dict[str, Any], sample: int = 0, *, stage: str = "", priority: int = 0
                    ) -> dict[str, Any]:
-        from tcia_async.engine import RequestFailed
+        from tcia_async.engine import NotSent
         from tcia_async.engine.batch import BatchItem
         from tcia_async.engine.request import CHAT
-
-        from tcia_async.engine import NotSent
 
         key = self.engine.key(body, CHAT, sample)
         while True:
             if self._halted:
                 raise NotSent()
-            error = self.failures.get(key)
-            if error is not None:
-                self.engine.stats.view(stage, str(body.get("model") or "")).failed += 1
-                raise RequestFailed(error)
+            self._replay.check(key, body.get("model"), stage)
             if self.engine.requests.lookup(key) is not None:
                 return await self.engine.chat(body, sample, stage=stage, priority=priority)
             self._wanted[key] = BatchItem(key, CHAT, body)

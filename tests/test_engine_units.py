@@ -246,8 +246,8 @@ async def test_cache_flusher_writes_on_its_own_and_a_cancelled_one_loses_nothing
     answers waiting loses none of them (close writes them)."""
     c = ResponseCache(tmp_path / "c.db", batch_rows=64, flush_interval=60.0)
     written = []
-    real_write = c._write
-    c._write = lambda rows: (written.append(len(rows)), real_write(rows))
+    real_flush = c.flush
+    c.flush = lambda: (written.append(len(c._waiting)), real_flush())
     async with anyio.create_task_group() as tg:
         tg.start_soon(c.run_flusher)
         for i in range(300):

@@ -68,11 +68,12 @@ import orjson
 
 from tcia_async.config import BatchSettings, EngineConfig
 from tcia_async.engine.client import TRANSPORT_ERRORS, BodyTooLarge, Transport, provider_of
+from tcia_async.engine.cache import FileLock
 from tcia_async.engine.errors import RequestFailed, RunStopped
-from tcia_async.engine.request import BATCH_ID, CHAT, EMBEDDINGS, canonical, usable
-from tcia_async.engine.retry import FAIL, RETRY, STOP, Verdict, backoff, classify_status
+from tcia_async.engine.request import BATCH_ID, CHAT, EMBEDDINGS, canonical, unsupported_url, usable
+from tcia_async.engine.retry import FAIL, RETRY, STOP, Verdict, backoff, classify_status, invalid_body_verdict
 from tcia_async.engine.runner import CHUNK, Dedup
-from tcia_async.engine.schema import response_format_for
+from tcia_async.engine.core import ask_json, json_body
 from tcia_async.engine.tokens import count_chat_prompt, count_embedding_input
 from tcia_async.records import ErrorOut
 
@@ -94,8 +95,7 @@ def chat_json_item(engine: Any, body: dict[str, Any], typ: type[T], *, schema_na
                    sample: int = 0) -> BatchItem:
     """The BatchItem of the first request `engine.chat_json(body, typ, ...)` sends (with `typ`'s schema); its
     answer in the cache is what chat_json then decodes. Corrections of an answer that does not match go online."""
-    name = schema_name or getattr(typ, "__name__", "answer")
-    full = {**body, "response_format": response_format_for(typ, name)}
+    full = json_body(body, typ, schema_name)
     return BatchItem(engine.key(full, CHAT, sample), CHAT, full)
 
 
@@ -109,7 +109,8 @@ class BatchReplay:
         self.engine = engine
         self.failures = failures
 
-    def _check(self, key: bytes, model: Any, stage: str) -> None:
+    def check(self, key: bytes, model: Any, stage: str) -> None:
+        """RequestFailed (counted as failed) when the batches could not answer `key`."""
         error = self.failures.get(key)
         if error is not None:
             self.engine.stats.view(stage, str(model or "")).failed += 1
@@ -117,16 +118,14 @@ class BatchReplay:
 
     async def chat(self, body: dict[str, Any], sample: int = 0, *, stage: str = "", priority: int = 0
                    ) -> dict[str, Any]:
-        self._check(self.engine.key(body, CHAT, sample), body.get("model"), stage)
+        self.check(self.engine.key(body, CHAT, sample), body.get("model"), stage)
         return await self.engine.chat(body, sample, stage=stage, priority=priority)
 
     async def chat_json(self, body: dict[str, Any], typ: type[T], *, schema_name: str | None = None,
                         sample: int = 0, stage: str = "", priority: int = 0,
                         check: Callable[[T], str | None] | None = None) -> T:
-        self._check(chat_json_item(self.engine, body, typ, schema_name=schema_name, sample=sample).key,
-                    body.get("model"), stage)
-        return await self.engine.chat_json(body, typ, schema_name=schema_name, sample=sample, stage=stage,
-                                           priority=priority, check=check)
+        return await ask_json(self.chat, self.engine.config.schema_attempts, body, typ, schema_name=schema_name,
+                              sample=sample, stage=stage, priority=priority, check=check)
 
     async def embed(self, texts: Any, model: str, *, dimensions: int | None = None, stage: str = "",
                     priority: int = 0) -> Any:
@@ -262,30 +261,6 @@ def _fsync_dir(path: Path) -> None:
 
 class StateBusy(Exception):
     """Another process is using the batch state directory."""
-
-
-class _DirLock:
-    """An exclusive lock on `state_dir/lock` for this process (fcntl; none where there is no fcntl)."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self._fh: Any = None
-        try:
-            import fcntl
-        except ImportError:
-            return
-        fh = open(state_dir / "lock", "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise StateBusy(f"{state_dir}: another process is using this batch state directory; wait for it to "
-                            "finish") from None
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 def _keys_of(path: Path) -> list[bytes]:
@@ -506,7 +481,9 @@ class BatchRun:
         if self.requests.stopped is not None:
             raise RunStopped(self.requests.stopped)
         self.dir.mkdir(parents=True, exist_ok=True)
-        lock = _DirLock(self.dir)
+        lock = FileLock(self.dir / "lock")
+        lock.take(lambda _holder: StateBusy(f"{self.dir}: another process is using this batch state directory; "
+                                            "wait for it to finish"))
         try:
             live = self._open_state()
             self._log = _Log(self.dir / STATE_FILE)
@@ -651,9 +628,9 @@ class BatchRun:
 
     def _add(self, writers: dict[tuple[str, str], _Writer], it: BatchItem) -> None:
         s = self.settings
-        if it.url not in (CHAT, EMBEDDINGS):
-            self.outcome.failures[it.key] = ErrorOut(code="bad_input", message=f"unsupported url {it.url!r} "
-                                                     f"(supported: {CHAT}, {EMBEDDINGS})")
+        why = unsupported_url(it.url)
+        if why:
+            self.outcome.failures[it.key] = ErrorOut(code="bad_input", message=why)
             return
         model = str(it.body.get("model") or "")
         line = _line(it.key, it.url, canonical(it.body))
@@ -839,9 +816,7 @@ class BatchRun:
         stop: str | None = None
         attempts = rec.round + 1
         if status == "failed":  # refused at validation: the errors name lines, or the whole file
-            errors = obj.get("errors")
-            errors = [e for e in (errors.get("data") if isinstance(errors, dict) else None) or []
-                      if isinstance(e, dict)]
+            errors = _errors(obj)
             whole = ErrorOut(code="batch_failed", message="; ".join(
                 str(e.get("message") or e.get("code")) for e in errors)[:500] or "the batch failed", attempts=attempts)
             named: dict[bytes, ErrorOut] = {}
@@ -927,7 +902,7 @@ class BatchRun:
         if isinstance(resp, dict) and isinstance(resp.get("status_code"), int):
             status = resp["status_code"]
             verdict = classify_status(status, orjson.dumps(resp.get("body")), {}) if status != 200 else \
-                Verdict(RETRY, "invalid_response", "answer without a usable choice", 200)
+                invalid_body_verdict(200, "answer without a usable choice")
         else:
             err = line.get("error") if isinstance(line.get("error"), dict) else {}
             verdict = Verdict(RETRY, str(err.get("code") or "batch_error"), str(err.get("message") or ""))
@@ -943,12 +918,7 @@ class BatchRun:
         p, c, cached, cost, full = self.requests.usage(body, model)
         d = self.settings.discount
         v = self.engine.stats.view(self.stage, model)
-        v.prompt_tokens += p
-        v.completion_tokens += c
-        v.cached_tokens += cached
-        v.tokens += p + c
-        v.cost += cost * d
-        v.cost_full += full * d
+        v.add_usage(p, c, cached, cost * d, full * d)
         v.batch_ok += 1
         v.batch_tokens += p + c
         v.batch_cost += cost * d
@@ -972,11 +942,15 @@ def _put_answer(cache: Any, key: bytes, resp: Any, url: str) -> bool:
     return True
 
 
-def _error_codes(obj: dict[str, Any]) -> set[str]:
-    """The codes of a failed batch's `errors`."""
+def _errors(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The entries of a failed batch's `errors`."""
     errors = obj.get("errors")
     data = errors.get("data") if isinstance(errors, dict) else None
-    return {str(e.get("code")) for e in data or [] if isinstance(e, dict)}
+    return [e for e in data or [] if isinstance(e, dict)]
+
+
+def _error_codes(obj: dict[str, Any]) -> set[str]:
+    return {str(e.get("code")) for e in _errors(obj)}
 
 
 async def run_batches(engine: Any, requests: Iterable[BatchItem] | AsyncIterable[BatchItem],

@@ -21,7 +21,7 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -58,14 +58,15 @@ def sql_params(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
-class _Lock:
-    """An exclusive advisory lock on a file beside the cache (fcntl; where there is none, no lock)."""
+class FileLock:
+    """An exclusive advisory lock on a file, naming its holder in it (fcntl; where there is none, no lock)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh = None
 
-    def take(self, cache: Path) -> None:
+    def take(self, busy: Callable[[str], Exception]) -> None:
+        """Hold the lock, or raise `busy(holder)` when another process holds it."""
         try:
             import fcntl
         except ImportError:  # Windows: no fcntl; one writer is then the user's to ensure
@@ -77,9 +78,7 @@ class _Lock:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
-            raise CacheBusy(f"{cache}: the cache is in use by {holder}; wait for that run to finish, or give this "
-                            "run another cache (--cache PATH). Two runs on one cache would pay for the same "
-                            "requests twice.") from None
+            raise busy(holder) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"tcia-async process {os.getpid()}\n")
@@ -102,7 +101,7 @@ class ResponseCache:
         self._waiting: dict[bytes, tuple[bytes, str]] = {}
         self._full: anyio.Event | None = None  # set when batch_rows are waiting
         self._first: anyio.Event | None = None  # set when the first answer starts waiting
-        self._lock = _Lock(self.path.with_name(self.path.name + ".lock"))
+        self._lock = FileLock(self.path.with_name(self.path.name + ".lock"))
         self._db = self._open()
 
     def _open(self) -> sqlite3.Connection:
@@ -119,7 +118,9 @@ class ResponseCache:
             raise CacheError(f"{self.path}: not a usable cache (not an SQLite database); delete it or use another "
                              "--cache")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock.take(self.path)
+        self._lock.take(lambda holder: CacheBusy(
+            f"{self.path}: the cache is in use by {holder}; wait for that run to finish, or give this run another "
+            "cache (--cache PATH). Two runs on one cache would pay for the same requests twice."))
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
@@ -194,22 +195,12 @@ class ResponseCache:
         if n >= self.batch_rows and self._full is not None:
             self._full.set()
 
-    def _rows(self) -> list[tuple]:
-        now = time.time()
-        return [(k, b, r, now) for k, (b, r) in self._waiting.items()]
-
-    def _written(self, rows: list[tuple]) -> None:
-        for k, _, _, _ in rows:
-            self._waiting.pop(k, None)  # visible from the file from now on
-
     def flush(self) -> None:
-        """Write every waiting answer in one transaction."""
-        if self._waiting:
-            rows = self._rows()
-            self._write(rows)
-            self._written(rows)
-
-    def _write(self, rows: Iterable[tuple]) -> None:
+        """Write every waiting answer in one transaction; they are read from the file from then on."""
+        if not self._waiting:
+            return
+        now = time.time()
+        rows = [(k, b, r, now) for k, (b, r) in self._waiting.items()]
         db = self._db
         try:
             db.execute("BEGIN")
@@ -222,11 +213,11 @@ class ResponseCache:
         except sqlite3.Error as exc:
             raise CacheError(f"{self.path}: cannot be written ({exc}); answers since the last write are lost, a "
                              "rerun sends them again") from None
+        self._waiting.clear()
 
     async def run_flusher(self) -> None:
-        """Write batches until cancelled: when `batch_rows` are waiting, or `flush_interval` after the first.
-        (On the event loop: a thread measured 4 % fewer instructions per request on the loop, and a longer
-        window of answers not yet written at a kill -9.)"""
+        """Write batches until cancelled: when `batch_rows` are waiting, or `flush_interval` after the first. The
+        writes run on the event loop: a writer thread saved no work in total (benchmarks/instructions.sh)."""
         while True:
             if not self._waiting:
                 self._first = anyio.Event()

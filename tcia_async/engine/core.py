@@ -69,6 +69,12 @@ class StageEngine(Protocol):
                     priority: int = 0) -> np.ndarray: ...
 
 
+def json_body(body: dict[str, Any], typ: type, schema_name: str | None = None) -> dict[str, Any]:
+    """`body` asking for `typ`'s strict JSON schema: the first request `ask_json` sends (and the key its answer
+    is cached under, which the Batch API mode fills)."""
+    return {**body, "response_format": response_format_for(typ, schema_name or getattr(typ, "__name__", "answer"))}
+
+
 async def ask_json(chat: Callable[..., Awaitable[dict[str, Any]]], attempts: int, body: dict[str, Any],
                    typ: type[T], *, schema_name: str | None = None, sample: int = 0, stage: str = "",
                    priority: int = 0, check: Callable[[T], str | None] | None = None) -> T:
@@ -80,8 +86,7 @@ async def ask_json(chat: Callable[..., Awaitable[dict[str, Any]]], attempts: int
     body, so a cache key of its own: a rerun replays the same decisions). After `attempts` answers,
     RequestFailed with code "schema_mismatch".
     """
-    name = schema_name or getattr(typ, "__name__", "answer")
-    body = {**body, "response_format": response_format_for(typ, name)}
+    body = json_body(body, typ, schema_name)
     attempts = max(1, attempts)
     why = ""
     for k in range(attempts):
@@ -106,7 +111,7 @@ async def ask_json(chat: Callable[..., Awaitable[dict[str, Any]]], attempts: int
                                          {"role": "user", "content": (
                                              f"That answer does not match the required JSON schema ({why}). "
                                              "Reply again with only a JSON object that matches it.")}]}
-    raise RequestFailed.make("schema_mismatch", f"no answer matched {name} in {attempts} attempts (last: {why})",
+    raise RequestFailed.make("schema_mismatch", f"no answer matched {body['response_format']['json_schema']['name']} in {attempts} attempts (last: {why})",
                              200, attempts)
 
 

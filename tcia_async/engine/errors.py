@@ -101,6 +101,15 @@ class Counters(msgspec.Struct, kw_only=True):
     batch_saved: float = 0.0
     batch_replayed: int = 0  # answers a batch of an earlier run gave, replayed from the cache
 
+    def add_usage(self, prompt: int, completion: int, cached: int, cost: float, full: float) -> None:
+        """One answer's tokens and its cost (`full`: at full input price)."""
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        self.cached_tokens += cached
+        self.tokens += prompt + completion
+        self.cost += cost
+        self.cost_full += full
+
 
 def _sum(counters: Iterable[Counters]) -> Counters:
     out = Counters()

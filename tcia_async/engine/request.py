@@ -19,6 +19,7 @@ Waits before the wire (budget, slot, backoff) end with `NotSent` when `halt()` i
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import time
 from collections.abc import Awaitable, Callable
@@ -32,12 +33,18 @@ from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
 from tcia_async.engine.client import TRANSPORT_ERRORS, BodyTooLarge, Transport
 from tcia_async.engine.errors import Counters, EngineStats, NotSent, RequestFailed, RunStopped
 from tcia_async.engine.limits import WAIT, Budget, BudgetTooSmall, Limiter
-from tcia_async.engine.retry import COOLDOWN, FAIL, RETRY, STOP, Verdict, backoff, classify_status
+from tcia_async.engine.retry import (COOLDOWN, FAIL, RETRY, STOP, Verdict, backoff, classify_status,
+                                     invalid_body_verdict)
 from tcia_async.engine.tokens import OutputEstimator, chat_prompt_bound_from_json, count_chat_prompt
 
 CHAT = "/v1/chat/completions"
 EMBEDDINGS = "/v1/embeddings"
 SUPPORTED_URLS = (CHAT, EMBEDDINGS)
+
+
+def unsupported_url(url: Any) -> str | None:
+    """Why a Batch-format url cannot be sent, or None when it can."""
+    return None if url in SUPPORTED_URLS else f"unsupported url {url!r} (supported: {', '.join(SUPPORTED_URLS)})"
 
 _SORT = orjson.OPT_SORT_KEYS
 # The request id of an answer the Batch API gave starts with this in the cache, so a replay can count its cost at
@@ -153,20 +160,7 @@ def _one_line(raw: bytes, parsed: Any) -> bytes:
     return orjson.dumps(parsed) if (b"\n" in raw or b"\r" in raw) else raw
 
 
-class _Unshielded:
-    """The wire without a shield: the caller's cancellation reaches it (a no-op scope)."""
-
-    def __enter__(self) -> _Unshielded:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def cancel(self) -> None:  # cut() cancels the caller instead
-        return None
-
-
-_UNSHIELDED = _Unshielded()
+_NO_SHIELD = contextlib.nullcontext()  # the wire of a caller whose only cancellation is a hard stop
 
 
 class Requests:
@@ -387,7 +381,7 @@ class Requests:
                     try:
                         parsed = orjson.loads(raw)
                     except orjson.JSONDecodeError:
-                        verdict = Verdict(RETRY, "invalid_response", "truncated or non-JSON body", 200)
+                        verdict = invalid_body_verdict(200, "truncated or non-JSON body")
                     else:
                         if usable(parsed, chat):
                             self._account(parsed, budget, ticket, tokens, fixed_out, model, counts, chat, elapsed)
@@ -397,8 +391,7 @@ class Requests:
                             self._answered = True
                             raw, rid = _one_line(raw, parsed), headers.get("x-request-id", "")
                             break
-                        verdict = Verdict(RETRY, "invalid_response",
-                                          "answer without " + ("choices" if chat else "data"), 200)
+                        verdict = invalid_body_verdict(200, "answer without " + ("choices" if chat else "data"))
                 elif status:
                     if status == 429:
                         counts.rate_limited += 1
@@ -457,11 +450,12 @@ class Requests:
         assert transport is not None
         counts.sent += 1
         self.stats.in_flight += 1
-        wire = anyio.CancelScope(shield=True) if shield else _UNSHIELDED
+        wire = anyio.CancelScope(shield=True) if shield else _NO_SHIELD
         started = time.perf_counter()
         try:
             with wire:
-                self._wires.add(wire)
+                if shield:
+                    self._wires.add(wire)
                 try:
                     status, headers, raw = await transport.post(url, data)
                     return status, headers, raw, None, time.perf_counter() - started
@@ -510,12 +504,7 @@ class Requests:
             self.estimator.observe(model, c)
         if ticket:
             budget.settle(ticket, tokens, p + (c if fixed_out < 0 else fixed_out))
-        counts.prompt_tokens += p
-        counts.completion_tokens += c
-        counts.cached_tokens += cached
-        counts.tokens += p + c
-        counts.cost += cost
-        counts.cost_full += full
+        counts.add_usage(p, c, cached, cost, full)
         counts.wire_s += elapsed
 
     def _note_failing(self, verdict: Verdict) -> None:

@@ -25,7 +25,7 @@ import orjson
 
 from tcia_async.engine.cache import sql_params
 from tcia_async.engine.errors import NotSent, RequestFailed, RunStopped
-from tcia_async.engine.request import CHAT, SUPPORTED_URLS, Answer, Requests, canonical
+from tcia_async.engine.request import CHAT, Answer, Requests, canonical, unsupported_url
 from tcia_async.io import MAX_LINE_BYTES
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut, ResponseOut
 
@@ -60,8 +60,9 @@ def check_request(value: Any) -> tuple[Any, str, dict[str, Any] | None, str | No
     body = value.get("body")
     if not isinstance(body, dict):
         return cid, str(url), None, "missing body (a JSON object)"
-    if url not in SUPPORTED_URLS:
-        return cid, str(url), None, f"unsupported url {url!r} (supported: {', '.join(SUPPORTED_URLS)})"
+    why = unsupported_url(url)
+    if why:
+        return cid, str(url), None, why
     method = value.get("method", "POST")
     if method != "POST":
         return cid, url, None, f"unsupported method {method!r} (only POST)"
