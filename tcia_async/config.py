@@ -1,13 +1,15 @@
 """Settings as msgspec Structs, loadable from TOML, with one validation whatever their source.
 
 Every setting has a sensible default, so `EngineConfig(base_url=...)` is a working configuration. A TOML file may
-hold an `[engine]` table (and one table per pipeline stage: `RunConfig` in the pipeline); command-line flags
-and environment variables override it. `load_engine_config` merges the sources and remembers where each value
-came from, so that an error names the flag, the environment variable or the file and key that set it.
+hold an `[engine]` table, a `[batch]` table and one table per pipeline stage (`RunConfig`). `read_settings` parses
+it once and checks every table; the loaders then merge, lowest first, a command's fallbacks (e.g. an environment
+variable), the file's table and the command-line flags, and remember where each value came from, so that an
+error names the flag, the environment variable or the file and key that set it.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tomllib
@@ -91,12 +93,36 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from None
 
 
-def convert(data: Any, typ: type, source: str) -> Any:
-    """Turn a TOML table into a settings Struct, naming the file and the offending key on error."""
-    try:
-        return msgspec.convert(data, typ)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+class SettingsFile(msgspec.Struct, frozen=True):
+    """A settings file as parsed by `read_settings`: the loaders take it instead of a path, so that a command
+    reads its file once."""
+
+    path: str
+    doc: dict[str, Any]
+
+    def has(self, table: str, key: str) -> bool:
+        section = self.doc.get(table)
+        return isinstance(section, dict) and key in section
+
+
+# What the loaders take: a file already read, a path (read and checked), or None for no file.
+Source = SettingsFile | str | os.PathLike[str] | None
+
+
+def read_settings(path: str | os.PathLike[str] | None) -> SettingsFile | None:
+    """The settings file at `path` (None: no file), parsed once, with every table but `[engine]` checked (a
+    misspelt table or key in a part this command does not use is still an error, not silently ignored).
+    `[engine]` is checked by `load_engine_config`, which every command calls with its flags on top."""
+    if path is None:
+        return None
+    settings = SettingsFile(path=str(path), doc=load_toml(path))
+    load_run_config(settings)
+    load_batch_settings(settings)
+    return settings
+
+
+def _settings(source: Source) -> SettingsFile | None:
+    return source if source is None or isinstance(source, SettingsFile) else read_settings(source)
 
 
 # -- validation -----------------------------------------------------------------------------------------------
@@ -183,31 +209,56 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def _load_table(name: str, typ: type, path: str | os.PathLike[str] | None, merged: Mapping[str, Any],
-                origins: Mapping[str, str] | None) -> tuple[Any, dict[str, str]]:
-    """(the `[name]` table of an optional TOML file with `merged` on top, as a `typ`; where each key came from).
-    `merged` maps a setting (dotted for nested ones) to a value, None = not given."""
-    data: dict[str, Any] = {}
-    where: dict[str, str] = {}
-    source = "settings"
-    if path is not None:
-        source = str(path)
-        doc = load_toml(path)
-        table = doc.get(name, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table")
-        data.update(table)
-        for key in _flatten(table):
-            where[key] = f"{source}: [{name}] {key}"
-    for key, value in merged.items():
-        if value is None:
-            continue
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-        where[key] = (origins or {}).get(key, f"{key} (given)")
+def _origin(path: str, table: str | None, key: str) -> str:
+    """How an error names a key of the file: "run.toml: [engine] limits.rpm" (`table` None: the key's first
+    part is its table)."""
+    if table is None and "." in key:
+        table, key = key.split(".", 1)
+    return f"{path}: [{table}] {key}" if table else f"{path}: {key}"
+
+
+def _put(data: dict[str, Any], key: str, value: Any, name: Callable[[str], str], keep: bool = False) -> bool:
+    """Set the dotted `key` of `data` to `value` (`keep`: unless the key is there already). False when kept."""
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{name('.'.join(parents[: i + 1]))} must be a table")
+    if keep and leaf in node:
+        return False
+    node[leaf] = value
+    return True
+
+
+def _load_table(typ: type, source: Source, table: str | None, merged: Mapping[str, Any] | None = None,
+                origins: Mapping[str, str] | None = None, fallback: Mapping[str, tuple[Any, str]] | None = None
+                ) -> tuple[Any, dict[str, str]]:
+    """(the `[table]` of a settings file as a `typ`, or with `table` None the file's stage tables as one; where
+    each key came from). Lowest first: `fallback` (setting -> (value, where it came from)), the file, `merged`
+    (setting -> value, None = not given; named by `origins`). Settings are dotted for nested ones."""
+    settings = _settings(source)
+    path = settings.path if settings is not None else "settings"
+    doc = settings.doc if settings is not None else {}
+    if table is None:
+        data = doc
+    else:
+        data = doc.get(table, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: [{table}] must be a table")
+    data = copy.deepcopy(data)  # the merges below must not change the file as read, which other loaders share
+
+    def name(key: str) -> str:
+        return where.get(key) or _origin(path, table, key)
+
+    where: dict[str, str] = {key: _origin(path, table, key) for key in _flatten(data)}
+    for key, (value, origin) in (fallback or {}).items():
+        if value is not None and _put(data, key, value, name, keep=True):
+            where[key] = origin
+    for key, value in (merged or {}).items():
+        if value is not None:
+            _put(data, key, value, name)
+            where[key] = (origins or {}).get(key, f"{key} (given)")
     try:
         return msgspec.convert(data, typ), where
     except msgspec.ValidationError as exc:
@@ -215,27 +266,21 @@ def _load_table(name: str, typ: type, path: str | os.PathLike[str] | None, merge
         text = str(exc)
         at = text.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text else ""
         origin = where.get(at)
-        raise ConfigError(f"{origin}: {text.split(' - at ')[0]}" if origin else f"{source}: {text}") from None
+        raise ConfigError(f"{origin}: {text.split(' - at ')[0]}" if origin else f"{path}: {text}") from None
 
 
-def load_engine_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
-                       origins: Mapping[str, str] | None = None, **kw_overrides: Any) -> EngineConfig:
-    """Engine settings: the `[engine]` table of an optional TOML file, then `overrides` (setting -> value,
-    dotted for nested ones such as "limits.rpm"; None = not given), validated.
+def load_engine_config(source: Source = None, overrides: Mapping[str, Any] | None = None,
+                       origins: Mapping[str, str] | None = None,
+                       fallback: Mapping[str, tuple[Any, str]] | None = None, **kw_overrides: Any) -> EngineConfig:
+    """Engine settings: `fallback` (setting -> (value, its origin), e.g. from the environment), then the
+    `[engine]` table of an optional settings file (a SettingsFile, or a path: read and checked), then
+    `overrides` (setting -> value, dotted for nested ones such as "limits.rpm"; None = not given), validated.
 
-    `origins` names where each override came from ("--rpm", "$OPENAI_BASE_URL"), for error messages.
+    `origins` names where each override came from ("--rpm", "--base-url"), for error messages.
     """
-    if path is not None:
-        check_file(path)
-    cfg, where = _load_table("engine", EngineConfig, path, {**(overrides or {}), **kw_overrides}, origins)
+    cfg, where = _load_table(EngineConfig, source, "engine", {**(overrides or {}), **kw_overrides}, origins,
+                             fallback)
     return validate_engine(cfg, where)
-
-
-def check_file(path: str | os.PathLike[str]) -> None:
-    """Every table and key of a settings file, whichever command reads it: a misspelt table or key in a part
-    this command does not use is still an error (ConfigError), not silently ignored."""
-    load_run_config(path)
-    load_batch_settings(path)
 
 
 # -- the Batch API mode ---------------------------------------------------------------------------------------
@@ -295,11 +340,11 @@ def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -
     return cfg
 
 
-def load_batch_settings(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
+def load_batch_settings(source: Source = None, overrides: Mapping[str, Any] | None = None,
                         origins: Mapping[str, str] | None = None) -> BatchSettings:
-    """Batch settings: the `[batch]` table of an optional TOML file, then `overrides` (None = not given),
-    validated; errors name the flag or file key (as `load_engine_config`)."""
-    cfg, where = _load_table("batch", BatchSettings, path, overrides or {}, origins)
+    """Batch settings: the `[batch]` table of an optional settings file (a SettingsFile or a path), then
+    `overrides` (None = not given), validated; errors name the flag or file key (as `load_engine_config`)."""
+    cfg, where = _load_table(BatchSettings, source, "batch", overrides, origins)
     return validate_batch(cfg, where)
 
 
@@ -445,32 +490,10 @@ def validate_run(cfg: RunConfig, where: Mapping[str, str] | None = None) -> RunC
     return cfg
 
 
-def load_run_config(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None,
+def load_run_config(source: Source = None, overrides: Mapping[str, Any] | None = None,
                     origins: Mapping[str, str] | None = None) -> RunConfig:
-    """The run's settings: the file's tables (every key checked), then `overrides` ("run.seed": 3, ...;
-    None = not given), validated. The `[engine]` table is left for `load_engine_config`."""
-    data: dict[str, Any] = {}
-    where: dict[str, str] = {}
-    source = "settings"
-    if path is not None:
-        source = str(path)
-        data = load_toml(path)
-        for key in _flatten({k: v for k, v in data.items() if k not in ("engine", "batch")}):
-            where[key] = f"{source}: [{key.split('.')[0]}] {key.split('.', 1)[-1]}"
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        table, field = key.split(".", 1)
-        node = data.setdefault(table, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{source}: [{table}] must be a table")
-        node[field] = value
-        where[key] = (origins or {}).get(key, key)
-    try:
-        cfg = msgspec.convert(data, RunConfig)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        at = text.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text else ""
-        origin = where.get(at)
-        raise ConfigError(f"{origin}: {text.split(' - at ')[0]}" if origin else f"{source}: {text}") from None
+    """The run's settings: the stage tables of an optional settings file (a SettingsFile or a path; every key
+    checked), then `overrides` ("run.seed": 3, ...; None = not given), validated. The `[engine]` and `[batch]`
+    tables are left to their own loaders."""
+    cfg, where = _load_table(RunConfig, source, None, overrides, origins)
     return validate_run(cfg, where)

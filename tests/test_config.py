@@ -40,3 +40,72 @@ def test_bad_settings_name_the_file_and_the_problem(tmp_path, text, words):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_engine_config(tmp_path / "nope.toml")
+
+
+def _run_args(tmp_path, config, **flags):
+    import argparse
+
+    from tcia_async.flows import run
+
+    parser = argparse.ArgumentParser()
+    run.add_arguments(parser)
+    argv = ["seeds.jsonl", "--out", str(tmp_path / "out")] + (["--config", str(config)] if config else [])
+    for flag, value in flags.items():
+        argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return parser.parse_args(argv)
+
+
+def test_a_command_parses_its_settings_file_once(tmp_path, monkeypatch):
+    from tcia_async import config
+    from tcia_async.flows.run import build_configs
+
+    path = tmp_path / "run.toml"
+    path.write_text("[run]\nseed = 3\n[engine]\nconcurrency = 7\n[batch]\npoll_interval = 2.0\npoll_max = 4.0\n")
+    reads = []
+    real = config.load_toml
+    monkeypatch.setattr(config, "load_toml", lambda p: reads.append(p) or real(p))
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # once read the file again to look for base_url
+    run_cfg, eng_cfg, batch = build_configs(_run_args(tmp_path, path))
+    assert (run_cfg.run.seed, eng_cfg.concurrency, batch.poll_interval) == (3, 7, 2.0)
+    assert len(reads) == 1
+
+
+def test_base_url_precedence_flag_then_file_then_environment(tmp_path, monkeypatch):
+    from tcia_async.config import read_settings
+    from tcia_async.flows.common import engine_config
+
+    flags = {"base_url": "--base-url"}
+    with_url = tmp_path / "url.toml"
+    with_url.write_text('[engine]\nbase_url = "http://file.example/v1"\n')
+    without = tmp_path / "plain.toml"
+    without.write_text("[engine]\nconcurrency = 3\n")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://env.example/v1")
+
+    def url(config, **flag):
+        args = _run_args(tmp_path, config, **flag)
+        return engine_config(args, read_settings(args.config), flags).base_url
+
+    assert url(with_url, base_url="http://flag.example/v1") == "http://flag.example/v1"
+    assert url(with_url) == "http://file.example/v1"
+    assert url(without) == url(None) == "http://env.example/v1"
+    monkeypatch.setenv("OPENAI_BASE_URL", "ftp://env.example")
+    with pytest.raises(ConfigError, match=r"^\$OPENAI_BASE_URL = 'ftp://env.example'"):
+        url(without)
+
+
+def test_a_flag_under_a_key_that_is_not_a_table_is_an_error_naming_the_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[engine]\nlimits = 5\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: \[engine\] limits must be a table"):
+        load_engine_config(path, {"limits.rpm": 100.0}, {"limits.rpm": "--rpm"})
+
+
+def test_overrides_do_not_change_the_file_as_read(tmp_path):
+    from tcia_async.config import load_run_config, read_settings
+
+    path = tmp_path / "run.toml"
+    path.write_text("[run]\nseed = 3\n[engine.limits]\nrpm = 50\n")
+    settings = read_settings(path)
+    assert load_engine_config(settings, {"limits.rpm": 9.0}).limits.rpm == 9.0
+    assert load_run_config(settings, {"run.seed": 8}).run.seed == 8
+    assert load_engine_config(settings).limits.rpm == 50 and load_run_config(settings).run.seed == 3

@@ -112,20 +112,16 @@ class Staged:
             self.fh.close()
 
 
-def engine_config(args: Any, flags: Mapping[str, str]) -> Any:
-    """The EngineConfig of a command: its flags (`flags` maps a setting to its flag, e.g. "limits.rpm": "--rpm"),
-    then the `[engine]` table of `--config`, then $OPENAI_BASE_URL, then the defaults; checked together, an error
-    naming where a bad value came from (ConfigError)."""
-    from tcia_async.config import load_engine_config, load_toml
+def engine_config(args: Any, settings: Any, flags: Mapping[str, str], **given: Any) -> Any:
+    """The EngineConfig of a command: its flags (`flags` maps a setting to its flag, e.g. "limits.rpm": "--rpm")
+    and `given` (settings the command fixes), then the `[engine]` table of its settings file (`settings`, from
+    `read_settings(args.config)`), then $OPENAI_BASE_URL, then the defaults; checked together, an error naming
+    where a bad value came from (ConfigError)."""
+    from tcia_async.config import load_engine_config
 
     overrides = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in flags.items()}
-    origins = dict(flags)
-    if getattr(args, "base_url", None) is None and os.environ.get("OPENAI_BASE_URL"):
-        table = load_toml(args.config).get("engine", {}) if args.config else {}
-        if not isinstance(table, dict) or "base_url" not in table:
-            overrides["base_url"] = os.environ["OPENAI_BASE_URL"]
-            origins["base_url"] = "$OPENAI_BASE_URL"
-    return load_engine_config(args.config, overrides, origins)
+    env = {"base_url": (os.environ.get("OPENAI_BASE_URL") or None, "$OPENAI_BASE_URL")}
+    return load_engine_config(settings, {**overrides, **given}, flags, env)
 
 
 def missing_key(cfg: Any) -> str | None:

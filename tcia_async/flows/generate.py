@@ -81,9 +81,10 @@ _FLAGS = {"base_url": "--base-url", "embedding_base_url": "--embedding-base-url"
           "limits.tps": "--tps"}
 
 
-def build_config(args: argparse.Namespace) -> Any:
-    """The EngineConfig from flags > --config [engine] > $OPENAI_BASE_URL > defaults (ConfigError when wrong)."""
-    cfg = engine_config(args, _FLAGS)
+def build_config(args: argparse.Namespace, settings: Any) -> Any:
+    """The EngineConfig from flags > --config [engine] (`settings`: the file read) > $OPENAI_BASE_URL > defaults
+    (ConfigError when wrong)."""
+    cfg = engine_config(args, settings, _FLAGS)
     if args.no_cache:
         cfg.cache_path = None
     elif args.cache:
@@ -97,11 +98,12 @@ def default_batch_dir(output: str) -> str:
     return str(output) + ".batches"
 
 
-def build_batch_settings(args: argparse.Namespace) -> Any:
-    """The BatchSettings from flags > the [batch] table of --config > defaults (ConfigError when wrong)."""
+def build_batch_settings(args: argparse.Namespace, settings: Any) -> Any:
+    """The BatchSettings from flags > the [batch] table of --config (`settings`: the file read) > defaults
+    (ConfigError when wrong)."""
     from tcia_async.config import load_batch_settings
 
-    return load_batch_settings(args.config, {"poll_interval": args.poll_interval},
+    return load_batch_settings(settings, {"poll_interval": args.poll_interval},
                                {"poll_interval": "--poll-interval"})
 
 
@@ -348,12 +350,13 @@ _CODES = {"complete": EXIT_OK, "complete with errors": EXIT_SOME_FAILED, "stoppe
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from tcia_async.config import ConfigError
+    from tcia_async.config import ConfigError, read_settings
     from tcia_async.engine.batch import StateBusy
 
     settings = None
     try:
-        cfg = build_config(args)
+        toml = read_settings(args.config)
+        cfg = build_config(args, toml)
         out = Path(args.output)
         writes: dict[str, Any] = {"--output": out, "the partial results (--output + .partial)":
                                   out.with_name(out.name + ".partial"), "--summary-json": args.summary_json}
@@ -361,7 +364,7 @@ def run_cli(args: argparse.Namespace) -> int:
             for i, f in enumerate(cache_files(cfg.cache_path)):
                 writes["--cache" if i == 0 else f"the cache's {f.rsplit('.', 1)[-1]} file"] = f
         if args.mode == "batch":
-            settings = build_batch_settings(args)
+            settings = build_batch_settings(args, toml)
             if not cfg.cache_path:
                 raise UsageError("--mode batch needs the cache (its answers go there): drop --no-cache")
             args.batch_dir = args.batch_dir or default_batch_dir(args.output)

@@ -430,13 +430,13 @@ _RUN_FLAGS = {"run.seed": "--seed", "run.model": "--model", "run.method": "--met
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(RunConfig, EngineConfig, BatchSettings) from flags > --config > environment > defaults (ConfigError when
     wrong)."""
-    from tcia_async.config import load_batch_settings, load_run_config
+    from tcia_async.config import load_batch_settings, load_run_config, read_settings
 
-    run_cfg = load_run_config(args.config, {k: getattr(args, f[2:].replace("-", "_")) for k, f in _RUN_FLAGS.items()},
+    settings = read_settings(args.config)
+    run_cfg = load_run_config(settings, {k: getattr(args, f[2:].replace("-", "_")) for k, f in _RUN_FLAGS.items()},
                               _RUN_FLAGS)
-    eng_cfg = engine_config(args, _FLAGS)
-    eng_cfg.cache_path = str(Path(args.out) / "cache.db")
-    batch = load_batch_settings(args.config, {"poll_interval": args.poll_interval},
+    eng_cfg = engine_config(args, settings, _FLAGS, cache_path=str(Path(args.out) / "cache.db"))
+    batch = load_batch_settings(settings, {"poll_interval": args.poll_interval},
                                 {"poll_interval": "--poll-interval"})
     return run_cfg, eng_cfg, batch
 
