@@ -92,6 +92,29 @@ def test_rerun_sends_nothing_and_resume_sends_only_the_rest(tmp_path: Path, simu
         assert (tmp_path / "db" / name).read_bytes() == data, name
 
 
+def test_build_url_flag_then_settings_file_then_environment(tmp_path: Path, simulator, monkeypatch) -> None:
+    """db build takes its settings in the order every command does (`generate --help`, README): a flag, then
+    the [engine] table of --config, then $OPENAI_BASE_URL."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    settings = tmp_path / "db.toml"
+    settings.write_text(f'[engine]\nbase_url = "{simulator.base_url}"\n')
+    common = ["--model", "gpt-test", "--embedding-model", "emb-test", "--concurrency", "4", "--quiet"]
+    with SimThread(SimConfig(latency_ms=0, embedding_dim=96, batch_delay_s=None)) as other:
+        monkeypatch.setenv("OPENAI_BASE_URL", other.base_url)
+        assert main(["db", "build", str(corpus), "--out", str(tmp_path / "db1"), "--config", str(settings),
+                     *common]) == 0
+        assert other.stats()["ok"] == 0, "$OPENAI_BASE_URL was preferred to the settings file"
+        assert TaskDB.load(tmp_path / "db1").manifest.counts.records == 7
+        # A flag beats the file.
+        assert main(["db", "build", str(corpus), "--out", str(tmp_path / "db2"), "--config", str(settings),
+                     "--base-url", other.base_url, *common]) == 0
+        assert other.stats()["ok"] > 0
+    # The file alone names the API: no --base-url is asked for.
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert main(["db", "build", str(corpus), "--out", str(tmp_path / "db3"), "--config", str(settings),
+                 *common]) == 0
+
+
 def test_query_and_stats(tmp_path: Path, simulator, capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     db = tmp_path / "db"

@@ -26,7 +26,8 @@ import msgspec
 
 from tcia_async import embed
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import UsageError, cache_files, check_out_dir, check_paths, primary, run_async
+from tcia_async.flows.common import (UsageError, cache_files, check_out_dir, check_paths, engine_config, primary,
+                                     run_async)
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
 from tcia_async.records import Decomposition
 
@@ -148,7 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _engine_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--base-url", default=None,
-                   help="OpenAI-compatible API base URL (default $OPENAI_BASE_URL)"
+                   help="OpenAI-compatible API base URL (default: the [engine] table of --config, then "
+                   "$OPENAI_BASE_URL)"
                    + ("; not needed with --decompositions and an in-process embedding model" if required else
                       "; not needed for the in-process embedding models or a DB built with the simulator"))
     p.add_argument("--embedding-base-url", default=None, help="embeddings API base URL (default: --base-url)")
@@ -542,14 +544,16 @@ async def probe_simulator(base_url: str) -> dict[str, Any] | None:
         return None
 
 
-def _engine_config(args: argparse.Namespace, *, cache_path: str | None, concurrency: int | None):
-    from tcia_async.config import load_engine_config
+_FLAGS = {"base_url": "--base-url", "embedding_base_url": "--embedding-base-url", "api_key_env": "--api-key-env"}
+NEEDS_URL = "--base-url (or OPENAI_BASE_URL, or base_url in the [engine] table of --config)"
 
-    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
-    return load_engine_config(
-        args.config, base_url=base_url, embedding_base_url=args.embedding_base_url,
-        api_key_env=args.api_key_env, cache_path=cache_path, concurrency=concurrency,
-    )
+
+def _url_given(args: argparse.Namespace, settings: Any, embeddings: bool) -> bool:
+    """Whether a flag, the settings file or $OPENAI_BASE_URL names the API (the default, OpenAI's, is never
+    assumed here: a corpus is not sent anywhere unasked); `embeddings`: an embeddings URL counts."""
+    keys = ("base_url", "embedding_base_url") if embeddings else ("base_url",)
+    return bool(os.environ.get("OPENAI_BASE_URL")) or any(
+        getattr(args, key) or (settings is not None and settings.has("engine", key)) for key in keys)
 
 
 def _embedding_model(asked: str | None, warn: Callable[[str], None]) -> tuple[str, str]:
@@ -578,7 +582,7 @@ def _check_build_paths(args: argparse.Namespace, cache: str) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from tcia_async.config import ConfigError
+    from tcia_async.config import ConfigError, read_settings
     from tcia_async.retrieval import BuildParams, RetrievalError
 
     def fail(msg: str) -> int:
@@ -593,23 +597,23 @@ def run_build(args: argparse.Namespace) -> int:
         return fail(f"{args.corpus}: corpus file not found")
     quiet = (lambda _m: None) if args.quiet else _say
     embedding_model, identity = _embedding_model(args.embedding_model, _say)
-    if _needs_url(args, embedding_model) and not (args.base_url or os.environ.get("OPENAI_BASE_URL")
-                                                   or (args.decompositions and args.embedding_base_url)):
-        what = "the API that decomposes the corpus" if not args.decompositions else \
-            f"the API that serves {embedding_model!r}"
-        return fail(f"needs --base-url (or OPENAI_BASE_URL): {what}")
     defaults = BuildParams()
     params = BuildParams(eps=TUNED_EPS.get(embedding_model, defaults.eps) if args.eps is None else args.eps,
                          min_samples=defaults.min_samples if args.min_samples is None else args.min_samples)
     cache = args.cache or str(Path(args.out) / "cache.db")
     try:
+        settings = read_settings(args.config)
+        if _needs_url(args, embedding_model) and not _url_given(args, settings, bool(args.decompositions)):
+            what = "the API that decomposes the corpus" if not args.decompositions else \
+                f"the API that serves {embedding_model!r}"
+            raise UsageError(f"needs {NEEDS_URL}: {what}")
         _check_build_paths(args, cache)
-        config = _engine_config(args, cache_path=cache, concurrency=args.concurrency)
+        config = engine_config(args, settings, {**_FLAGS, "concurrency": "--concurrency"}, cache_path=cache)
         args.batch_settings = None
         if args.mode == "batch" and not args.decompositions:  # with --decompositions nothing is decomposed
             from tcia_async.config import load_batch_settings
 
-            args.batch_settings = load_batch_settings(args.config, {"poll_interval": args.poll_interval},
+            args.batch_settings = load_batch_settings(settings, {"poll_interval": args.poll_interval},
                                                       {"poll_interval": "--poll-interval"})
     except (UsageError, ConfigError) as exc:
         return fail(str(exc))
@@ -722,7 +726,7 @@ async def reembed_db(engine: Any, db: Any, embedding_model: str, identity: str, 
 
 
 def run_reembed(args: argparse.Namespace) -> int:
-    from tcia_async.config import ConfigError
+    from tcia_async.config import ConfigError, read_settings
     from tcia_async.retrieval import RetrievalError
 
     def fail(msg: str) -> int:
@@ -740,13 +744,13 @@ def run_reembed(args: argparse.Namespace) -> int:
     if db is None:
         return EXIT_USAGE
     model, identity = _embedding_model(args.embedding_model, _say)
-    if not embed.is_in_process(model) and not (args.embedding_base_url or args.base_url
-                                               or os.environ.get("OPENAI_BASE_URL")):
-        return fail(f"needs --embedding-base-url or --base-url (or OPENAI_BASE_URL): the API that serves {model!r}")
     cache = args.cache or str(staging / "cache.db")
     try:
+        settings = read_settings(args.config)
+        if not embed.is_in_process(model) and not _url_given(args, settings, True):
+            raise UsageError(f"needs --embedding-base-url or {NEEDS_URL}: the API that serves {model!r}")
         check_paths({}, {"--cache": cache})
-        config = _engine_config(args, cache_path=cache, concurrency=args.concurrency)
+        config = engine_config(args, settings, {**_FLAGS, "concurrency": "--concurrency"}, cache_path=cache)
     except (UsageError, ConfigError) as exc:
         return fail(str(exc))
 
@@ -852,7 +856,7 @@ def _check_identity(db: Any, warn: Callable[[str], None]) -> None:
 def run_query(args: argparse.Namespace) -> int:
     import contextlib
 
-    from tcia_async.config import ConfigError
+    from tcia_async.config import ConfigError, read_settings
     from tcia_async.retrieval import RetrievalError
 
     def fail(msg: str) -> int:
@@ -876,21 +880,22 @@ def run_query(args: argparse.Namespace) -> int:
     except RetrievalError as exc:
         return fail(str(exc))
     local = contextlib.nullcontext()
+    try:
+        settings = read_settings(args.config)
+    except ConfigError as exc:
+        return fail(str(exc))
     if embed.is_in_process(model):
         args.base_url = args.embedding_base_url = None  # embedded here: no API is asked
-    else:
-        url = args.embedding_base_url or args.base_url or os.environ.get("OPENAI_BASE_URL")
-        if url is None:
-            start = getattr(args, "start_simulator", None)
-            if not m.simulated or start is None:
-                return fail(f"needs --base-url (or --embedding-base-url / OPENAI_BASE_URL) to embed the text with "
-                            f"{m.embedding_model!r}")
-            local = start(**{k: v for k, v in m.simulator.items() if k in ("embedding_dim",)})
+    elif not _url_given(args, settings, True):
+        start = getattr(args, "start_simulator", None)
+        if not m.simulated or start is None:
+            return fail(f"needs {NEEDS_URL} or --embedding-base-url to embed the text with {m.embedding_model!r}")
+        local = start(**{k: v for k, v in m.simulator.items() if k in ("embedding_dim",)})
     try:
         with local as sim:
             if sim is not None:
                 args.base_url = args.embedding_base_url = sim.base_url
-            config = _engine_config(args, cache_path=None, concurrency=4)
+            config = engine_config(args, settings, _FLAGS, cache_path=None, concurrency=4)
             vec = run_async(_embed_one, config, text, model)
         if args.constraint is not None:
             hits = db.nearest_constraints(vec, args.k, embedding_model=model)[0]
