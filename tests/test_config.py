@@ -109,3 +109,21 @@ def test_overrides_do_not_change_the_file_as_read(tmp_path):
     assert load_engine_config(settings, {"limits.rpm": 9.0}).limits.rpm == 9.0
     assert load_run_config(settings, {"run.seed": 8}).run.seed == 8
     assert load_engine_config(settings).limits.rpm == 50 and load_run_config(settings).run.seed == 3
+
+
+@pytest.mark.parametrize("command", ["generate", "run", "db build"])
+def test_every_batch_mode_names_poll_interval_and_the_batch_table(tmp_path, command, capsys):
+    from tcia_async.cli import main
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"instruction": "Write a haiku. Use three lines."}\n')
+    head = {"generate": ["generate", str(inp), "-o", str(tmp_path / "out.jsonl")],
+            "run": ["run", str(inp), "--out", str(tmp_path / "run")],
+            "db build": ["db", "build", str(inp), "--out", str(tmp_path / "db")]}[command]
+    base = ["--mode", "batch", "--base-url", "http://127.0.0.1:9/v1"]
+    assert main([*head, *base, "--poll-interval", "0"]) == 2
+    assert "--poll-interval = 0" in capsys.readouterr().err
+    settings = tmp_path / "batch.toml"
+    settings.write_text("[batch]\npoll_interval = 10.0\npoll_max = 5.0\n")
+    assert main([*head, *base, "--config", str(settings)]) == 2
+    assert f"{settings}: [batch] poll_max = 5.0: must be at least poll_interval" in capsys.readouterr().err

@@ -14,8 +14,8 @@ import anyio
 
 from tcia_async.engine.errors import primary
 
-__all__ = ["Interrupts", "Staged", "UsageError", "by_kind", "cache_files", "check_out_dir", "check_paths", "exit_for",
-           "primary", "run_async", "say"]
+__all__ = ["Interrupts", "Staged", "UsageError", "batch_settings", "by_kind", "cache_files", "check_out_dir",
+           "check_paths", "engine_config", "exit_for", "missing_key", "primary", "run_async", "say"]
 
 
 class UsageError(Exception):
@@ -122,6 +122,14 @@ def engine_config(args: Any, settings: Any, flags: Mapping[str, str], **given: A
     overrides = {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in flags.items()}
     env = {"base_url": (os.environ.get("OPENAI_BASE_URL") or None, "$OPENAI_BASE_URL")}
     return load_engine_config(settings, {**overrides, **given}, flags, env)
+
+
+def batch_settings(args: Any, settings: Any) -> Any:
+    """The BatchSettings of a command with --mode batch: --poll-interval, then the `[batch]` table of its settings
+    file (`settings`, from `read_settings`), then the defaults (ConfigError when wrong)."""
+    from tcia_async.config import load_batch_settings
+
+    return load_batch_settings(settings, {"poll_interval": args.poll_interval}, {"poll_interval": "--poll-interval"})
 
 
 def missing_key(cfg: Any) -> str | None:

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import (Interrupts, Staged, UsageError, by_kind, cache_files, check_paths, engine_config,
-                                     exit_for, missing_key)
+from tcia_async.flows.common import (Interrupts, Staged, UsageError, batch_settings, by_kind, cache_files,
+                                     check_paths, engine_config, exit_for, missing_key)
 
 EPILOG = """exit codes: 0 every line has its answer; 4 finished, but some lines ended in an error (the summary
 counts them by kind; each has an error result); 2 usage, configuration or path error (nothing written);
@@ -96,15 +96,6 @@ def build_config(args: argparse.Namespace, settings: Any) -> Any:
 
 def default_batch_dir(output: str) -> str:
     return str(output) + ".batches"
-
-
-def build_batch_settings(args: argparse.Namespace, settings: Any) -> Any:
-    """The BatchSettings from flags > the [batch] table of --config (`settings`: the file read) > defaults
-    (ConfigError when wrong)."""
-    from tcia_async.config import load_batch_settings
-
-    return load_batch_settings(settings, {"poll_interval": args.poll_interval},
-                               {"poll_interval": "--poll-interval"})
 
 
 def _err(msg: str) -> None:
@@ -364,7 +355,7 @@ def run_cli(args: argparse.Namespace) -> int:
             for i, f in enumerate(cache_files(cfg.cache_path)):
                 writes["--cache" if i == 0 else f"the cache's {f.rsplit('.', 1)[-1]} file"] = f
         if args.mode == "batch":
-            settings = build_batch_settings(args, toml)
+            settings = batch_settings(args, toml)
             if not cfg.cache_path:
                 raise UsageError("--mode batch needs the cache (its answers go there): drop --no-cache")
             args.batch_dir = args.batch_dir or default_batch_dir(args.output)

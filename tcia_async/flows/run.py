@@ -23,8 +23,8 @@ from typing import Any
 import msgspec
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import (Interrupts, Staged, UsageError, cache_files, check_out_dir, check_paths,
-                                     engine_config, exit_for, missing_key, primary)
+from tcia_async.flows.common import (Interrupts, Staged, UsageError, batch_settings, cache_files, check_out_dir,
+                                     check_paths, engine_config, exit_for, missing_key, primary)
 from tcia_async.io import BadLine, iter_jsonl
 from tcia_async.records import Failure, Instruction, Pair, Seed
 
@@ -430,15 +430,13 @@ _RUN_FLAGS = {"run.seed": "--seed", "run.model": "--model", "run.method": "--met
 def build_configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(RunConfig, EngineConfig, BatchSettings) from flags > --config > environment > defaults (ConfigError when
     wrong)."""
-    from tcia_async.config import load_batch_settings, load_run_config, read_settings
+    from tcia_async.config import load_run_config, read_settings
 
     settings = read_settings(args.config)
     run_cfg = load_run_config(settings, {k: getattr(args, f[2:].replace("-", "_")) for k, f in _RUN_FLAGS.items()},
                               _RUN_FLAGS)
     eng_cfg = engine_config(args, settings, _FLAGS, cache_path=str(Path(args.out) / "cache.db"))
-    batch = load_batch_settings(settings, {"poll_interval": args.poll_interval},
-                                {"poll_interval": "--poll-interval"})
-    return run_cfg, eng_cfg, batch
+    return run_cfg, eng_cfg, batch_settings(args, settings)
 
 
 def run_cli(args: argparse.Namespace) -> int:

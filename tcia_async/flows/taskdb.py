@@ -26,8 +26,8 @@ import msgspec
 
 from tcia_async import embed
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import (UsageError, cache_files, check_out_dir, check_paths, engine_config, primary,
-                                     run_async)
+from tcia_async.flows.common import (UsageError, batch_settings, cache_files, check_out_dir, check_paths,
+                                     engine_config, primary, run_async)
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
 from tcia_async.records import Decomposition
 
@@ -611,10 +611,7 @@ def run_build(args: argparse.Namespace) -> int:
         config = engine_config(args, settings, {**_FLAGS, "concurrency": "--concurrency"}, cache_path=cache)
         args.batch_settings = None
         if args.mode == "batch" and not args.decompositions:  # with --decompositions nothing is decomposed
-            from tcia_async.config import load_batch_settings
-
-            args.batch_settings = load_batch_settings(settings, {"poll_interval": args.poll_interval},
-                                                      {"poll_interval": "--poll-interval"})
+            args.batch_settings = batch_settings(args, settings)
     except (UsageError, ConfigError) as exc:
         return fail(str(exc))
     try:
