@@ -210,3 +210,32 @@ def test_db_build_in_batch_mode_builds_the_same_database(tmp_path, capsys):
     assert rec.settled and rec.lines == 7
     lines = {m: sorted((tmp_path / m / "records.jsonl").read_text().splitlines()) for m in ("batch", "online")}
     assert len(lines["batch"]) == 7 and lines["batch"] == lines["online"]
+
+
+def test_batches_names_a_state_file_it_cannot_read(tmp_path, monkeypatch, capsys):
+    from tcia_async.engine import batch
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / batch.STATE_FILE).write_text("")
+
+    def unreadable(state_dir):
+        raise PermissionError(13, "Permission denied", str(Path(state_dir) / batch.STATE_FILE))
+
+    monkeypatch.setattr(batch, "read_state", unreadable)  # as root, a chmod 000 file is still read
+    assert main(["batches", str(state)]) == 2
+    assert capsys.readouterr().err.strip() == f"tcia-async batches: {state / batch.STATE_FILE}: Permission denied"
+
+
+def test_db_build_names_a_file_it_cannot_read(tmp_path, monkeypatch, capsys):
+    from tcia_async.flows import taskdb
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(taskdb, "corpus_hash", unreadable)
+    assert main(["db", "build", str(corpus), "--out", str(tmp_path / "db"), "--base-url", "http://127.0.0.1:9/v1",
+                 "--embedding-model", "hashed", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"tcia-async db build: {corpus}: Permission denied")

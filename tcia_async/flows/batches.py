@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tcia_async.flows import EXIT_OK, EXIT_STOPPED, EXIT_USAGE
-from tcia_async.flows.common import primary, run_async, say
+from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
+from tcia_async.flows.common import exit_for, primary, run_async, say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("exit codes: 0 listed (and cancelled); 2 not a batch state directory, or a usage error; 3 the "
-                "provider refused or could not be reached.")
+                "provider refused or could not be reached; 130 interrupted.")
     p.add_argument("dir", metavar="DIR", help="a batch state directory (generate --mode batch: RESULTS.batches)")
     p.add_argument("--cancel", action="store_true", help="cancel the batches still in flight (a rerun of the "
                    "command that made them resubmits their unanswered lines)")
@@ -112,15 +112,18 @@ def run_cli(args: argparse.Namespace) -> int:
     if not (Path(args.dir) / STATE_FILE).is_file():
         _err(f"{args.dir}: not a batch state directory (no {STATE_FILE})")
         return EXIT_USAGE
-    records = read_state(args.dir)
     try:
+        records = read_state(args.dir)  # an unreadable state file is an OSError naming it: exit 2
         rows, cancelled = run_async(_main, args, records)
+    except KeyboardInterrupt:
+        _err("interrupted" + ("; the batches asked about so far may be cancelled: rerun to see" if args.cancel
+                              else ""))
+        return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - what a user can reach becomes one line
-        err = primary(exc)
-        if isinstance(err, RunStopped):
-            _err(str(err))
+        if isinstance(primary(exc), RunStopped):
+            _err(str(primary(exc)))
             return EXIT_STOPPED
-        raise
+        return exit_for(exc, (), _err)
     head = ["name", "batch", "status", "done", "failed", "model", "round", "created (UTC)"]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:

@@ -27,7 +27,7 @@ import msgspec
 from tcia_async import embed
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (UsageError, batch_settings, cache_files, check_out_dir, check_paths,
-                                     engine_config, primary, run_async)
+                                     engine_config, exit_for, primary, run_async, say)
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
 from tcia_async.records import Decomposition
 
@@ -622,19 +622,14 @@ def run_build(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _say(f"interrupted; answered calls are cached in {cache}: rerun the same command to continue")
         return EXIT_INTERRUPTED
-    except (UsageError, RetrievalError, ConfigError) as exc:
-        return fail(str(exc))
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
         from tcia_async.engine import RunStopped
         from tcia_async.engine.batch import StateBusy
-        from tcia_async.engine.cache import CacheError
 
-        if isinstance(exc, (CacheError, OSError, StateBusy)):
-            return fail(str(exc))
-        if isinstance(exc, RunStopped):
-            _say(f"stopped: {exc}; answered calls are cached in {cache}: rerun the same command to continue")
+        if isinstance(primary(exc), RunStopped):
+            _say(f"stopped: {primary(exc)}; answered calls are cached in {cache}: rerun the same command to continue")
             return EXIT_STOPPED
-        raise
+        return exit_for(exc, (RetrievalError, ConfigError, StateBusy), lambda msg: say("db build", msg))
     m = db.manifest
     c = m.counts
     agree = m.agreement
@@ -773,17 +768,16 @@ def run_reembed(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _say(f"interrupted; embedded texts are cached in {cache}: rerun the same command to continue")
         return EXIT_INTERRUPTED
-    except (UsageError, RetrievalError, ConfigError, OSError) as exc:
-        return fail(str(exc))
-    except Exception as exc:
+    except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
         from tcia_async.engine import RequestFailed, RunStopped
 
-        if isinstance(exc, RunStopped):
-            _say(f"stopped: {exc}; embedded texts are cached in {cache}: rerun the same command to continue")
+        if isinstance(primary(exc), RunStopped):
+            _say(f"stopped: {primary(exc)}; embedded texts are cached in {cache}: rerun the same command to "
+                 "continue")
             return EXIT_STOPPED
-        if isinstance(exc, RequestFailed):
-            return fail(f"embedding failed: {exc}")
-        raise
+        if isinstance(primary(exc), RequestFailed):
+            return fail(f"embedding failed: {primary(exc)}")
+        return exit_for(exc, (RetrievalError, ConfigError), lambda msg: say("db reembed", msg))
     if not args.quiet:
         m = new.manifest
         _say(f"task DB re-embedded with {m.embedding_model} ({m.embedding_dim}-d) into {args.out}: "
