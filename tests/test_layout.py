@@ -48,3 +48,20 @@ def test_nothing_but_the_cli_imports_the_simulator() -> None:
     offenders = [str(p.relative_to(PKG)) for p in sorted(PKG.rglob("*.py"))
                  if p.parent.name != "sim" and p.name != "cli.py" and "sim" in imported_rooms(p)]
     assert offenders == []
+
+
+def test_commands_print_their_errors_one_way() -> None:
+    """flows.common.say writes "tcia-async PROG: message"; no other command module spells that prefix itself."""
+    import re
+
+    prefix = re.compile(r"""["']tcia-async [\w {}]*: """)
+    spelt = [f"{path.name}:{n}" for path in sorted((PKG / "flows").glob("*.py")) if path.name != "common.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if prefix.search(line)]
+    assert spelt == []
+
+
+def test_run_hands_the_engine_its_in_process_model_only() -> None:
+    from tcia_async.flows.run import local_models
+
+    assert list(local_models("hashed")) == ["hashed"]
+    assert local_models("text-embedding-3-small") == {}

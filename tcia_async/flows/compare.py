@@ -9,14 +9,13 @@ rows are left out and the reason is said (the other rows are still compared).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from tcia_async.flows import EXIT_OK, EXIT_USAGE
-from tcia_async.flows.common import UsageError, check_paths
+from tcia_async.flows.common import UsageError, check_paths, say
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _err(msg: str) -> None:
-    print(f"tcia-async compare: {msg}", file=sys.stderr, flush=True)
+    say("compare", msg)
 
 
 def load(run: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from tcia_async.flows.common import UsageError, check_out_dir
+from tcia_async.flows.common import UsageError, check_out_dir, say
 
 # Example prices (USD per 1M tokens; OpenAI's list prices for these models in 2025), so the report shows a cost.
 DEMO_SETTINGS = """# Settings of the demo run: small, so it finishes within a minute on two cores.
@@ -93,14 +93,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_out_dir(out, "--out", ("demo.toml",), "the folder of an earlier demo")
     except UsageError as exc:
-        _say(f"tcia-async demo: {exc}")
+        say("demo", str(exc))
         return EXIT_USAGE
     for name, value in (("--sets", args.sets), ("--rpm", args.rpm), ("--concurrency", args.concurrency)):
         if value < 1:
-            _say(f"tcia-async demo: {name} must be at least 1")
+            say("demo", f"{name} must be at least 1")
             return EXIT_USAGE
     if not args.latency_ms >= 0:
-        _say("tcia-async demo: --latency-ms must be a number >= 0")
+        say("demo", "--latency-ms must be a number >= 0")
         return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"

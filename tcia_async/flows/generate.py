@@ -27,7 +27,7 @@ from typing import Any
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (Interrupts, Staged, UsageError, batch_settings, by_kind, cache_files,
-                                     check_paths, engine_config, exit_for, missing_key)
+                                     check_paths, engine_config, exit_for, missing_key, say)
 
 EPILOG = """exit codes: 0 every line has its answer; 4 finished, but some lines ended in an error (the summary
 counts them by kind; each has an error result); 2 usage, configuration or path error (nothing written);
@@ -99,7 +99,7 @@ def default_batch_dir(output: str) -> str:
 
 
 def _err(msg: str) -> None:
-    print(f"tcia-async generate: {msg}", file=sys.stderr, flush=True)
+    say("generate", msg)
 
 
 class _State:

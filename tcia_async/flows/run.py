@@ -24,7 +24,7 @@ import msgspec
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (Interrupts, Staged, UsageError, batch_settings, cache_files, check_out_dir,
-                                     check_paths, engine_config, exit_for, missing_key, primary)
+                                     check_paths, engine_config, exit_for, missing_key, primary, say)
 from tcia_async.io import BadLine, iter_jsonl
 from tcia_async.records import Failure, Instruction, Pair, Seed
 
@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _err(msg: str) -> None:
-    print(f"tcia-async run: {msg}", file=sys.stderr, flush=True)
+    say("run", msg)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,8 +227,7 @@ class Recorder:
         self.failed(stage, ident, seed_id, exc)
         ins = _instruction_of(item)
         if ins is not None and stage in ("validate", "on_task"):
-            ins.dropped = f"failed_{stage}"
-            ins.kept = False
+            ins.dropped = f"failed_{stage}"  # kept stays False: only a passed on-task check sets it
             self.instruction(ins)
 
     def failed(self, stage: str, ident: str, seed_id: str, exc: BaseException) -> None:
@@ -683,10 +682,7 @@ def check_in_process(model: str, db: Any) -> None:
 
 def local_models(name: str) -> dict[str, Any]:
     """The in-process embedding model named `name`, when it is one (e.g. "local"), for the engine."""
-    try:
-        from tcia_async import embed
-    except ImportError:
-        return {}
-    finder = getattr(embed, "local_model", None)
-    model = finder(name) if finder is not None else None
+    from tcia_async import embed
+
+    model = embed.local_model(name)
     return {name: model} if model is not None else {}

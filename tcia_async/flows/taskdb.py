@@ -586,7 +586,7 @@ def run_build(args: argparse.Namespace) -> int:
     from tcia_async.retrieval import BuildParams, RetrievalError
 
     def fail(msg: str) -> int:
-        _say(f"tcia-async db build: {msg}")
+        say("db build", msg)
         return EXIT_USAGE
 
     if args.mode != "batch" and args.poll_interval is not None:
@@ -722,7 +722,7 @@ def run_reembed(args: argparse.Namespace) -> int:
     from tcia_async.retrieval import RetrievalError
 
     def fail(msg: str) -> int:
-        _say(f"tcia-async db reembed: {msg}")
+        say("db reembed", msg)
         return EXIT_USAGE
 
     out = Path(args.out)
@@ -797,7 +797,7 @@ def _load(path: str, action: str = "query"):
     try:
         return TaskDB.load(path)
     except RetrievalError as exc:
-        _say(f"tcia-async db {action}: {exc}")
+        say(f"db {action}", str(exc))
         return None
 
 
@@ -851,7 +851,7 @@ def run_query(args: argparse.Namespace) -> int:
     from tcia_async.retrieval import RetrievalError
 
     def fail(msg: str) -> int:
-        _say(f"tcia-async db query: {msg}")
+        say("db query", msg)
         return EXIT_USAGE
 
     text = args.constraint if args.constraint is not None else args.text
@@ -905,7 +905,7 @@ def run_query(args: argparse.Namespace) -> int:
         from tcia_async.engine import RequestFailed, RunStopped
 
         if isinstance(exc, (RequestFailed, RunStopped)):
-            _say(f"tcia-async db query: embedding the query failed: {exc}")
+            say("db query", f"embedding the query failed: {exc}")
             return EXIT_STOPPED if isinstance(exc, RunStopped) else 1
         raise
     if args.json:
