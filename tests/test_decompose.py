@@ -187,13 +187,17 @@ def _objects(node: Any) -> list[dict[str, Any]]:
 
 
 def test_body_puts_the_instruction_in_tags_and_asks_for_the_strict_schema() -> None:
+    from tcia_async.engine.core import json_body
+
     body = build_body("Summarize this.\nKeep it short.", model="m1", params={"temperature": 0})
     assert body["model"] == "m1" and body["temperature"] == 0
     system, user = body["messages"]
     assert system["role"] == "system" and "Input Placeholder" in system["content"]
     assert user["role"] == "user"
     assert re.search(r"<instruction>\nSummarize this\.\nKeep it short\.\n</instruction>", user["content"])
-    rf = body["response_format"]
+    # The schema is the engine's to add (chat_json online, chat_json_item for a batch line), as for every stage.
+    assert "response_format" not in body
+    rf = json_body(body, Decomposition, SCHEMA_NAME)["response_format"]
     assert rf["type"] == "json_schema"
     assert rf["json_schema"]["name"] == SCHEMA_NAME == "tcia_decompose"
     schema = rf["json_schema"]["schema"]

@@ -13,11 +13,12 @@ from tcia_async.records import (ComposeAnswer, ConstraintCheck, ConstraintSet, E
                                 OnTaskAnswer, Pair, Response, Score, SeedTask, SetConstraint, ValidateAnswer,
                                 VerifyAnswer)
 from tcia_async.tcia import compose as compose_mod
+from tcia_async.tcia.common import fill
 from tcia_async.tcia.evol import hop_sizes
 from tcia_async.tcia.explore import Settings, explore, literal_hop_counts
 from tcia_async.tcia.judge import judge
 from tcia_async.tcia.on_task import on_task
-from tcia_async.tcia.pair import fill, pairs
+from tcia_async.tcia.pair import pairs
 from tcia_async.tcia.respond import NoAnswer, respond
 from tcia_async.tcia.select import select
 from tcia_async.tcia.validate import validate
@@ -246,3 +247,16 @@ def test_stage_answers_have_strict_schemas():
     for typ in (ComposeAnswer, VerifyAnswer, ValidateAnswer, OnTaskAnswer, JudgeAnswer, EvolAnswer):
         schema = strict_schema(typ)
         assert schema["type"] == "object" and schema["additionalProperties"] is False
+
+
+def test_compose_and_evol_ask_for_the_placeholder_in_the_same_words() -> None:
+    from tcia_async.tcia.common import CONTEXT_BLOCK, placeholder_problem
+    from tcia_async.tcia.evol import root
+
+    assert placeholder_problem(f"Summarize.\n\n{CONTEXT_BLOCK}") is None
+    assert placeholder_problem("Summarize {context} and {context}.") == \
+        "the instruction must contain the placeholder {context} exactly once (found 2)"
+    task = SeedTask(seed_id="s", instruction="Summarize the notes.", task_type="t", base_query="b", language=[],
+                    contexts=[], constraints=[])
+    assert root(task).prompt == f"Summarize the notes.\n\n{CONTEXT_BLOCK}" and fill(root(task).prompt, None) == \
+        "Summarize the notes."

@@ -605,7 +605,7 @@ async def measure_diversity(engine: Any, instructions: Path, model: str, *, samp
 
     from tcia_async.report import diversity
     from tcia_async.tcia.explore import rng_for
-    from tcia_async.tcia.pair import fill
+    from tcia_async.tcia.common import fill
 
     groups: dict[tuple[str, int], list[str]] = {}
     for item in iter_jsonl(instructions):

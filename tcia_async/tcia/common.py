@@ -1,12 +1,16 @@
-"""What the stages share: their prompt files and the shape of a stage's chat body.
+"""What the stages share: their prompt files, the shape of a stage's chat body, and the context placeholder.
 
 Every body puts the static part first (the stage's system prompt, then the schema the engine adds) and the item
 last, in tagged blocks, so a provider's prompt cache serves the repeated prefix.
+
+An instruction takes its context through one `{context}` placeholder, usually in a block of its own between
+[CONTEXT] and [END CONTEXT] lines (compose and evol write it, pair fills it).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from importlib import resources
 from typing import Any
@@ -39,6 +43,24 @@ def block(tag: str, text: str) -> str:
 
 def numbered(lines: Iterable[str]) -> str:
     return "\n".join(f"{i}. {' '.join(line.split())}" for i, line in enumerate(lines, 1))
+
+
+PLACEHOLDER = "{context}"
+CONTEXT_BLOCK = f"[CONTEXT]\n{PLACEHOLDER}\n[END CONTEXT]"
+_BLOCK = re.compile(r"\s*\[CONTEXT\]\s*\{context\}\s*\[END CONTEXT\]\s*")
+
+
+def placeholder_problem(prompt: str) -> str | None:
+    """What is wrong with an instruction's placeholder (it must be there exactly once), or None."""
+    n = prompt.count(PLACEHOLDER)
+    return None if n == 1 else f"the instruction must contain the placeholder {PLACEHOLDER} exactly once (found {n})"
+
+
+def fill(prompt: str, context: str | None) -> str:
+    """The instruction with `context` in its placeholder; None: without a context (its block taken out)."""
+    if context is None:
+        return _BLOCK.sub("\n", prompt).replace(PLACEHOLDER, "").strip()
+    return prompt.replace(PLACEHOLDER, context)
 
 
 def score_problem(**scores: int) -> str | None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tcia_async.records import ComposeAnswer, ConstraintSet, Instruction, SeedTask, VerifyAnswer
-from tcia_async.tcia.common import block, body, numbered
-
-PLACEHOLDER = "{context}"
+from tcia_async.tcia.common import block, body, numbered, placeholder_problem
 
 
 def compose_body(task: SeedTask, cset: ConstraintSet, *, model: str, temperature: float | None = None,
@@ -31,13 +29,6 @@ def verify_body(prompt: str, cset: ConstraintSet, *, model: str, temperature: fl
     item = "\n\n".join(["Check the instruction against the requirements.", block("prompt", prompt),
                         block("constraints", numbered(c.text for c in cset.constraints))])
     return body("verify", item, model=model, temperature=temperature)
-
-
-def _placeholder_problem(answer: ComposeAnswer) -> str | None:
-    n = answer.prompt.count(PLACEHOLDER)
-    if n != 1:
-        return f"the instruction must contain the placeholder {PLACEHOLDER} exactly once (found {n})"
-    return None
 
 
 def instruction_id(cset: ConstraintSet) -> str:
@@ -58,7 +49,7 @@ async def compose(engine: Any, task: SeedTask, cset: ConstraintSet, *, method: s
         answer = await engine.chat_json(
             compose_body(task, cset, model=model, temperature=temperature, previous=previous, critique=critique),
             ComposeAnswer, schema_name="tcia_compose", stage=stage, priority=priority,
-            check=_placeholder_problem)
+            check=lambda a: placeholder_problem(a.prompt))
         out.prompt = answer.prompt.strip()
         out.compose_attempts = attempt + 1
         if not cset.constraints:

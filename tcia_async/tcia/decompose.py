@@ -21,14 +21,12 @@ The stage does no I/O except the engine call (the prompt file is read once, on f
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any
 
 from tcia_async.records import CATEGORIES, Constraint, Decomposition, Task
-from tcia_async.engine.schema import response_format_for
+from tcia_async.tcia.common import block, body
 
 __all__ = [
     "SCHEMA_NAME",
@@ -44,13 +42,9 @@ SCHEMA_NAME = "tcia_decompose"
 UNSPECIFIED_TASK = "Unspecified Task"
 
 
-@functools.cache
-def _system_prompt() -> str:
-    return resources.files("tcia_async.tcia").joinpath("prompts/decompose.md").read_text(encoding="utf-8").strip()
-
-
 def build_body(instruction: str, *, model: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The chat-completions body for decomposing `instruction` (also usable to write Batch API lines).
+    """The chat-completions body for decomposing `instruction` (also usable to write Batch API lines; the engine
+    adds the `tcia_decompose` schema, as for every stage).
 
     `params` (temperature, max_tokens, seed, ...) are merged into the body. Raises ValueError on a blank
     instruction.
@@ -58,19 +52,10 @@ def build_body(instruction: str, *, model: str, params: Mapping[str, Any] | None
     text = instruction.strip()
     if not text:
         raise ValueError("cannot decompose an empty instruction")
-    # A closing tag inside the instruction would end the delimited block early; defuse it.
-    text = text.replace("</instruction>", "</ instruction>")
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [
-            {"role": "system", "content": _system_prompt()},
-            {"role": "user", "content": f"Decompose this instruction.\n\n<instruction>\n{text}\n</instruction>"},
-        ],
-        "response_format": response_format_for(Decomposition, SCHEMA_NAME),
-    }
+    out = body("decompose", "Decompose this instruction.\n\n" + block("instruction", text), model=model)
     if params:
-        body.update(params)
-    return body
+        out.update(params)
+    return out
 
 
 async def decompose(

@@ -15,11 +15,10 @@ from typing import Any
 import anyio
 
 from tcia_async.records import EvolAnswer, Instruction, SeedTask
-from tcia_async.tcia.common import block, body
+from tcia_async.tcia.common import CONTEXT_BLOCK, PLACEHOLDER, block, body, placeholder_problem
 from tcia_async.tcia.explore import literal_hop_counts, rng_for
 
 OPERATIONS = ("add_constraints", "deepen", "concretize", "increase_reasoning", "complicate_input", "breadth")
-CONTEXT_BLOCK = "[CONTEXT]\n{context}\n[END CONTEXT]"
 
 
 def hop_sizes(evol: Any, explore: Any) -> list[int]:
@@ -46,7 +45,7 @@ def evol_body(instruction: str, operation: str, *, model: str, temperature: floa
 def root(task: SeedTask) -> Instruction:
     """Hop 0: the seed itself, with a context placeholder when it has none."""
     prompt = task.instruction.strip()
-    if "{context}" not in prompt:
+    if PLACEHOLDER not in prompt:
         prompt = f"{prompt}\n\n{CONTEXT_BLOCK}"
     return Instruction(id=f"{task.seed_id}/e0-00000", seed_id=task.seed_id, method="evol", hop=0, ops=[],
                        constraints=[], prompt=prompt, compose_attempts=0)
@@ -80,9 +79,7 @@ async def evolve(engine: Any, task: SeedTask, per_hop: list[int], *, emit: Calla
                 text = a.instruction.strip()
                 if text == parent.prompt.strip():
                     return "the rewritten instruction is the same as the given one"
-                if text.count("{context}") != 1:
-                    return "the instruction must keep the placeholder {context} exactly once"
-                return None
+                return placeholder_problem(text)
 
             async with limiter:
                 try:

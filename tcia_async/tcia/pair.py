@@ -7,18 +7,9 @@ per instruction, with the placeholder block taken out.
 
 from __future__ import annotations
 
-import re
-
 from tcia_async.records import Instruction, Pair
+from tcia_async.tcia.common import fill
 from tcia_async.tcia.explore import rng_for
-
-_BLOCK = re.compile(r"\s*\[CONTEXT\]\s*\{context\}\s*\[END CONTEXT\]\s*")
-
-
-def fill(prompt: str, context: str | None) -> str:
-    if context is None:
-        return _BLOCK.sub("\n", prompt).replace("{context}", "").strip()
-    return prompt.replace("{context}", context)
 
 
 def pairs(instruction: Instruction, contexts: list[str], *, per_instruction: int, run_seed: int = 0) -> list[Pair]:
