@@ -3,8 +3,11 @@ never pays twice, errors come out as themselves, and every call is counted under
 
 from __future__ import annotations
 
+import sqlite3
+
 import anyio
 import numpy as np
+import orjson
 import pytest
 
 from tcia_async.config import EngineConfig, Limits, Price
@@ -219,6 +222,35 @@ async def test_prompt_cached_tokens_are_counted_and_priced(tmp_path):
     assert s.cost < s.cost_full
     saved = s.cached_tokens * (1.0 - 0.25) / 1e6
     assert s.cost_full - s.cost == pytest.approx(saved)
+
+
+async def test_replayed_answers_count_what_they_cost_when_paid_batch_ones_at_the_configured_discount(tmp_path):
+    """A rerun replays from the cache: an answer paid online counts at the online price, one the Batch API gave
+    (its request id marked so) at the batch discount configured for this run, not a built-in one."""
+    from tcia_async.engine.request import BATCH_ID
+
+    prices = {"gpt-4o-mini": Price(input=1.0, output=2.0)}
+    cache = tmp_path / "c.db"
+    async with Simulator(SimConfig(batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, prices=prices, cache_path=str(cache))
+        async with Engine(cfg) as engine:
+            online = await engine.chat(chat("online"), stage="s")
+            by_batch = await engine.chat(chat("by batch"), stage="s")
+        # Mark the second answer as the Batch API's, as batch.py stores its answers.
+        with sqlite3.connect(cache) as db:
+            db.execute("UPDATE answers SET request_id = ? WHERE body = ?",
+                       (BATCH_ID + "x", orjson.dumps(by_batch)))
+        async with Engine(cfg, batch_discount=0.25) as engine:
+            assert await engine.chat(chat("online"), stage="s") == online
+            assert await engine.chat(chat("by batch"), stage="s") == by_batch
+        s = engine.stats.stages["s"]
+        assert sim.stats()["requests"] == 2  # both replayed
+
+    def cost(answer: dict) -> float:
+        return (answer["usage"]["prompt_tokens"] * 1.0 + answer["usage"]["completion_tokens"] * 2.0) / 1e6
+
+    assert s.cost == 0.0 and s.batch_replayed == 1
+    assert s.cost_replayed == pytest.approx(cost(online) + 0.25 * cost(by_batch))
 
 
 async def test_identical_embedding_lines_of_generate_pay_once(tmp_path):

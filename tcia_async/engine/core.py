@@ -119,8 +119,9 @@ class Engine:
     """See the module docstring. One Engine per run; not shared between event loops."""
 
     def __init__(self, config: EngineConfig, *, local_models: Mapping[str, LocalEmbedder] | None = None,
-                 clock: Clock = REAL_CLOCK) -> None:
+                 clock: Clock = REAL_CLOCK, batch_discount: float = 0.5) -> None:
         self.config = config
+        self.batch_discount = batch_discount  # the [batch] discount: what a replayed batch answer cost
         self.stats = EngineStats()
         self.local_models = dict(local_models or {})
         self._limiter = Limiter(config.limits, config.model_limits, config.learn_limits_from_headers, clock)
@@ -141,6 +142,7 @@ class Engine:
             # a quarter of the concurrency (or 50 ms) keep that below one round of requests in flight.
             self._cache = ResponseCache(cfg.cache_path, batch_rows=max(8, min(512, cfg.concurrency // 4)))
         self._requests = Requests(cfg, self._cache, self.stats, self._limiter)
+        self._requests.batch_discount = self.batch_discount
         try:
             await self._requests.open()
             self._tg = anyio.create_task_group()

@@ -185,7 +185,7 @@ class Requests:
         self._streak = 0  # which run of transient failures this is (one per _failing_since)
         self._streak_requests = 0  # how many requests failed in it
         self._secrets: list[str] = []
-        self.batch_discount = 0.5  # the [batch] discount, set by whoever runs batches (replays of their answers)
+        self.batch_discount = 0.5  # the [batch] discount (Engine's): what a replayed batch answer cost
         self.paid_by_batch: set[bytes] = set()  # keys a batch answered (and counted) in this process
         self.chat_ep: Endpoint
         self.embed_ep: Endpoint

@@ -542,7 +542,7 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, batch_cfg:
     simulated = await probe_simulator(eng_cfg.base_url) is not None
     local = local_models(emb_model)
     started = time.time()
-    async with Engine(eng_cfg, local_models=local) as engine:
+    async with Engine(eng_cfg, local_models=local, batch_discount=batch_cfg.discount) as engine:
         gates = batch_gates(engine, run_cfg, batch_cfg, Path(args.out), quiet=args.quiet)
         stages = build_stages(engine, db, run_cfg, rec, embedding_model=emb_model,
                               concurrency=eng_cfg.concurrency, gates=gates)
