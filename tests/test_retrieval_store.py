@@ -6,6 +6,7 @@ import hashlib
 import random
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -238,6 +239,11 @@ def test_kinds_give_the_label_agreement_and_each_cluster_its_kind(tmp_path: Path
     a = db.manifest.agreement
     assert a is not None and a.tasks == 7 and a.kinds == 4 and a.purity == 1.0
     assert db.stats()["label_agreement"]["adjusted_rand"] == a.adjusted_rand
+    # The manifest is the one source: stats do not compute the agreement again.
+    other = msgspec.structs.replace(a, adjusted_rand=0.123)
+    db.manifest = msgspec.structs.replace(db.manifest, agreement=other)
+    assert db.stats()["label_agreement"] == msgspec.to_builtins(other)
+    db.manifest = msgspec.structs.replace(db.manifest, agreement=a)
     db.save(tmp_path / "db")
     assert TaskDB.load(tmp_path / "db").manifest.agreement == a
     # No kinds, no agreement; the types files stay free of empty fields.

@@ -709,8 +709,8 @@ class TaskDB:
     def stats(self, top: int = 20) -> dict[str, object]:
         """The paper's corpus statistics: task types by number of queries (with unique constraints per unique
         base query), the category mix of constraints, the share of non-complex prompts; and, when the corpus
-        labelled its lines with kinds of work, the clusters' agreement with them (else None), with each listed
-        cluster's most frequent kind."""
+        labelled its lines with kinds of work, the clusters' agreement with them as the manifest holds it (else
+        None), with each listed cluster's most frequent kind."""
         c = self.manifest.counts
         ranked = sorted(self.clusters, key=lambda cl: (-cl.queries, cl.id))
         top_types = [
@@ -742,7 +742,7 @@ class TaskDB:
                                    "unique": unique[cat]}
                              for cat in sorted(mentions, key=lambda x: (-mentions[x], x))},
             "top_task_types": top_types,
-            "label_agreement": msgspec.to_builtins(_agreement(self.types)),
+            "label_agreement": msgspec.to_builtins(self.manifest.agreement),
         }
 
 
