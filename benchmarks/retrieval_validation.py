@@ -204,7 +204,7 @@ class Setup:
         return order[:3], self.cluster_kinds(votes)
 
 
-def queries(setup: Setup, builder: TaskDBBuilder, records, qvec) -> dict[str, list]:
+def queries(setup: Setup, records, qvec) -> dict[str, list]:
     """(query vector, member mask, cluster votes, kind index) for both query sets."""
     out: dict[str, list] = {"base queries": [], "type names": []}
     for kind, tkeys, bkeys, first, base in records:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     for eps in a.eps or [default_eps]:
         for label, cluster_vecs, member_vecs in variants:
             setup = Setup(builder, cluster_vecs, member_vecs, index_of, eps)
-            qs = queries(setup, builder, records, qvec)
+            qs = queries(setup, records, qvec)
             for name in names:
                 b3, b1, bn = evaluate(setup, qs["base queries"], SCORERS[name])
                 t3, t1, tn = evaluate(setup, qs["type names"], SCORERS[name])
