@@ -27,7 +27,14 @@ from tcia_async import embed  # noqa: E402
 from tcia_async.config import EngineConfig  # noqa: E402
 from tcia_async.engine import Engine  # noqa: E402
 from tcia_async.flows.common import run_async  # noqa: E402
-from tcia_async.flows.taskdb import TUNED_EPS, build_db, decompositions_of, embed_unique, iter_corpus  # noqa: E402
+from tcia_async.flows.taskdb import (  # noqa: E402
+    TUNED_EPS,
+    build_db,
+    decompositions_of,
+    embed_unique,
+    iter_corpus,
+    member_weight,
+)
 from tcia_async.retrieval import BuildParams, TaskDB, TaskDBBuilder  # noqa: E402
 
 DATA = ROOT / "tcia_async" / "data"
@@ -43,7 +50,8 @@ async def _build(out: Path, cache: Path, model: str, eps: float):
         return await build_db(engine, DATA / "corpus.jsonl", out, model="", embedding_model=model,
                               embedding_identity=models[model].identity,
                               decompositions=DATA / "decompositions.jsonl", decompositions_label="curated",
-                              params=BuildParams(eps=eps), concurrency=32, progress=None)
+                              params=BuildParams(eps=eps, member_weight=member_weight(model)), concurrency=32,
+                              progress=None)
 
 
 def build(out: Path, cache: Path) -> int:

@@ -6,6 +6,7 @@ import hashlib
 import random
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -238,6 +239,11 @@ def test_kinds_give_the_label_agreement_and_each_cluster_its_kind(tmp_path: Path
     a = db.manifest.agreement
     assert a is not None and a.tasks == 7 and a.kinds == 4 and a.purity == 1.0
     assert db.stats()["label_agreement"]["adjusted_rand"] == a.adjusted_rand
+    # The manifest is the one source: stats do not compute the agreement again.
+    other = msgspec.structs.replace(a, adjusted_rand=0.123)
+    db.manifest = msgspec.structs.replace(db.manifest, agreement=other)
+    assert db.stats()["label_agreement"] == msgspec.to_builtins(other)
+    db.manifest = msgspec.structs.replace(db.manifest, agreement=a)
     db.save(tmp_path / "db")
     assert TaskDB.load(tmp_path / "db").manifest.agreement == a
     # No kinds, no agreement; the types files stay free of empty fields.
@@ -307,3 +313,52 @@ def test_damaged_files_are_named_in_the_error(tmp_path: Path) -> None:
         TaskDB.load(damaged("cent", lambda d: np.save(d / "centroids.npy", np.zeros((1, 3), np.float32))))
     with pytest.raises(RetrievalError, match=r"examples.jsonl: missing"):
         TaskDB.load(damaged("noex", lambda d: (d / "examples.jsonl").unlink()))
+
+
+def _two_clusters(member_weight: float) -> TaskDB:
+    """Alpha: its name and one example along x, one example along y; Beta: name and example at 53 degrees from x.
+    A query along y is nearest to an Alpha member (cos 1) but to Beta's centroid (cos 0.8 against Alpha's 0.447)."""
+    vec = {"Alpha": (1, 0, 0, 0), "Do alpha work.": (1, 0, 0, 0), "Do alpha, the other way.": (0, 1, 0, 0),
+           "Beta": (0.6, 0.8, 0, 0), "Do beta work.": (0.6, 0.8, 0, 0), "Be brief.": (0, 0, 1, 0),
+           "Be kind.": (0, 0, 0, 1)}
+    b = TaskDBBuilder()
+    b.add(decomp("Alpha", "Do alpha work.", ("Content", "Be brief.")))
+    b.add(decomp("Alpha", "Do alpha, the other way.", ("Content", "Be brief.")))
+    b.add(decomp("Beta", "Do beta work.", ("Content", "Be kind.")))
+
+    def rows(texts: list[str]) -> np.ndarray:
+        return np.array([vec[t] for t in texts], dtype=np.float32)
+
+    return TaskDB.build(b, rows(b.type_texts()), rows(b.constraint_texts()), example_vectors=rows(b.example_texts()),
+                        embedding_model="toy", params=BuildParams(eps=0.01, member_weight=member_weight))
+
+
+def test_member_weight_sets_how_clusters_are_ranked(tmp_path: Path) -> None:
+    q = np.array([[0, 1, 0, 0]], dtype=np.float32)
+    by_member = _two_clusters(1.0).nearest_task_types(q, 2)[0]
+    assert [h.name for h in by_member] == ["Alpha", "Beta"]
+    assert by_member[0].matched == "Do alpha, the other way." and by_member[0].distance == pytest.approx(0.0, abs=1e-6)
+    by_centroid = _two_clusters(0.0).nearest_task_types(q, 2)[0]
+    assert [h.name for h in by_centroid] == ["Beta", "Alpha"]
+    assert [h.distance for h in by_centroid] == pytest.approx([0.2, 1 - 1 / 5 ** 0.5], abs=1e-5)
+    # The weighted sum: Alpha 0.3 * 1 + 0.7 * 0.447 = 0.613, Beta 0.8.
+    mixed = _two_clusters(0.3)
+    assert [h.distance for h in mixed.nearest_task_types(q, 2)[0]] == pytest.approx([0.2, 1 - 0.3 - 0.7 / 5 ** 0.5],
+                                                                                    abs=1e-5)
+    # Kept by save and load; re-embedding keeps it unless the new model's is given.
+    mixed.save(tmp_path / "db")
+    assert TaskDB.load(tmp_path / "db").manifest.parameters.member_weight == 0.3
+    texts = mixed.texts()
+    vectors = [np.array(mixed.members(0)[1][:1].tolist() * len(t), dtype=np.float32) for t in texts]
+    assert mixed.reembedded(*vectors, embedding_model="x").manifest.parameters.member_weight == 0.3
+    assert mixed.reembedded(*vectors, embedding_model="x", member_weight=0.5).manifest.parameters.member_weight == 0.5
+
+
+def test_a_manifest_without_member_weight_ranks_as_before(tmp_path: Path) -> None:
+    import json
+
+    build().save(tmp_path / "db")
+    manifest = json.loads((tmp_path / "db" / "manifest.json").read_text())
+    del manifest["parameters"]["member_weight"]
+    (tmp_path / "db" / "manifest.json").write_text(json.dumps(manifest))
+    assert TaskDB.load(tmp_path / "db").manifest.parameters.member_weight == 0.5

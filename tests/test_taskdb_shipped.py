@@ -11,6 +11,7 @@ from importlib import resources
 import msgspec
 import numpy as np
 
+from tcia_async.flows.taskdb import TUNED_MEMBER_WEIGHT
 from tcia_async.records import CATEGORIES, Decomposition
 from tcia_async.retrieval import TaskDB
 
@@ -76,3 +77,13 @@ def test_clusters_are_named_by_their_most_frequent_type_and_own_their_pools() ->
     row = db.clusters[t.cluster].types.index(t.id)
     hit = db.nearest_task_types(db.members(t.cluster)[1][row:row + 1], 1)[0][0]
     assert hit.cluster == t.cluster and hit.matched == t.text and hit.matched_distance < 1e-4
+
+
+def test_every_stored_type_name_finds_its_own_cluster_first() -> None:
+    """The rule the member weight was chosen under (benchmarks/retrieval_validation.py): a seed's task type that the
+    database holds retrieves that type's cluster, and so its pool."""
+    db = TaskDB.load(DATA / "taskdb")
+    assert db.manifest.parameters.member_weight == TUNED_MEMBER_WEIGHT["local"] < 0.5
+    for cl in db.clusters:
+        names = db.members(cl.id)[1][: len(cl.types)]
+        assert [h[0].cluster for h in db.nearest_task_types(names, 1)] == [cl.id] * len(cl.types), cl.name

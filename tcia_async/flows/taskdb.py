@@ -36,6 +36,9 @@ DEFAULT_MODEL = "gpt-4.1"
 # kinds of work (scripts/build_shipped_db.py --sweep; README "Choosing eps"). e5's vectors are crowded (nearest
 # task types at 0.02-0.09, unrelated ones at 0.15-0.25), so its radius is small. Other models: BuildParams' 0.15.
 TUNED_EPS = {embed.LOCAL: 0.05, embed.HASHED: 0.3}
+# The nearest member's share in a cluster's score per embedding model, chosen by leave-one-out on the corpus
+# (benchmarks/retrieval_validation.py; README "Retrieval quality"). Other models, and hashed: BuildParams' 0.5.
+TUNED_MEMBER_WEIGHT = {embed.LOCAL: 0.3}
 # Files `db build` writes into DBDIR (besides the cache): checked against the inputs before anything is written.
 DB_FILES = ("records.jsonl", "failures.jsonl", "manifest.json", "types.jsonl", "clusters.jsonl", "constraints.jsonl",
             "examples.jsonl", "types.hnsw", "types.hnsw.json", "constraints.hnsw", "constraints.hnsw.json",
@@ -599,7 +602,8 @@ def run_build(args: argparse.Namespace) -> int:
     embedding_model, identity = _embedding_model(args.embedding_model, _say)
     defaults = BuildParams()
     params = BuildParams(eps=TUNED_EPS.get(embedding_model, defaults.eps) if args.eps is None else args.eps,
-                         min_samples=defaults.min_samples if args.min_samples is None else args.min_samples)
+                         min_samples=defaults.min_samples if args.min_samples is None else args.min_samples,
+                         member_weight=member_weight(embedding_model))
     cache = args.cache or str(Path(args.out) / "cache.db")
     try:
         settings = read_settings(args.config)
@@ -702,6 +706,13 @@ async def decompose_in_batches(engine: Any, corpus: str | os.PathLike[str], stat
     return out
 
 
+def member_weight(embedding_model: str) -> float:
+    """The nearest member's share in a cluster's score for vectors of `embedding_model` (BuildParams)."""
+    from tcia_async.retrieval import BuildParams
+
+    return TUNED_MEMBER_WEIGHT.get(embedding_model, BuildParams().member_weight)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Re-embed
 # --------------------------------------------------------------------------------------------------------------
@@ -714,7 +725,8 @@ async def reembed_db(engine: Any, db: Any, embedding_model: str, identity: str, 
     types, examples, constraints = db.texts()
     tv, ev, cv = await embed_unique(engine, [types, examples, constraints], embedding_model, concurrency)
     return db.reembedded(tv, ev, cv, embedding_model=embedding_model, embedding_identity=identity,
-                         simulator={"embedding_dim": tv.shape[1]} if simulated else None)
+                         simulator={"embedding_dim": tv.shape[1]} if simulated else None,
+                         member_weight=member_weight(embedding_model))
 
 
 def run_reembed(args: argparse.Namespace) -> int:
@@ -991,6 +1003,6 @@ def decompositions_of(path: str | os.PathLike[str]) -> Iterator[tuple[str, Decom
             yield got[0].id, got[1]
 
 
-__all__ = ["BuildSummary", "CorpusItem", "Record", "TUNED_EPS", "build_db", "decompositions_of",
-           "embed_texts", "embed_unique", "instruction_of", "iter_corpus", "iter_decompositions", "open_for_queries",
-           "reembed_db"]
+__all__ = ["BuildSummary", "CorpusItem", "Record", "TUNED_EPS", "TUNED_MEMBER_WEIGHT", "build_db",
+           "decompositions_of", "embed_texts", "embed_unique", "instruction_of", "iter_corpus", "iter_decompositions",
+           "member_weight", "open_for_queries", "reembed_db"]

@@ -11,9 +11,14 @@ A cluster is found from a text by its members: its task-type names and examples 
 `examples_per_type` per type string). Names alone are short labels ("Meeting Summarization") that a task
 description ("summarise a meeting transcript") matches poorly; base queries are written like descriptions.
 A cluster's score blends its nearest member (a specific match) and its centroid (the whole body of its work):
-`distance = 1 - (cos(query, nearest member) + cos(query, centroid)) / 2`. Measured on our corpus with `local`
-embeddings (benchmarks/retrieval.py --ablation): type names alone put the right kind in the top 3 for 0.74 of the
-paraphrased descriptions, names and examples by nearest member 0.86, the blend 0.89.
+`distance = 1 - (w cos(query, nearest member) + (1 - w) cos(query, centroid))`, w = `BuildParams.member_weight`
+(per embedding model, like eps). The centroid pools the evidence of every member; the member's share keeps a text
+the database holds in its own cluster first. For `local`, w = 0.3 was chosen by leave-one-out on the corpus
+(benchmarks/retrieval_validation.py: its base queries and type names as queries, their own entries removed):
+top-3 of the right kind 0.78 and 0.88 (equal weights 0.74 and 0.86, nearest member alone 0.61 and 0.85,
+centroid alone 0.82 and 0.84 but 9% of stored type names then miss their own cluster). On the retrieval
+benchmark's descriptions (benchmarks/retrieval.py --ablation): type names alone 0.74, nearest member 0.86,
+centroid 0.87, the blend 0.89 (the same with equal weights).
 
 On disk (`save(dir)` / `load(dir)`): `manifest.json`, `types.jsonl`, `clusters.jsonl`, `constraints.jsonl`,
 `examples.jsonl`, `types.hnsw`, `constraints.hnsw`, `examples.hnsw` (each with a `.json` of index parameters)
@@ -70,6 +75,9 @@ class BuildParams(msgspec.Struct, kw_only=True):
     # Base queries kept per task-type string as retrieval examples: a uniform sample (smallest hashes), so a type
     # with 100k queries costs no more than one with 50.
     examples_per_type: int = 50
+    # A cluster's score is this share of the query's cosine to its nearest member plus the rest of its cosine to
+    # the centroid (module docstring). Depends on the embedding model, like eps; 0.5 is the untuned default.
+    member_weight: float = 0.5
 
 
 class Manifest(msgspec.Struct, kw_only=True):
@@ -137,7 +145,7 @@ class Example(msgspec.Struct, kw_only=True, frozen=True):
 class TypeHit(msgspec.Struct, kw_only=True, frozen=True):
     cluster: int
     name: str
-    distance: float  # 1 - (cos to the nearest member + cos to the centroid) / 2: what hits are ranked by
+    distance: float  # 1 - (w cos to the nearest member + (1 - w) cos to the centroid): what hits are ranked by
     matched: str  # the member (type name or example) nearest to the query
     matched_distance: float  # its cosine distance
 
@@ -440,10 +448,11 @@ class TaskDB:
 
     def reembedded(self, type_vectors: object, example_vectors: object, constraint_vectors: object, *,
                    embedding_model: str, embedding_identity: str = "", simulator: dict[str, object] | None = None,
-                   threads: int = 1) -> TaskDB:
+                   member_weight: float | None = None, threads: int = 1) -> TaskDB:
         """The same database with vectors of another model (rows follow `texts()`): new indexes and centroids,
         the clusters and pools unchanged (they stay those found with the vectors of `clustered_with`).
-        `simulator`: the settings of the simulator that made the new vectors, when it did one."""
+        `simulator`: the settings of the simulator that made the new vectors, when it did one. `member_weight`:
+        the new model's (BuildParams), else the one the database has."""
         tv = as_matrix(type_vectors, what="task-type vectors")
         ev = as_matrix(example_vectors, what="example vectors")
         cv = as_matrix(constraint_vectors, what="constraint vectors")
@@ -462,8 +471,10 @@ class TaskDB:
 
         m = self.manifest
         # Anything simulated before (decompositions, clusters) stays so: the flag is never cleared.
+        params = m.parameters if member_weight is None else msgspec.structs.replace(m.parameters,
+                                                                                     member_weight=member_weight)
         manifest = msgspec.structs.replace(m, embedding_model=embedding_model, embedding_dim=dim,
-                                           embedding_identity=embedding_identity,
+                                           embedding_identity=embedding_identity, parameters=params,
                                            clustered_with=m.clustered_with or m.embedding_model,
                                            simulated=m.simulated or bool(simulator), simulator=dict(simulator or {}))
         if manifest.clustered_with == embedding_model:
@@ -584,6 +595,7 @@ class TaskDB:
         (exact); each candidate's nearest member is then found exactly among its members.
         """
         q = _unit(self._queries(vectors, embedding_model))
+        w = self.manifest.parameters.member_weight
         out: list[list[TypeHit]] = []
         n_clusters = len(self.clusters)
         for row in q:
@@ -603,7 +615,7 @@ class TaskDB:
                 texts, vecs = self.members(cid)
                 sims = vecs @ row
                 best = int(np.argmax(sims))
-                score = (float(sims[best]) + float(centre[cid])) / 2.0
+                score = w * float(sims[best]) + (1.0 - w) * float(centre[cid])
                 scored.append((-score, cid, texts[best], 1.0 - float(sims[best])))
             scored.sort()
             out.append([TypeHit(cluster=cid, name=self.clusters[cid].name, distance=max(1.0 + neg, 0.0),
@@ -697,8 +709,8 @@ class TaskDB:
     def stats(self, top: int = 20) -> dict[str, object]:
         """The paper's corpus statistics: task types by number of queries (with unique constraints per unique
         base query), the category mix of constraints, the share of non-complex prompts; and, when the corpus
-        labelled its lines with kinds of work, the clusters' agreement with them (else None), with each listed
-        cluster's most frequent kind."""
+        labelled its lines with kinds of work, the clusters' agreement with them as the manifest holds it (else
+        None), with each listed cluster's most frequent kind."""
         c = self.manifest.counts
         ranked = sorted(self.clusters, key=lambda cl: (-cl.queries, cl.id))
         top_types = [
@@ -730,7 +742,7 @@ class TaskDB:
                                    "unique": unique[cat]}
                              for cat in sorted(mentions, key=lambda x: (-mentions[x], x))},
             "top_task_types": top_types,
-            "label_agreement": msgspec.to_builtins(_agreement(self.types)),
+            "label_agreement": msgspec.to_builtins(self.manifest.agreement),
         }
 
 

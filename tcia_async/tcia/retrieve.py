@@ -33,6 +33,8 @@ class Retrieval:
         self.pool = pool
         self._ids = {_key(c.text): i for c, i in zip(pool, pool_ids)}
         self._by_id = {i: c for c, i in zip(pool, pool_ids)}
+        # The cluster's constraints that are not in our pool (placeholders, the seed's own): skipped by the search.
+        self._outside = [i for i in db.cluster(cluster).constraints if i not in self._by_id]
         self._seed_vectors = seed_vectors
         self._model = embedding_model
         self._depth = depth
@@ -51,10 +53,9 @@ class Retrieval:
             vec = self._seed_vectors[key][None, :]
         else:
             return []
-        # A few more than needed: the placeholder constraints of the cluster are not in our pool.
-        hits = self.db.nearest_in_pool(self.cluster, vec, self._depth + 8, exclude=[cid] if cid is not None else [],
-                                       embedding_model=self._model)[0]
-        out = [self._by_id[h.id] for h in hits if h.id in self._by_id][: self._depth]
+        skip = self._outside + ([cid] if cid is not None else [])
+        hits = self.db.nearest_in_pool(self.cluster, vec, self._depth, exclude=skip, embedding_model=self._model)[0]
+        out = [self._by_id[h.id] for h in hits]
         self._memo[key] = out
         return out
 
