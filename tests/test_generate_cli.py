@@ -215,9 +215,11 @@ def test_kill_9_then_rerun_completes_with_few_duplicates(tmp_path):
         st = sim.stats()
         assert st["unique"] == n
         summary = orjson.loads((tmp_path / "out.jsonl.summary.json").read_bytes())
-        # Exactly the answers that never reached the cache were paid twice, and fewer than one round in flight.
+        # Exactly the answers that never reached the cache were paid twice: at most those on the wire (c) and those
+        # answered but still waiting for the cache's next batch (max(8, c // 4), engine/core.py). A loaded machine
+        # reaches that sum: the answers of a whole round can be waiting when the kill comes.
         assert st["duplicates"] == answered - summary["cached"]
-        assert st["duplicates"] <= c
+        assert st["duplicates"] <= c + max(8, c // 4)
 
 
 def test_ctrl_c_drains_then_rerun_completes(tmp_path):
