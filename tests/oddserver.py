@@ -7,6 +7,8 @@ does not cover. The answer depends on the user message:
 - "500": a 500, every time;
 - anything else: a plain valid answer.
 
+Embeddings requests are refused with a 400 (the model is unknown), every time.
+
 `with OddServer() as s:` serves on a thread; `s.base_url`, `s.requests` (count).
 """
 
@@ -60,11 +62,17 @@ class OddServer:
                 return resp
         return web.json_response(ANSWER)
 
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        return web.json_response({"error": {"message": "odd server: no such embedding model", "type":
+                                            "invalid_request_error", "code": "model_not_found"}}, status=400)
+
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -115,6 +115,67 @@ def test_build_url_flag_then_settings_file_then_environment(tmp_path: Path, simu
                  *common]) == 0
 
 
+def test_db_concurrency_flag_then_settings_file_then_64(tmp_path: Path, simulator, monkeypatch) -> None:
+    """`[engine] concurrency` of --config applies to db build and reembed (a flag beats it); without either,
+    the db commands' own 64."""
+    import tcia_async.flows.taskdb as flow
+
+    seen: list[int] = []
+    real_build, real_reembed = flow.build_db, flow.reembed_db
+
+    async def build_db(*args, concurrency, **kw):
+        seen.append(concurrency)
+        return await real_build(*args, concurrency=concurrency, **kw)
+
+    async def reembed_db(engine, db, model, identity, concurrency, simulated):
+        seen.append(concurrency)
+        return await real_reembed(engine, db, model, identity, concurrency, simulated)
+
+    monkeypatch.setattr(flow, "build_db", build_db)
+    monkeypatch.setattr(flow, "reembed_db", reembed_db)
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    settings = tmp_path / "db.toml"
+    settings.write_text("[engine]\nconcurrency = 7\n")
+    common = ["--base-url", simulator.base_url, "--model", "gpt-test", "--embedding-model", "emb-test", "--quiet"]
+    build = ["db", "build", str(corpus), *common]
+    assert main([*build, "--out", str(tmp_path / "a"), "--config", str(settings)]) == 0
+    assert main([*build, "--out", str(tmp_path / "b"), "--config", str(settings), "--concurrency", "3"]) == 0
+    assert main([*build, "--out", str(tmp_path / "c")]) == 0
+    reembed = ["db", "reembed", str(tmp_path / "a"), "--embedding-model", "emb-other", "--base-url",
+               simulator.base_url, "--quiet"]
+    assert main([*reembed, "--out", str(tmp_path / "d"), "--config", str(settings)]) == 0
+    assert main([*reembed, "--out", str(tmp_path / "e")]) == 0
+    assert seen == [7, 3, 64, 7, 64]
+
+
+def test_a_refused_embedding_request_stops_build_reembed_and_query_with_exit_3(tmp_path: Path, simulator,
+                                                                              capsys) -> None:
+    """A provider that refuses the embedding requests a db command cannot do without (here a 400: unknown
+    model): one line naming the failure, exit 3, no traceback."""
+    from oddserver import OddServer
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    assert build(corpus, tmp_path / "db", simulator.base_url) == 0
+    capsys.readouterr()
+    data = Path(__file__).resolve().parent.parent / "tcia_async" / "data"
+    few = {}
+    for name in ("corpus.jsonl", "decompositions.jsonl"):  # decomposed already: only embeddings are asked for
+        few[name] = tmp_path / name
+        few[name].write_text("".join((data / name).read_text().splitlines(keepends=True)[:3]))
+    with OddServer() as odd:
+        assert main(["db", "build", str(few["corpus.jsonl"]), "--decompositions", str(few["decompositions.jsonl"]),
+                     "--out", str(tmp_path / "db2"), "--embedding-model", "emb-test", "--base-url", odd.base_url,
+                     "--quiet"]) == 3
+        assert main(["db", "reembed", str(tmp_path / "db"), "--out", str(tmp_path / "db3"), "--embedding-model",
+                     "emb-other", "--base-url", odd.base_url, "--quiet"]) == 3
+        assert main(["db", "query", str(tmp_path / "db"), "summarise a meeting", "--base-url", odd.base_url]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "stopped: a request failed for good: bad_request" in line]
+    assert len(lines) == 3 and all("no such embedding model" in line for line in lines), err
+    assert not (tmp_path / "db3").exists()
+
+
 def test_query_and_stats(tmp_path: Path, simulator, capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     db = tmp_path / "db"

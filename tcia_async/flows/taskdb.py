@@ -50,6 +50,32 @@ DB_FILES = ("records.jsonl", "failures.jsonl", "manifest.json", "types.jsonl", "
 # --------------------------------------------------------------------------------------------------------------
 
 
+DB_CONCURRENCY = 64  # a corpus is decomposed and embedded once: fewer requests in flight than a run's default
+
+
+def _db_config(args: argparse.Namespace, settings: Any, cache: str) -> Any:
+    """The EngineConfig of db build and reembed: --concurrency, else `[engine] concurrency` of --config, else
+    DB_CONCURRENCY (not the engine's own default)."""
+    table = settings.doc.get("engine") if settings is not None else None
+    fixed = {}
+    if args.concurrency is None and not (isinstance(table, dict) and "concurrency" in table):
+        fixed["concurrency"] = DB_CONCURRENCY
+    return engine_config(args, settings, {**_FLAGS, "concurrency": "--concurrency"}, cache_path=cache, **fixed)
+
+
+def _stopped(exc: BaseException) -> str | None:
+    """Why a db command cannot go on (exit 3), when the provider stopped it or refused a request it needs (a
+    failed embedding, for instance), else None."""
+    from tcia_async.engine import RequestFailed, RunStopped
+
+    exc = primary(exc)
+    if isinstance(exc, RunStopped):
+        return str(exc)
+    if isinstance(exc, RequestFailed):
+        return f"a request failed for good: {exc}"
+    return None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -100,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--poll-interval", type=float, metavar="S", default=None,
                    help="--mode batch: seconds before the first status check of a batch, growing after each "
                    "(default 30; the [batch] table of --config holds the rest)")
-    b.add_argument("--concurrency", type=_positive_int, default=64, help="requests in flight (default 64)")
+    b.add_argument("--concurrency", type=_positive_int, default=None,
+                  help=f"requests in flight (default: [engine] concurrency of --config, else {DB_CONCURRENCY})")
     b.add_argument("--cache", default=None, help="response cache (default DBDIR/cache.db)")
     b.add_argument("--eps", type=_cosine_eps, default=None,
                    help="DBSCAN radius on cosine distance for task-type clustering (default: "
@@ -120,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="new database directory (must not exist)")
     r.add_argument("--embedding-model", required=True, help="'local', 'hashed' or a hosted embedding model")
     r.add_argument("--cache", default=None, help="response cache (default OUT/cache.db)")
-    r.add_argument("--concurrency", type=_positive_int, default=64, help="requests in flight (default 64)")
+    r.add_argument("--concurrency", type=_positive_int, default=None,
+                  help=f"requests in flight (default: [engine] concurrency of --config, else {DB_CONCURRENCY})")
     _engine_flags(r, required=False)
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -612,7 +640,7 @@ def run_build(args: argparse.Namespace) -> int:
                 f"the API that serves {embedding_model!r}"
             raise UsageError(f"needs {NEEDS_URL}: {what}")
         _check_build_paths(args, cache)
-        config = engine_config(args, settings, {**_FLAGS, "concurrency": "--concurrency"}, cache_path=cache)
+        config = _db_config(args, settings, cache)
         args.batch_settings = None
         if args.mode == "batch" and not args.decompositions:  # with --decompositions nothing is decomposed
             args.batch_settings = batch_settings(args, settings)
@@ -627,11 +655,10 @@ def run_build(args: argparse.Namespace) -> int:
         _say(f"interrupted; answered calls are cached in {cache}: rerun the same command to continue")
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
-        from tcia_async.engine import RunStopped
         from tcia_async.engine.batch import StateBusy
 
-        if isinstance(primary(exc), RunStopped):
-            _say(f"stopped: {primary(exc)}; answered calls are cached in {cache}: rerun the same command to continue")
+        if (why := _stopped(exc)) is not None:
+            _say(f"stopped: {why}; answered calls are cached in {cache}: rerun the same command to continue")
             return EXIT_STOPPED
         return exit_for(exc, (RetrievalError, ConfigError, StateBusy), lambda msg: say("db build", msg))
     m = db.manifest
@@ -672,7 +699,7 @@ async def _build_main(config, args, params, embedding_model, identity, say):
             db, summary = await build_db(
                 stage_engine, args.corpus, args.out, model=args.model, embedding_model=embedding_model,
                 embedding_identity=identity, decompositions=args.decompositions, params=params,
-                concurrency=args.concurrency, simulated=simulated, limit=args.limit, progress=say,
+                concurrency=config.concurrency, simulated=simulated, limit=args.limit, progress=say,
             )
             stats = getattr(engine, "stats", None)
     except BaseExceptionGroup as group:  # the engine's own task group wraps what ended the block
@@ -754,7 +781,7 @@ def run_reembed(args: argparse.Namespace) -> int:
         if not embed.is_in_process(model) and not _url_given(args, settings, True):
             raise UsageError(f"needs --embedding-base-url or {NEEDS_URL}: the API that serves {model!r}")
         check_paths({}, {"--cache": cache})
-        config = engine_config(args, settings, {**_FLAGS, "concurrency": "--concurrency"}, cache_path=cache)
+        config = _db_config(args, settings, cache)
     except (UsageError, ConfigError) as exc:
         return fail(str(exc))
 
@@ -766,7 +793,7 @@ def run_reembed(args: argparse.Namespace) -> int:
             simulated = await probe_simulator(config.embedding_base_url or config.base_url) is not None
         try:
             async with Engine(config, local_models=embed.local_models()) as engine:
-                return await reembed_db(engine, db, model, identity, args.concurrency, simulated)
+                return await reembed_db(engine, db, model, identity, config.concurrency, simulated)
         except BaseExceptionGroup as group:
             raise primary(group) from None
 
@@ -781,14 +808,9 @@ def run_reembed(args: argparse.Namespace) -> int:
         _say(f"interrupted; embedded texts are cached in {cache}: rerun the same command to continue")
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
-        from tcia_async.engine import RequestFailed, RunStopped
-
-        if isinstance(primary(exc), RunStopped):
-            _say(f"stopped: {primary(exc)}; embedded texts are cached in {cache}: rerun the same command to "
-                 "continue")
+        if (why := _stopped(exc)) is not None:
+            _say(f"stopped: {why}; embedded texts are cached in {cache}: rerun the same command to continue")
             return EXIT_STOPPED
-        if isinstance(primary(exc), RequestFailed):
-            return fail(f"embedding failed: {primary(exc)}")
         return exit_for(exc, (RetrievalError, ConfigError), lambda msg: say("db reembed", msg))
     if not args.quiet:
         m = new.manifest
@@ -914,11 +936,9 @@ def run_query(args: argparse.Namespace) -> int:
     except (RetrievalError, ConfigError, UsageError) as exc:
         return fail(str(exc))
     except Exception as exc:
-        from tcia_async.engine import RequestFailed, RunStopped
-
-        if isinstance(exc, (RequestFailed, RunStopped)):
-            say("db query", f"embedding the query failed: {exc}")
-            return EXIT_STOPPED if isinstance(exc, RunStopped) else 1
+        if (why := _stopped(exc)) is not None:
+            say("db query", f"stopped: {why}")
+            return EXIT_STOPPED
         raise
     if args.json:
         print(msgspec.json.encode(rows).decode())
