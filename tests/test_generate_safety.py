@@ -79,11 +79,41 @@ def test_collisions_between_results_cache_and_summary_are_refused(tmp_path, flag
 def test_a_broken_cache_costs_the_previous_results_nothing(tmp_path):
     inp = write(tmp_path / "in.jsonl", [chat_line("a", "hello")])
     out = tmp_path / "out.jsonl"
-    out.write_text("previous results\n")
+    previous = b'{"id":"batch_req_1","custom_id":"a","response":null,"error":{"code":"x","message":"y"}}\n'
+    out.write_bytes(previous)
     (tmp_path / "out.jsonl.cache.db").write_bytes(b"garbage" * 200)
     p = gen(inp, "-o", out, "--base-url", "http://127.0.0.1:9/v1")
     assert p.returncode == 2 and "not a usable cache" in p.stderr
-    assert out.read_text() == "previous results\n"
+    assert out.read_bytes() == previous
+
+
+def test_a_file_that_generate_did_not_write_is_never_replaced(tmp_path):
+    """-o, its .partial and --summary-json replace only what an earlier generate wrote: a text file or another
+    run's cache named as the output is refused untouched; an earlier results file is replaced."""
+    inp = write(tmp_path / "in.jsonl", [chat_line("a", "hello")])
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = gen(inp, "-o", tmp_path / "first.jsonl", "--base-url", sim.base_url, "--quiet")
+        assert p.returncode == 0, p.stderr
+        cache = tmp_path / "first.jsonl.cache.db"
+        notes = tmp_path / "notes.txt"
+        notes.write_text("mine\n")
+        for target, flags in [(cache, ["-o", cache, "--cache", tmp_path / "other.db"]),
+                              (notes, ["-o", notes]),
+                              (notes, ["-o", tmp_path / "r.jsonl", "--summary-json", notes])]:
+            before = target.read_bytes()
+            p = gen(inp, *flags, "--base-url", sim.base_url, "--quiet")
+            assert p.returncode == 2 and "writing would replace it" in p.stderr, p.stderr
+            assert target.read_bytes() == before
+        (tmp_path / "r.jsonl.partial").write_text("someone's draft\n")
+        p = gen(inp, "-o", tmp_path / "r.jsonl", "--base-url", sim.base_url, "--quiet")
+        assert p.returncode == 2 and "r.jsonl.partial" in p.stderr
+        # What generate wrote before is its own to replace: results, and a summary.
+        summary = tmp_path / "s.json"
+        for _ in range(2):
+            p = gen(inp, "-o", tmp_path / "first.jsonl", "--summary-json", summary, "--base-url", sim.base_url,
+                    "--quiet")
+            assert p.returncode == 0, p.stderr
+        assert [r["custom_id"] for r in results(tmp_path / "first.jsonl")] == ["a"]
 
 
 def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):

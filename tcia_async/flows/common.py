@@ -15,7 +15,8 @@ import anyio
 from tcia_async.engine.errors import primary
 
 __all__ = ["Interrupts", "Staged", "UsageError", "batch_settings", "by_kind", "cache_files", "check_out_dir",
-           "check_paths", "engine_config", "exit_for", "missing_key", "primary", "run_async", "say"]
+           "check_paths", "check_replaceable", "engine_config", "exit_for", "is_results_file", "missing_key",
+           "primary", "run_async", "say"]
 
 
 class UsageError(Exception):
@@ -50,6 +51,36 @@ def check_out_dir(out: Path, flag: str, markers: tuple[str, ...], what: str) -> 
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         raise UsageError(f"{flag} {out}: a folder with files of its own ({shown}), not {what}; its files would be "
                          "replaced: choose a new or empty folder")
+
+
+def check_replaceable(path: str | os.PathLike[str] | None, role: str, ours: Callable[[bytes], bool],
+                      what: str) -> None:
+    """Refuse (UsageError) an existing, non-empty file at `path` that `ours` (given its first MiB) does not
+    recognise as an earlier output of this command: it is someone else's file, and writing would replace it."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(1 << 20)
+    except OSError:
+        return  # check_paths names what cannot be read or written
+    if not ours(head):
+        raise UsageError(f"{path}: exists and is not {what} ({role}); writing would replace it: choose another "
+                         "path, or move the file away")
+
+
+def is_results_file(head: bytes) -> bool:
+    """Whether a file's first bytes are a Batch-format results line: what generate writes."""
+    import orjson
+
+    try:
+        line = orjson.loads(head.split(b"\n", 1)[0])
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(line, dict) and "custom_id" in line and ("response" in line or "error" in line)
 
 
 def check_paths(reads: Mapping[str, str | os.PathLike[str] | None],
