@@ -41,3 +41,16 @@ def test_demo_refuses_a_folder_of_someone_elses_files(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and "files of its own (notes.txt)" in proc.stderr, proc.stderr
     assert [x.name for x in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_demo_refuses_a_folder_whose_demo_toml_is_the_users(tmp_path):
+    """A file named like the demo's settings is not enough to make a folder the demo's: its run/ would be
+    deleted and demo.toml replaced."""
+    (tmp_path / "demo.toml").write_text("precious = true\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "-m", "tcia_async", "demo", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "files of its own" in proc.stderr, proc.stderr
+    assert (tmp_path / "demo.toml").read_text() == "precious = true\n"
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"

@@ -37,14 +37,16 @@ def cache_files(cache: str | os.PathLike[str]) -> list[str]:
     return [c, c + "-wal", c + "-shm", c + ".lock"]
 
 
-def check_out_dir(out: Path, flag: str, markers: tuple[str, ...], what: str) -> None:
+def check_out_dir(out: Path, flag: str, markers: tuple[str, ...], what: str,
+                  ours: Callable[[Path], bool] = Path.exists) -> None:
     """Refuse an --out folder that exists, is not empty and holds none of `markers` (the files an earlier run of
-    this command leaves): its files are someone else's, and this command would replace some of them."""
+    this command leaves, each recognised by `ours`): its files are someone else's, and this command would replace
+    some of them."""
     if not out.exists():
         return
     if not out.is_dir():
         raise UsageError(f"{flag} {out}: exists and is not a directory")
-    if any((out / m).exists() for m in markers):
+    if any(ours(out / m) for m in markers):
         return
     names = sorted(p.name for p in out.iterdir())
     if names:

@@ -88,10 +88,19 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _is_demo_settings(path: Path) -> bool:
+    """Whether `path` is settings an earlier demo wrote (a demo.toml of the user's is not: it would be replaced)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.readline() == DEMO_SETTINGS.splitlines(keepends=True)[0]
+    except OSError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
-        check_out_dir(out, "--out", ("demo.toml",), "the folder of an earlier demo")
+        check_out_dir(out, "--out", ("demo.toml",), "the folder of an earlier demo", ours=_is_demo_settings)
     except UsageError as exc:
         say("demo", str(exc))
         return EXIT_USAGE
