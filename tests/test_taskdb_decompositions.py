@@ -100,14 +100,14 @@ def test_decompositions_alone_and_missing_ones_are_reported(tmp_path, small, mod
     kinds = {json.loads(line)["id"]: json.loads(line)["kind"] for line in corpus.read_text().splitlines()}
     with_kinds.write_text("\n".join(json.dumps({**json.loads(x), "kind": kinds[json.loads(x)["id"]]})
                                     for x in lines) + "\n{broken\n")
-    assert build("--decompositions", with_kinds, "--out", tmp_path / "alone") == 0
+    assert build("--decompositions", with_kinds, "--out", tmp_path / "alone") == 4  # the database, without its bad line
     m = TaskDB.load(tmp_path / "alone").manifest
     assert m.counts.records == 30 and m.agreement.kinds == 30 and m.skipped == {"bad_lines": 1, "failed": 0}
     assert f"{with_kinds}:31: not valid JSON" in capsys.readouterr().err
     # A corpus line without its decomposition is skipped, named and counted.
     dec.write_text("\n".join(lines[1:]) + "\n")
     missing = json.loads(corpus.read_text().splitlines()[0])["id"]
-    assert build(corpus, "--decompositions", dec, "--out", tmp_path / "db") == 0
+    assert build(corpus, "--decompositions", dec, "--out", tmp_path / "db") == 4
     assert f"{corpus}:1: no decomposition with id {missing!r}" in capsys.readouterr().err
     assert TaskDB.load(tmp_path / "db").manifest.skipped == {"bad_lines": 0, "failed": 1}
     failures = [json.loads(x) for x in (tmp_path / "db" / "failures.jsonl").read_text().splitlines()]

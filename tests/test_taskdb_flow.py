@@ -26,6 +26,7 @@ GOOD = [
 
 
 def write_corpus(path: Path) -> Path:
+    """Seven good lines and two bad ones: a build writes the database without them and exits 4."""
     lines = [json.dumps(GOOD[0]), json.dumps(GOOD[1]), "{not json", json.dumps(GOOD[2]),
              json.dumps({"id": "x", "text": "wrong field"}), json.dumps(GOOD[3]), "", json.dumps(GOOD[4]),
              json.dumps(GOOD[5]), json.dumps(GOOD[6])]
@@ -46,7 +47,7 @@ def build(corpus: Path, out: Path, url: str, *extra: str) -> int:
 
 def test_build_reports_bad_lines_and_writes_a_complete_db(tmp_path: Path, simulator, capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus.jsonl")
-    assert build(corpus, tmp_path / "db", simulator.base_url, "--eps", "0.3") == 0
+    assert build(corpus, tmp_path / "db", simulator.base_url, "--eps", "0.3") == 4
     err = capsys.readouterr().err
     # Bad lines name the file and line; the good ones all went through.
     assert f"{corpus}:3:" in err and "not valid JSON" in err
@@ -76,17 +77,17 @@ def test_rerun_sends_nothing_and_resume_sends_only_the_rest(tmp_path: Path, simu
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     simulator.reset()
     # A first, partial run (as if killed after 3 lines), then the full run with the same cache.
-    assert build(corpus, tmp_path / "db", simulator.base_url, "--limit", "3") == 0
+    assert build(corpus, tmp_path / "db", simulator.base_url, "--limit", "3") == 4
     partial = simulator.stats()
     assert partial["duplicates"] == 0 and partial["ok"] >= 3
-    assert build(corpus, tmp_path / "db", simulator.base_url) == 0
+    assert build(corpus, tmp_path / "db", simulator.base_url) == 4
     full = simulator.stats()
     assert full["duplicates"] == 0, "a resumed build re-sent an answered call"
     first = {n: (tmp_path / "db" / n).read_bytes() for n in ("types.jsonl", "clusters.jsonl", "constraints.jsonl",
                                                             "types.hnsw", "constraints.hnsw", "manifest.json")}
     # A rerun of the finished build is answered from the cache alone and writes the same database.
     before = simulator.stats()["requests"]
-    assert build(corpus, tmp_path / "db", simulator.base_url) == 0
+    assert build(corpus, tmp_path / "db", simulator.base_url) == 4
     assert simulator.stats()["requests"] == before
     for name, data in first.items():
         assert (tmp_path / "db" / name).read_bytes() == data, name
@@ -102,17 +103,17 @@ def test_build_url_flag_then_settings_file_then_environment(tmp_path: Path, simu
     with SimThread(SimConfig(latency_ms=0, embedding_dim=96, batch_delay_s=None)) as other:
         monkeypatch.setenv("OPENAI_BASE_URL", other.base_url)
         assert main(["db", "build", str(corpus), "--out", str(tmp_path / "db1"), "--config", str(settings),
-                     *common]) == 0
+                     *common]) == 4
         assert other.stats()["ok"] == 0, "$OPENAI_BASE_URL was preferred to the settings file"
         assert TaskDB.load(tmp_path / "db1").manifest.counts.records == 7
         # A flag beats the file.
         assert main(["db", "build", str(corpus), "--out", str(tmp_path / "db2"), "--config", str(settings),
-                     "--base-url", other.base_url, *common]) == 0
+                     "--base-url", other.base_url, *common]) == 4
         assert other.stats()["ok"] > 0
     # The file alone names the API: no --base-url is asked for.
     monkeypatch.delenv("OPENAI_BASE_URL")
     assert main(["db", "build", str(corpus), "--out", str(tmp_path / "db3"), "--config", str(settings),
-                 *common]) == 0
+                 *common]) == 4
 
 
 def test_db_concurrency_flag_then_settings_file_then_64(tmp_path: Path, simulator, monkeypatch) -> None:
@@ -138,9 +139,9 @@ def test_db_concurrency_flag_then_settings_file_then_64(tmp_path: Path, simulato
     settings.write_text("[engine]\nconcurrency = 7\n")
     common = ["--base-url", simulator.base_url, "--model", "gpt-test", "--embedding-model", "emb-test", "--quiet"]
     build = ["db", "build", str(corpus), *common]
-    assert main([*build, "--out", str(tmp_path / "a"), "--config", str(settings)]) == 0
-    assert main([*build, "--out", str(tmp_path / "b"), "--config", str(settings), "--concurrency", "3"]) == 0
-    assert main([*build, "--out", str(tmp_path / "c")]) == 0
+    assert main([*build, "--out", str(tmp_path / "a"), "--config", str(settings)]) == 4
+    assert main([*build, "--out", str(tmp_path / "b"), "--config", str(settings), "--concurrency", "3"]) == 4
+    assert main([*build, "--out", str(tmp_path / "c")]) == 4
     reembed = ["db", "reembed", str(tmp_path / "a"), "--embedding-model", "emb-other", "--base-url",
                simulator.base_url, "--quiet"]
     assert main([*reembed, "--out", str(tmp_path / "d"), "--config", str(settings)]) == 0
@@ -155,7 +156,7 @@ def test_a_refused_embedding_request_stops_build_reembed_and_query_with_exit_3(t
     from oddserver import OddServer
 
     corpus = write_corpus(tmp_path / "corpus.jsonl")
-    assert build(corpus, tmp_path / "db", simulator.base_url) == 0
+    assert build(corpus, tmp_path / "db", simulator.base_url) == 4
     capsys.readouterr()
     data = Path(__file__).resolve().parent.parent / "tcia_async" / "data"
     few = {}
@@ -179,7 +180,7 @@ def test_a_refused_embedding_request_stops_build_reembed_and_query_with_exit_3(t
 def test_query_and_stats(tmp_path: Path, simulator, capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     db = tmp_path / "db"
-    assert build(corpus, db, simulator.base_url) == 0
+    assert build(corpus, db, simulator.base_url) == 4
     capsys.readouterr()
 
     assert main(["db", "query", str(db), "Summarization", "-k", "2", "--json",
@@ -285,5 +286,5 @@ def test_parquet_corpus(tmp_path: Path, simulator) -> None:
             if "messages" not in g]
     rows.append({"id": "empty", "prompt": ""})
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
-    assert build(tmp_path / "c.parquet", tmp_path / "db", simulator.base_url) == 0
+    assert build(tmp_path / "c.parquet", tmp_path / "db", simulator.base_url) == 4
     assert TaskDB.load(tmp_path / "db").manifest.counts.records == len(rows) - 1

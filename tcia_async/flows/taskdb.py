@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from tcia_async import embed
-from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE
+from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (UsageError, batch_settings, cache_files, check_out_dir, check_paths,
                                      engine_config, exit_for, primary, run_async, say)
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
@@ -674,6 +674,10 @@ def run_build(args: argparse.Namespace) -> int:
          + (" [hashed n-gram fallback embeddings]" if m.embedding_model == embed.HASHED else ""))
     if stats is not None and not args.quiet:
         _say(f"engine: {stats}")
+    if summary.bad_lines or summary.failed:
+        _say(f"{summary.bad_lines + summary.failed} lines were left out of the database: see "
+             f"{Path(args.out) / 'failures.jsonl'}")
+        return EXIT_SOME_FAILED  # the database is written, without them
     return EXIT_OK
 
 
