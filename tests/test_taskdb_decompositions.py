@@ -254,6 +254,10 @@ def test_query_of_the_shipped_db_needs_no_url_and_finds_meeting_summarization(mo
     assert hits[0]["name"] == "Meeting Summarization" and hits[0]["kind"] == "meeting-summarization"
     assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
     assert any("[Input Placeholder]" in s or "[Format]" in s for s in hits[0]["samples"])
+    # The text output states the distance with the database's own member weight.
+    assert main(["db", "query", str(DATA / "taskdb"), "summarise a meeting transcript", "-k", "1"]) == 0
+    w = TaskDB.load(DATA / "taskdb").manifest.parameters.member_weight
+    assert f"1 - ({w:g} x cosine to the nearest member + {1 - w:g} x cosine" in capsys.readouterr().out
     assert main(["db", "query", str(DATA / "taskdb"), "--constraint", "Use bullet points", "-k", "2"]) == 0
     assert "bullet" in capsys.readouterr().out.splitlines()[1].lower()
 

@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--decompositions", metavar="FILE", default=None,
                    help="JSONL of decomposed records {id, decomposition[, kind]} (also a previous build's "
                    "records.jsonl): no decomposition calls. With a corpus, records are matched to its lines by id")
-    _engine_flags(b)
+    _engine_flags(b, "with --decompositions and an in-process embedding model")
     b.add_argument("--model", default=DEFAULT_MODEL, help=f"decomposition model (default {DEFAULT_MODEL})")
     b.add_argument("--embedding-model", default=None,
                    help="embedding model: 'local' (default: multilingual-e5-small in this process, no API), "
@@ -133,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="DBSCAN radius on cosine distance for task-type clustering (default: "
                    + ", ".join(f"{v} for {k}" for k, v in TUNED_EPS.items()) + ", 0.15 for other models)")
     b.add_argument("--min-samples", type=_positive_int, default=None, help="DBSCAN min_samples, the point included (default 2)")
-    b.add_argument("--limit", type=int, default=None, help="use only the first N usable corpus lines")
+    b.add_argument("--limit", type=_positive_int, default=None, help="use only the first N usable corpus lines")
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     r = sub.add_parser(
@@ -149,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--cache", default=None, help="response cache (default OUT/cache.db)")
     r.add_argument("--concurrency", type=_positive_int, default=None,
                   help=f"requests in flight (default: [engine] concurrency of --config, else {DB_CONCURRENCY})")
-    _engine_flags(r, required=False)
+    _engine_flags(r, "to re-embed with an in-process model (local, hashed)")
     r.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
     q = sub.add_parser(
@@ -166,7 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--samples", type=int, default=3, help="sample constraints shown per cluster (default 3)")
     q.add_argument("--embedding-model", default=None, help="must match the database's (default: the database's)")
     q.add_argument("--json", action="store_true", help="print JSON")
-    _engine_flags(q, required=False)
+    _engine_flags(q, "for a DB embedded in process or built with the simulator")
 
     s = sub.add_parser("stats", help="corpus statistics of a database (the paper's), and label agreement",
                        description="Task types by number of queries, unique constraints per unique base query, "
@@ -178,12 +178,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--json", action="store_true", help="print JSON")
 
 
-def _engine_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+def _engine_flags(p: argparse.ArgumentParser, not_needed: str) -> None:
     p.add_argument("--base-url", default=None,
                    help="OpenAI-compatible API base URL (default: the [engine] table of --config, then "
-                   "$OPENAI_BASE_URL)"
-                   + ("; not needed with --decompositions and an in-process embedding model" if required else
-                      "; not needed for the in-process embedding models or a DB built with the simulator"))
+                   f"$OPENAI_BASE_URL); not needed {not_needed}")
     p.add_argument("--embedding-base-url", default=None, help="embeddings API base URL (default: --base-url)")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the API key "
                    "(default OPENAI_API_KEY)")
@@ -954,7 +952,9 @@ def run_query(args: argparse.Namespace) -> int:
     if args.constraint is not None:
         print("cosine distance (0 = same direction), nearest first:")
     else:
-        print("distance = 1 - (cosine to the nearest member + cosine to the cluster's centroid) / 2, nearest first:")
+        w = db.manifest.parameters.member_weight
+        print(f"distance = 1 - ({w:g} x cosine to the nearest member + {1 - w:g} x cosine to the cluster's "
+              "centroid), nearest first:")
     if args.constraint is not None:
         for h in rows:
             print(f"{max(h['distance'], 0.0):.3f}  [{h['category']}] {h['text']}")
