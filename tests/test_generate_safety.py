@@ -186,9 +186,12 @@ def test_a_dead_port_stops_with_exit_3(tmp_path):
     inp = write(tmp_path / "in.jsonl", [chat_line("a", "hello")])
     conf = tmp_path / "c.toml"
     conf.write_text("[engine]\nunreachable_after = 0.5\nbackoff_base = 0.05\nbackoff_cap = 0.1\nmax_attempts = 1000\n")
-    p = gen(inp, "-o", tmp_path / "o.jsonl", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--config", conf)
+    p = gen(inp, "-o", tmp_path / "o.jsonl", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--config", conf,
+            "--summary-json", tmp_path / "s.json")
     assert p.returncode == 3 and "no connection to the provider" in p.stderr
     assert not (tmp_path / "o.jsonl").exists() and (tmp_path / "o.jsonl.partial").exists()
+    summary = orjson.loads((tmp_path / "s.json").read_bytes())
+    assert summary["sent"] == 0 and summary["retries"] > 0  # attempts that never connected sent nothing
 
 
 def test_a_dead_port_stops_once_the_first_request_has_spent_its_attempts(tmp_path):

@@ -29,6 +29,8 @@ class BodyTooLarge(Exception):
 
 # What a failed exchange below HTTP raises: a timeout, or a refused, reset or truncated connection.
 TRANSPORT_ERRORS = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
+# The ones raised before any connection was made: the request never reached the provider.
+NOT_CONNECTED = (aiohttp.ClientConnectorError,)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -158,5 +160,5 @@ class Transport:
         return connection_verdict(exc)
 
 
-__all__ = ["TRANSPORT_ERRORS", "BodyTooLarge", "Transport", "Verdict", "provider_of", "endpoint_url",
+__all__ = ["NOT_CONNECTED", "TRANSPORT_ERRORS", "BodyTooLarge", "Transport", "Verdict", "provider_of", "endpoint_url",
            "is_loopback"]

@@ -30,7 +30,7 @@ import orjson
 
 from tcia_async.config import EngineConfig
 from tcia_async.engine.cache import ResponseCache, key_prefix, request_key
-from tcia_async.engine.client import TRANSPORT_ERRORS, BodyTooLarge, Transport
+from tcia_async.engine.client import NOT_CONNECTED, TRANSPORT_ERRORS, BodyTooLarge, Transport
 from tcia_async.engine.errors import Counters, EngineStats, NotSent, RequestFailed, RunStopped
 from tcia_async.engine.limits import WAIT, Budget, BudgetTooSmall, Limiter
 from tcia_async.engine.retry import (COOLDOWN, FAIL, RETRY, STOP, Verdict, backoff, classify_status,
@@ -460,6 +460,8 @@ class Requests:
                     status, headers, raw = await transport.post(url, data)
                     return status, headers, raw, None, time.perf_counter() - started
                 except TRANSPORT_ERRORS as exc:
+                    if isinstance(exc, NOT_CONNECTED):
+                        counts.sent -= 1  # nothing reached the provider
                     return 0, {}, b"", transport.verdict(exc), 0.0
                 except BodyTooLarge as exc:
                     raise RequestFailed.make("response_too_large", str(exc), 200, 1) from None
