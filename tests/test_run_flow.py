@@ -157,6 +157,20 @@ def test_bad_seed_lines_are_named_and_the_good_ones_run(tmp_path, small):
     assert len(lines(out / "instructions.jsonl")) == 6
 
 
+def test_contexts_of_seeds_not_in_the_run_are_a_note_not_an_error(tmp_path, small):
+    seeds = tmp_path / "two.jsonl"  # the shipped contexts also hold six of the third seed's
+    seeds.write_bytes(b"\n".join((DATA / "seeds.jsonl").read_bytes().splitlines()[:2]) + b"\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run(argv(out, sim.base_url, small, seeds=seeds))
+    assert p.returncode == 0, p.stderr
+    assert "skipped" not in p.stderr and "error" not in p.stderr
+    notes = [x for x in p.stderr.splitlines() if "for seeds not in this run" in x]
+    assert len(notes) == 1 and "6 contexts" in notes[0] and "'support-email'" in notes[0], p.stderr
+    assert lines(out / "failures.jsonl") == []
+    assert orjson.loads((out / "report.json").read_bytes())["funnel"]["failures"] == {}
+
+
 def test_settings_and_paths_are_checked_before_anything_is_written(tmp_path, small):
     out = tmp_path / "run"
     bad = tmp_path / "bad.toml"

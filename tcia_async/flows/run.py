@@ -116,8 +116,10 @@ def _good_lines(path: str, warn: Any, bad: list[BadLine]) -> Any:
 
 
 def read_contexts(path: str, seeds: list[Seed], warn: Any, bad: list[BadLine]) -> None:
-    """Add the contexts of a `{"seed_id", "context"}` file to the seeds; each bad line is added to `bad`."""
+    """Add the contexts of a `{"seed_id", "context"}` file to the seeds; each bad line is added to `bad`.
+    Contexts of seeds not in this run are no error (one file may serve several runs): one note says so."""
     by_id = {s.id: s for s in seeds}
+    unused: Counter[str] = Counter()
     for item in _good_lines(path, warn, bad):
         v = item.value
         if not (isinstance(v, dict) and isinstance(v.get("seed_id"), str) and isinstance(v.get("context"), str)
@@ -127,9 +129,13 @@ def read_contexts(path: str, seeds: list[Seed], warn: Any, bad: list[BadLine]) -
             continue
         seed = by_id.get(v["seed_id"])
         if seed is None:
-            _bad(BadLine(path=path, line=item.line, reason=f"no seed with id {v['seed_id']!r}"), warn, bad)
+            unused[v["seed_id"]] += 1
             continue
         seed.contexts.append(v["context"])
+    if unused:
+        n = sum(unused.values())
+        ids = ", ".join(map(repr, list(unused)[:3])) + (", ..." if len(unused) > 3 else "")
+        warn(f"note: {n} context{'s are' if n != 1 else ' is'} in {path} for seeds not in this run ({ids}): unused")
 
 
 def shipped_db() -> Path:
