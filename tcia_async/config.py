@@ -473,6 +473,10 @@ def validate_run(cfg: RunConfig, where: Mapping[str, str] | None = None) -> RunC
         mode = getattr(getattr(cfg, stage), "mode", None)
         if mode is not None and mode not in ("online", "batch"):
             raise ConfigError(f"{name(stage + '.mode')} = {mode!r}: must be \"online\" or \"batch\"")
+    if cfg.verify.mode is not None:
+        # Verification runs inside compose's stage (pipeline.py): its requests go through compose's BatchGate.
+        raise ConfigError(f"{name('verify.mode')}: verify has no mode of its own: it runs in the compose stage and "
+                          "follows compose's mode; set mode in [compose]")
     if cfg.run.method not in ("tcia", "evol"):
         raise ConfigError(f"{name('run.method')} = {cfg.run.method!r}: must be \"tcia\" or \"evol\"")
     for stage in _LLM_STAGES:

@@ -127,3 +127,15 @@ def test_every_batch_mode_names_poll_interval_and_the_batch_table(tmp_path, comm
     settings.write_text("[batch]\npoll_interval = 10.0\npoll_max = 5.0\n")
     assert main([*head, *base, "--config", str(settings)]) == 2
     assert f"{settings}: [batch] poll_max = 5.0: must be at least poll_interval" in capsys.readouterr().err
+
+
+def test_a_mode_for_verify_which_follows_compose_is_an_error_naming_the_table(tmp_path):
+    from tcia_async.config import read_settings
+
+    path = tmp_path / "run.toml"
+    path.write_text('[verify]\nmode = "batch"\n')
+    with pytest.raises(ConfigError, match=r"run\.toml: \[verify\] mode: .*follows compose's mode; set mode in "
+                       r"\[compose\]"):
+        read_settings(path)
+    path.write_text('[verify]\nmodel = "gpt-4.1"\n[compose]\nmode = "batch"\n')
+    assert read_settings(path) is not None  # its model is its own
