@@ -117,7 +117,8 @@ def read_settings(path: str | os.PathLike[str] | None) -> SettingsFile | None:
         return None
     settings = SettingsFile(path=str(path), doc=load_toml(path))
     load_run_config(settings)
-    load_batch_settings(settings)
+    # Each value on its own: --poll-interval may yet make [batch] poll_max fit (load_batch_settings checks both).
+    _load_table(BatchSettings, settings, "batch", check=_batch_values)
     return settings
 
 
@@ -232,11 +233,14 @@ def _put(data: dict[str, Any], key: str, value: Any, name: Callable[[str], str],
 
 
 def _load_table(typ: type, source: Source, table: str | None, merged: Mapping[str, Any] | None = None,
-                origins: Mapping[str, str] | None = None, fallback: Mapping[str, tuple[Any, str]] | None = None
-                ) -> tuple[Any, dict[str, str]]:
+                origins: Mapping[str, str] | None = None, fallback: Mapping[str, tuple[Any, str]] | None = None,
+                check: Callable[[Any, Mapping[str, str]], Any] | None = None) -> tuple[Any, dict[str, str]]:
     """(the `[table]` of a settings file as a `typ`, or with `table` None the file's stage tables as one; where
     each key came from). Lowest first: `fallback` (setting -> (value, where it came from)), the file, `merged`
-    (setting -> value, None = not given; named by `origins`). Settings are dotted for nested ones."""
+    (setting -> value, None = not given; named by `origins`). Settings are dotted for nested ones.
+
+    The file's table is first checked on its own, with `check(cfg, where)` too: a bad value in the file is an
+    error naming its key even when a flag overrides it."""
     settings = _settings(source)
     path = settings.path if settings is not None else "settings"
     doc = settings.doc if settings is not None else {}
@@ -252,6 +256,10 @@ def _load_table(typ: type, source: Source, table: str | None, merged: Mapping[st
         return where.get(key) or _origin(path, table, key)
 
     where: dict[str, str] = {key: _origin(path, table, key) for key in _flatten(data)}
+    if settings is not None:
+        own = _convert(data, typ, where, path)
+        if check is not None:
+            check(own, where)
     for key, (value, origin) in (fallback or {}).items():
         if value is not None and _put(data, key, value, name, keep=True):
             where[key] = origin
@@ -259,8 +267,13 @@ def _load_table(typ: type, source: Source, table: str | None, merged: Mapping[st
         if value is not None:
             _put(data, key, value, name)
             where[key] = (origins or {}).get(key, f"{key} (given)")
+    return _convert(data, typ, where, path), where
+
+
+def _convert(data: dict[str, Any], typ: type, where: Mapping[str, str], path: str) -> Any:
+    """`data` as a `typ`, or ConfigError naming the flag or file key of the value msgspec refused."""
     try:
-        return msgspec.convert(data, typ), where
+        return msgspec.convert(data, typ)
     except msgspec.ValidationError as exc:
         # "... - at `$.limits.rpm`": name the flag or file key that set it.
         text = str(exc)
@@ -279,7 +292,7 @@ def load_engine_config(source: Source = None, overrides: Mapping[str, Any] | Non
     `origins` names where each override came from ("--rpm", "--base-url"), for error messages.
     """
     cfg, where = _load_table(EngineConfig, source, "engine", {**(overrides or {}), **kw_overrides}, origins,
-                             fallback)
+                             fallback, check=validate_engine)
     return validate_engine(cfg, where)
 
 
@@ -319,7 +332,10 @@ _BATCH_RULES: list[Rule] = [
 ]
 
 
-def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -> BatchSettings:
+def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None, *, together: bool = True
+                   ) -> BatchSettings:
+    """Check every batch setting; `together` False: each on its own (a flag may still change the other one of
+    poll_interval and poll_max)."""
     where = where or {}
 
     def name(key: str) -> str:
@@ -328,7 +344,7 @@ def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -
     check_rules(cfg, _BATCH_RULES, name)
     if cfg.discount > 1:
         raise ConfigError(f"{name('discount')} = {cfg.discount!r}: must be at most 1 (0.5: half the online price)")
-    if cfg.poll_max < cfg.poll_interval:
+    if together and cfg.poll_max < cfg.poll_interval:
         raise ConfigError(f"{name('poll_max')} = {cfg.poll_max!r}: must be at least poll_interval "
                           f"({cfg.poll_interval:g})")
     check_number(cfg.enqueued_tokens, name("enqueued_tokens"), low=1, strict=False, whole=True,
@@ -340,11 +356,15 @@ def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -
     return cfg
 
 
+def _batch_values(cfg: BatchSettings, where: Mapping[str, str]) -> None:
+    validate_batch(cfg, where, together=False)
+
+
 def load_batch_settings(source: Source = None, overrides: Mapping[str, Any] | None = None,
                         origins: Mapping[str, str] | None = None) -> BatchSettings:
     """Batch settings: the `[batch]` table of an optional settings file (a SettingsFile or a path), then
     `overrides` (None = not given), validated; errors name the flag or file key (as `load_engine_config`)."""
-    cfg, where = _load_table(BatchSettings, source, "batch", overrides, origins)
+    cfg, where = _load_table(BatchSettings, source, "batch", overrides, origins, check=_batch_values)
     return validate_batch(cfg, where)
 
 
@@ -499,5 +519,5 @@ def load_run_config(source: Source = None, overrides: Mapping[str, Any] | None =
     """The run's settings: the stage tables of an optional settings file (a SettingsFile or a path; every key
     checked), then `overrides` ("run.seed": 3, ...; None = not given), validated. The `[engine]` and `[batch]`
     tables are left to their own loaders."""
-    cfg, where = _load_table(RunConfig, source, None, overrides, origins)
+    cfg, where = _load_table(RunConfig, source, None, overrides, origins, check=validate_run)
     return validate_run(cfg, where)

@@ -96,7 +96,7 @@ def test_base_url_precedence_flag_then_file_then_environment(tmp_path, monkeypat
 def test_a_flag_under_a_key_that_is_not_a_table_is_an_error_naming_the_key(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[engine]\nlimits = 5\n")
-    with pytest.raises(ConfigError, match=r"bad\.toml: \[engine\] limits must be a table"):
+    with pytest.raises(ConfigError, match=r"bad\.toml: \[engine\] limits: Expected `object`, got `int`"):
         load_engine_config(path, {"limits.rpm": 100.0}, {"limits.rpm": "--rpm"})
 
 
@@ -139,3 +139,31 @@ def test_a_mode_for_verify_which_follows_compose_is_an_error_naming_the_table(tm
         read_settings(path)
     path.write_text('[verify]\nmodel = "gpt-4.1"\n[compose]\nmode = "batch"\n')
     assert read_settings(path) is not None  # its model is its own
+
+
+@pytest.mark.parametrize("text, flag, value, words", [
+    ("[engine]\nbase_url = 5\n", "base_url", "http://127.0.0.1:9/v1", "[engine] base_url"),
+    ('[engine]\nbase_url = "ftp://x"\n', "base_url", "http://127.0.0.1:9/v1", "[engine] base_url = 'ftp://x'"),
+    ('[engine]\nconcurrency = "lots"\n', "concurrency", 4, "[engine] concurrency"),
+    ("[engine]\nconcurrency = 0\n", "concurrency", 4, "[engine] concurrency = 0: must be a whole number >= 1"),
+    ("[engine.limits]\nrpm = -1\n", "rpm", 100.0, "[engine] limits.rpm = -1"),
+    ('[batch]\npoll_interval = "soon"\n', "poll_interval", 5.0, "[batch] poll_interval"),
+])
+def test_a_bad_value_in_the_file_is_an_error_even_when_a_flag_overrides_it(tmp_path, text, flag, value, words):
+    from tcia_async.flows.run import build_configs
+
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        build_configs(_run_args(tmp_path, path, **{flag: value}))
+    assert f"{path}: {words}" in str(info.value)
+
+
+def test_a_flag_may_still_make_the_files_poll_max_fit(tmp_path):
+    from tcia_async.flows.run import build_configs
+
+    path = tmp_path / "c.toml"
+    path.write_text("[batch]\npoll_max = 10.0\n")  # below the default poll_interval, 30
+    assert build_configs(_run_args(tmp_path, path, poll_interval=5.0))[2].poll_max == 10.0
+    with pytest.raises(ConfigError, match=r"\[batch\] poll_max = 10.0: must be at least poll_interval"):
+        build_configs(_run_args(tmp_path, path))
