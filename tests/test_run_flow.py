@@ -144,7 +144,8 @@ def test_bad_seed_lines_are_named_and_the_good_ones_run(tmp_path, small):
     for line in (2, 3, 4, 6):
         assert f"seeds.jsonl:{line}:" in p.stderr
     assert "contexts.jsonl:7:" in p.stderr
-    assert "unknown field `context`" in p.stderr
+    assert "seeds.jsonl:6: context: unknown field" in p.stderr
+    assert "seeds.jsonl:3: instruction: missing" in p.stderr
     # Every bad line is a failure of the run, in failures.jsonl and the report, as the message says.
     failures = lines(out / "failures.jsonl")
     assert [(f["stage"], f["id"], f["code"]) for f in failures] == [

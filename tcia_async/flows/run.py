@@ -81,6 +81,8 @@ def _err(msg: str) -> None:
 
 def read_seeds(path: str, warn: Any, bad: list[BadLine]) -> list[Seed]:
     """The usable seeds of a file; each bad line is said (file:line: reason) and added to `bad`."""
+    from tcia_async.config import dotted_key, explain
+
     seeds: list[Seed] = []
     seen: dict[str, int] = {}
     for item in _good_lines(path, warn, bad):
@@ -89,7 +91,11 @@ def read_seeds(path: str, warn: Any, bad: list[BadLine]) -> list[Seed]:
             if not seed.id.strip() or not seed.instruction.strip():
                 raise ValueError("id and instruction must not be empty")
         except (msgspec.ValidationError, ValueError) as exc:
-            _bad(BadLine(path=path, line=item.line, reason=f"{exc} (a seed is {{\"id\", \"instruction\", "
+            why = str(exc)
+            if isinstance(exc, msgspec.ValidationError):
+                keys, what = explain(exc, item.value, Seed, toml=False)
+                why = f"{dotted_key(keys)}: {what}" if keys else what
+            _bad(BadLine(path=path, line=item.line, reason=f"{why} (a seed is {{\"id\", \"instruction\", "
                          "\"contexts\"?})"), warn, bad)
             continue
         if seed.id in seen:
