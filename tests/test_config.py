@@ -179,3 +179,14 @@ def test_a_flag_may_still_make_the_files_poll_max_fit(tmp_path):
     assert build_configs(_run_args(tmp_path, path, poll_interval=5.0))[2].poll_max == 10.0
     with pytest.raises(ConfigError, match=r"\[batch\] poll_max = 10.0: must be at least poll_interval"):
         build_configs(_run_args(tmp_path, path))
+
+
+def test_run_help_lists_every_table_its_config_accepts(capsys):
+    from tcia_async.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser(["run"]).parse_args(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    tables = ["run", "decompose", "explore", "compose", "verify", "validate", "on_task", "contexts", "respond",
+              "judge", "evol", "engine", "batch"]
+    assert all(f"[{t}]" in text for t in tables), text

@@ -46,8 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='seed instructions: {"id", "instruction", "contexts": [...]} one a line')
     p.add_argument("--out", required=True, metavar="RUNDIR", help="run directory (created; reruns resume in it)")
     p.add_argument("--db", metavar="DBDIR", help="task database (default: the one shipped with the package)")
-    p.add_argument("--config", metavar="TOML", help="settings: [run], [explore], [compose], [validate], "
-                   "[contexts], [respond], [judge], [evol] and [engine] tables (see the README)")
+    from tcia_async.config import RunConfig
+
+    *tables, last = (f"[{name}]" for name in RunConfig.__struct_fields__)  # every table the file may hold
+    p.add_argument("--config", metavar="TOML", help=f"settings: {', '.join(tables)} and {last} tables (see the "
+                   "README)")
     p.add_argument("--contexts", metavar="CONTEXTS.jsonl", help='more contexts: {"seed_id", "context"} one a line')
     p.add_argument("--method", choices=("tcia", "evol"), default=None,
                    help="tcia (default) or evol: the Evol-Instruct baseline, for comparison")
