@@ -172,6 +172,35 @@ def test_contexts_of_seeds_not_in_the_run_are_a_note_not_an_error(tmp_path, smal
     assert orjson.loads((out / "report.json").read_bytes())["funnel"]["failures"] == {}
 
 
+def test_a_replay_keeps_the_timings_of_the_run_that_sent_the_requests(tmp_path, small):
+    seeds = tmp_path / "one.jsonl"
+    seeds.write_bytes((DATA / "seeds.jsonl").read_bytes().splitlines()[0] + b"\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        assert run(argv(out, sim.base_url, small, seeds=seeds)).returncode == 0
+        first = orjson.loads((out / "report.json").read_bytes())
+        timeline = (out / "timeline.png").read_bytes()
+        for _ in range(2):  # a replay of a replay keeps them too
+            p = run(argv(out, sim.base_url, small, seeds=seeds))
+            assert p.returncode == 0, p.stderr
+            again = orjson.loads((out / "report.json").read_bytes())
+            assert again["replay"] is True and again["requests"]["total"]["sent"] == 0
+            replay = again["time"].pop("replay")
+            assert again["time"] == first["time"] and again["stages"] == first["stages"]
+            assert replay["kept"] is True and replay["command_s"] > 0
+            assert (out / "timeline.png").read_bytes() == timeline
+            md = (out / "report.md").read_text()
+            assert (f"Pipeline {first['time']['wall_s']:.1f} s" in md and "when the requests were sent; this rerun "
+                    f"replayed every answer from the cache in {replay['command_s']:.1f} s" in md)
+        # Without the report of the run that sent them, the replay's timings are said to be the replay's.
+        (out / "report.json").unlink()
+        assert run(argv(out, sim.base_url, small, seeds=seeds)).returncode == 0
+        alone = orjson.loads((out / "report.json").read_bytes())
+        assert alone["replay"] is True and alone["time"]["replay"]["kept"] is False
+        assert alone["time"]["wall_s"] == alone["time"]["replay"]["wall_s"] != first["time"]["wall_s"]
+        assert "these are the replay's timings" in (out / "report.md").read_text()
+
+
 def test_settings_and_paths_are_checked_before_anything_is_written(tmp_path, small):
     out = tmp_path / "run"
     bad = tmp_path / "bad.toml"
