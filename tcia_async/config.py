@@ -12,8 +12,9 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,8 @@ def read_settings(path: str | os.PathLike[str] | None) -> SettingsFile | None:
         return None
     settings = SettingsFile(path=str(path), doc=load_toml(path))
     load_run_config(settings)
-    load_batch_settings(settings)
+    # Each value on its own: --poll-interval may yet make [batch] poll_max fit (load_batch_settings checks both).
+    _load_table(BatchSettings, settings, "batch", check=_batch_values)
     return settings
 
 
@@ -199,22 +201,41 @@ def validate_engine(cfg: EngineConfig, where: Mapping[str, str] | None = None) -
     return cfg
 
 
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> list[str]:
-    keys: list[str] = []
+def _flatten(table: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    keys: list[tuple[str, ...]] = []
     for k, v in table.items():
         if isinstance(v, Mapping):
-            keys += _flatten(v, f"{prefix}{k}.")
+            keys += _flatten(v, (*prefix, k))
         else:
-            keys.append(prefix + k)
+            keys.append((*prefix, k))
     return keys
 
 
-def _origin(path: str, table: str | None, key: str) -> str:
-    """How an error names a key of the file: "run.toml: [engine] limits.rpm" (`table` None: the key's first
-    part is its table)."""
-    if table is None and "." in key:
-        table, key = key.split(".", 1)
-    return f"{path}: [{table}] {key}" if table else f"{path}: {key}"
+_BARE = re.compile(r"[A-Za-z0-9_-]+|\[\d+\]")
+
+
+def dotted_key(parts: Sequence[str]) -> str:
+    """`limits.rpm`, `"gpt-4.1"`, `generators[1]`: keys as a TOML file spells them (JSON paths too)."""
+    out = ""
+    for part in parts:
+        if part.startswith("[") and _BARE.fullmatch(part):
+            out += part
+        else:
+            out += ("." if out else "") + (part if _BARE.fullmatch(part) else msgspec.json.encode(part).decode())
+    return out
+
+
+def _origin(path: str, table: str | None, key: str | Sequence[str]) -> str:
+    """How an error names a key of the file: "run.toml: [engine] limits.rpm", or with a key that must be quoted
+    `run.toml: [engine.prices."gpt-4.1"] input` (`table` None: the key's first part is its table)."""
+    parts = key.split(".") if isinstance(key, str) else list(key)
+    if table is None and len(parts) > 1:
+        table, parts = parts[0], parts[1:]
+    if table is None:
+        return f"{path}: {dotted_key(parts)}"
+    if len(parts) > 1 and not all(_BARE.fullmatch(p) for p in parts):
+        return f"{path}: [{dotted_key([table, *parts[:-1]])}] {dotted_key(parts[-1:])}"
+    return f"{path}: [{table}] {dotted_key(parts)}"
 
 
 def _put(data: dict[str, Any], key: str, value: Any, name: Callable[[str], str], keep: bool = False) -> bool:
@@ -232,11 +253,14 @@ def _put(data: dict[str, Any], key: str, value: Any, name: Callable[[str], str],
 
 
 def _load_table(typ: type, source: Source, table: str | None, merged: Mapping[str, Any] | None = None,
-                origins: Mapping[str, str] | None = None, fallback: Mapping[str, tuple[Any, str]] | None = None
-                ) -> tuple[Any, dict[str, str]]:
+                origins: Mapping[str, str] | None = None, fallback: Mapping[str, tuple[Any, str]] | None = None,
+                check: Callable[[Any, Mapping[str, str]], Any] | None = None) -> tuple[Any, dict[str, str]]:
     """(the `[table]` of a settings file as a `typ`, or with `table` None the file's stage tables as one; where
     each key came from). Lowest first: `fallback` (setting -> (value, where it came from)), the file, `merged`
-    (setting -> value, None = not given; named by `origins`). Settings are dotted for nested ones."""
+    (setting -> value, None = not given; named by `origins`). Settings are dotted for nested ones.
+
+    The file's table is first checked on its own, with `check(cfg, where)` too: a bad value in the file is an
+    error naming its key even when a flag overrides it."""
     settings = _settings(source)
     path = settings.path if settings is not None else "settings"
     doc = settings.doc if settings is not None else {}
@@ -251,7 +275,11 @@ def _load_table(typ: type, source: Source, table: str | None, merged: Mapping[st
     def name(key: str) -> str:
         return where.get(key) or _origin(path, table, key)
 
-    where: dict[str, str] = {key: _origin(path, table, key) for key in _flatten(data)}
+    where: dict[str, str] = {".".join(key): _origin(path, table, key) for key in _flatten(data)}
+    if settings is not None:
+        own = _convert(data, typ, where, path, table)
+        if check is not None:
+            check(own, where)
     for key, (value, origin) in (fallback or {}).items():
         if value is not None and _put(data, key, value, name, keep=True):
             where[key] = origin
@@ -259,14 +287,91 @@ def _load_table(typ: type, source: Source, table: str | None, merged: Mapping[st
         if value is not None:
             _put(data, key, value, name)
             where[key] = (origins or {}).get(key, f"{key} (given)")
+    return _convert(data, typ, where, path, table), where
+
+
+def _convert(data: dict[str, Any], typ: type, where: Mapping[str, str], path: str, table: str | None) -> Any:
+    """`data` as a `typ`, or ConfigError naming the flag or file key of the value msgspec refused."""
     try:
-        return msgspec.convert(data, typ), where
+        return msgspec.convert(data, typ)
     except msgspec.ValidationError as exc:
-        # "... - at `$.limits.rpm`": name the flag or file key that set it.
-        text = str(exc)
-        at = text.rsplit("at `$.", 1)[-1].rstrip("`") if "at `$." in text else ""
-        origin = where.get(at)
-        raise ConfigError(f"{origin}: {text.split(' - at ')[0]}" if origin else f"{path}: {text}") from None
+        parts, what = explain(exc, data, typ)
+        if table is None and len(parts) == 1 and what == "unknown key" and isinstance(data.get(parts[0]), dict):
+            raise ConfigError(f"{path}: unknown table [{dotted_key(parts)}]") from None
+        origin = where.get(".".join(parts)) or _origin(path, table, parts)
+        raise ConfigError(f"{origin}: {what}" if parts or table else f"{path}: {what}") from None
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "array": "an array", "null": "null"}
+
+
+def _type_words(spec: str, toml: bool) -> str:
+    """msgspec's `float | null` as "a number" in TOML (which has no null), "a number or null" in JSON."""
+    names = [n.strip() for n in spec.split("|")]
+    if toml and len(names) > 1:
+        names = [n for n in names if n != "null"]
+    table = "a table" if toml else "an object"
+    return " or ".join(table if n in ("object", "dict") else _TYPE_WORDS.get(n, n) for n in names)
+
+
+_MSGSPEC = re.compile(r"(?:Object contains unknown field `(?P<unknown>[^`]*)`"
+                      r"|Object missing required field `(?P<missing>[^`]*)`"
+                      r"|Expected `(?P<want>[^`]*)`, got `(?P<got>[^`]*)`"
+                      r"|(?P<other>.*?))(?: - at `\$(?P<at>[^`]*)`)?", re.S)
+
+
+def explain(exc: msgspec.ValidationError, data: Any = None, typ: Any = None, *, toml: bool = True
+            ) -> tuple[list[str], str]:
+    """A msgspec validation error in the words of a settings file (`toml`) or a JSON line: (the keys leading to
+    the value it refused, list indexes as "[1]"; what is wrong). Every loader says its errors through this. With
+    the `data` and `typ` that were converted, a dict key msgspec leaves out (`$.prices[...]`) is found again."""
+    text = str(exc)
+    m = _MSGSPEC.fullmatch(text)
+    if m is None:  # msgspec worded it otherwise: pass it on as it is
+        return [], text
+    parts = re.findall(r"\.([^.\[]+)|(\[[^\]]*\])", m["at"] or "")
+    keys = [name or index for name, index in parts]
+    if "[...]" in keys and data is not None and typ is not None:
+        keys = _find_keys(keys, data, typ, text)
+    if m["unknown"] is not None:
+        return [*keys, m["unknown"]], "unknown key" if toml else "unknown field"
+    if m["missing"] is not None:
+        return [*keys, m["missing"]], "missing"
+    if m["want"] is not None:
+        got = "a decimal number" if m["got"] == "float" else _type_words(m["got"], toml)
+        return keys, f"expected {_type_words(m['want'], toml)}, got {got}"
+    other = m["other"]
+    return keys, other[:1].lower() + other[1:]
+
+
+def _find_keys(keys: list[str], data: Any, typ: Any, text: str) -> list[str]:
+    """`keys` with each "[...]" (a dict key msgspec does not name) replaced by the key whose value alone fails
+    with the same error."""
+    keys = list(keys)
+    for i, key in enumerate(keys):
+        if key != "[...]":
+            continue
+        node = data
+        for part in keys[:i]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            break
+        for name, value in node.items():
+            try:
+                msgspec.convert(_only(data, keys[:i], {name: value}), typ)
+            except msgspec.ValidationError as exc:
+                if str(exc) == text:
+                    keys[i] = name
+                    break
+    return keys
+
+
+def _only(data: Any, keys: list[str], value: Any) -> Any:
+    """`data` with the dict at `keys` replaced by `value` (the rest shared, not copied)."""
+    if not keys:
+        return value
+    return {**data, keys[0]: _only(data[keys[0]], keys[1:], value)}
 
 
 def load_engine_config(source: Source = None, overrides: Mapping[str, Any] | None = None,
@@ -279,7 +384,7 @@ def load_engine_config(source: Source = None, overrides: Mapping[str, Any] | Non
     `origins` names where each override came from ("--rpm", "--base-url"), for error messages.
     """
     cfg, where = _load_table(EngineConfig, source, "engine", {**(overrides or {}), **kw_overrides}, origins,
-                             fallback)
+                             fallback, check=validate_engine)
     return validate_engine(cfg, where)
 
 
@@ -319,7 +424,10 @@ _BATCH_RULES: list[Rule] = [
 ]
 
 
-def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -> BatchSettings:
+def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None, *, together: bool = True
+                   ) -> BatchSettings:
+    """Check every batch setting; `together` False: each on its own (a flag may still change the other one of
+    poll_interval and poll_max)."""
     where = where or {}
 
     def name(key: str) -> str:
@@ -328,7 +436,7 @@ def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -
     check_rules(cfg, _BATCH_RULES, name)
     if cfg.discount > 1:
         raise ConfigError(f"{name('discount')} = {cfg.discount!r}: must be at most 1 (0.5: half the online price)")
-    if cfg.poll_max < cfg.poll_interval:
+    if together and cfg.poll_max < cfg.poll_interval:
         raise ConfigError(f"{name('poll_max')} = {cfg.poll_max!r}: must be at least poll_interval "
                           f"({cfg.poll_interval:g})")
     check_number(cfg.enqueued_tokens, name("enqueued_tokens"), low=1, strict=False, whole=True,
@@ -340,11 +448,15 @@ def validate_batch(cfg: BatchSettings, where: Mapping[str, str] | None = None) -
     return cfg
 
 
+def _batch_values(cfg: BatchSettings, where: Mapping[str, str]) -> None:
+    validate_batch(cfg, where, together=False)
+
+
 def load_batch_settings(source: Source = None, overrides: Mapping[str, Any] | None = None,
                         origins: Mapping[str, str] | None = None) -> BatchSettings:
     """Batch settings: the `[batch]` table of an optional settings file (a SettingsFile or a path), then
     `overrides` (None = not given), validated; errors name the flag or file key (as `load_engine_config`)."""
-    cfg, where = _load_table(BatchSettings, source, "batch", overrides, origins)
+    cfg, where = _load_table(BatchSettings, source, "batch", overrides, origins, check=_batch_values)
     return validate_batch(cfg, where)
 
 
@@ -473,6 +585,10 @@ def validate_run(cfg: RunConfig, where: Mapping[str, str] | None = None) -> RunC
         mode = getattr(getattr(cfg, stage), "mode", None)
         if mode is not None and mode not in ("online", "batch"):
             raise ConfigError(f"{name(stage + '.mode')} = {mode!r}: must be \"online\" or \"batch\"")
+    if cfg.verify.mode is not None:
+        # Verification runs inside compose's stage (pipeline.py): its requests go through compose's BatchGate.
+        raise ConfigError(f"{name('verify.mode')}: verify has no mode of its own: it runs in the compose stage and "
+                          "follows compose's mode; set mode in [compose]")
     if cfg.run.method not in ("tcia", "evol"):
         raise ConfigError(f"{name('run.method')} = {cfg.run.method!r}: must be \"tcia\" or \"evol\"")
     for stage in _LLM_STAGES:
@@ -495,5 +611,5 @@ def load_run_config(source: Source = None, overrides: Mapping[str, Any] | None =
     """The run's settings: the stage tables of an optional settings file (a SettingsFile or a path; every key
     checked), then `overrides` ("run.seed": 3, ...; None = not given), validated. The `[engine]` and `[batch]`
     tables are left to their own loaders."""
-    cfg, where = _load_table(RunConfig, source, None, overrides, origins)
+    cfg, where = _load_table(RunConfig, source, None, overrides, origins, check=validate_run)
     return validate_run(cfg, where)

@@ -38,13 +38,21 @@ def diversity(vectors: np.ndarray) -> float | None:
 
 
 def _whole(tm: dict[str, Any]) -> str:
-    """The rest of a run's time beside its pipeline's: the diversity measurement, the whole command."""
+    """The rest of a run's time beside its pipeline's: the diversity measurement, the whole command; for a rerun
+    that replayed every answer from the cache, what the replay took."""
     parts = []
     if tm.get("diversity_s") is not None:
         parts.append(f"diversity measured in {tm['diversity_s']:.1f} s")
     if tm.get("command_s") is not None:
         parts.append(f"{tm['command_s']:.1f} s in all")
-    return f" ({', '.join(parts)})" if parts else ""
+    text = f" ({', '.join(parts)})" if parts else ""
+    replay = tm.get("replay")
+    if replay is None:
+        return text
+    if not replay.get("kept"):
+        return f"{text}: a rerun that replayed every answer from the cache; these are the replay's timings"
+    took = f"{replay['command_s']:.1f} s" if replay.get("command_s") is not None else "–"
+    return f"{text} when the requests were sent; this rerun replayed every answer from the cache in {took}"
 
 
 def _count(n: int, thing: str) -> str:
@@ -296,14 +304,15 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Path, r: dict[str, Any], stages: list[Any]) -> list[str]:
-    """PNG plots next to the report (no display needed); the file names written."""
+def plot(out: Path, r: dict[str, Any], stages: list[Any], timeline: bool = True) -> list[str]:
+    """PNG plots next to the report (no display needed); the file names written (`timeline` False: the one there
+    is kept)."""
     with warnings.catch_warnings():  # an empty run draws empty plots; matplotlib's warnings are not the user's
         warnings.simplefilter("ignore")
-        return _plot(out, r, stages)
+        return _plot(out, r, stages, timeline)
 
 
-def _plot(out: Path, r: dict[str, Any], stages: list[Any]) -> list[str]:
+def _plot(out: Path, r: dict[str, Any], stages: list[Any], timeline: bool) -> list[str]:
     try:
         import matplotlib
 
@@ -312,18 +321,20 @@ def _plot(out: Path, r: dict[str, Any], stages: list[Any]) -> list[str]:
     except ImportError:
         return []
     written = []
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for st in stages:
-        if st.per_second:
-            ax.plot(range(len(st.per_second)), st.per_second, label=st.name, linewidth=1)
-    ax.set_xlabel("seconds since the start")
-    ax.set_ylabel("items finished per second")
-    ax.set_title("Stage activity over time (overlap of stages)")
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out / "timeline.png", dpi=110)
-    plt.close(fig)
-    written.append("timeline.png")
+    if timeline:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for st in stages:
+            if st.per_second:
+                ax.plot(range(len(st.per_second)), st.per_second, label=st.name, linewidth=1)
+        ax.set_xlabel("seconds since the start")
+        ax.set_ylabel("items finished per second")
+        ax.set_title("Stage activity over time (overlap of stages)")
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(out / "timeline.png", dpi=110)
+        plt.close(fig)
+    if (out / "timeline.png").exists():
+        written.append("timeline.png")
     hops = [h for h in r["per_hop"] if h["hop"] > 0]
     if hops:
         xs = [h["hop"] for h in hops]
@@ -359,13 +370,46 @@ def headline(r: dict[str, Any]) -> str:
             f"{r['time']['wall_s']:.1f} s{_whole(r['time'])}{cost}\n  {hops}")
 
 
+def _replayed(r: dict[str, Any]) -> bool:
+    """Every answer of this run came from the cache: nothing was sent, online or in batches."""
+    t = r["requests"]["total"]
+    return t["sent"] == 0 and t["batch_sent"] == 0 and t["cached"] > 0
+
+
+def _keep_timings(out: Path, r: dict[str, Any]) -> bool:
+    """A rerun that replayed every answer says so (`replay`); its timings measure the cache, not the provider, so
+    those of the run that sent the requests, from the report.json it replaces, are kept ("time", "stages" and
+    timeline.png), with the replay's beside them ("time"."replay"). True when they were kept."""
+    import orjson
+
+    if not _replayed(r):
+        return False
+    r["replay"] = True
+    # kept: the timings beside these are the run's that sent the requests (else this replay's own)
+    mine = {**{k: r["time"][k] for k in ("wall_s", "diversity_s", "command_s")}, "kept": False}
+    try:
+        before = orjson.loads((out / "report.json").read_bytes())
+        time_before, stages_before = dict(before["time"]), before["stages"]
+        float(time_before["wall_s"])
+        if isinstance(time_before.get("replay"), dict) and not time_before["replay"].get("kept"):
+            raise ValueError("the report before was a replay's too")
+    except (OSError, ValueError, KeyError, TypeError):
+        r["time"]["replay"] = mine  # the run that sent the requests left no report: only the replay's timings
+        return False
+    time_before.pop("replay", None)
+    r["time"] = {**time_before, "replay": {**mine, "kept": True}}
+    r["stages"] = stages_before
+    return True
+
+
 def write_report(out: Path, result: dict[str, Any], rec: Any, div: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
     """Write report.json, report.md and the plots into `out`; returns the report with its `headline`."""
     import orjson
 
     r = build_report(result, rec, div)
-    plots = plot(out, r, result["stages"])
+    kept = _keep_timings(out, r)
+    plots = plot(out, r, result["stages"], timeline=not kept)
     r["plots"] = plots
     tmp = out / "report.json.partial"
     tmp.write_bytes(orjson.dumps(r, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS) + b"\n")

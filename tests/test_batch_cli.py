@@ -239,3 +239,22 @@ def test_db_build_names_a_file_it_cannot_read(tmp_path, monkeypatch, capsys):
     assert main(["db", "build", str(corpus), "--out", str(tmp_path / "db"), "--base-url", "http://127.0.0.1:9/v1",
                  "--embedding-model", "hashed", "--quiet"]) == 2
     assert capsys.readouterr().err.strip().endswith(f"tcia-async db build: {corpus}: Permission denied")
+
+
+def test_batches_on_a_runs_folder_lists_its_stage_state_dirs_and_a_missing_path_is_named(tmp_path, capsys):
+    from tcia_async.engine import batch
+
+    run_dir = tmp_path / "run"
+    for stage in ("compose", "judge"):
+        (run_dir / "batches" / stage).mkdir(parents=True)
+        (run_dir / "batches" / stage / batch.STATE_FILE).write_text("")
+    for given in (run_dir / "batches", run_dir):
+        assert main(["batches", str(given)]) == 2
+        err = capsys.readouterr().err
+        assert f"{given}: not a batch state directory (no {batch.STATE_FILE})" in err
+        assert f"{run_dir / 'batches' / 'compose'}, {run_dir / 'batches' / 'judge'}" in err, err
+    assert main(["batches", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"tcia-async batches: {tmp_path / 'nope'}: does not exist"
+    (tmp_path / "empty").mkdir()
+    assert main(["batches", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"empty: not a batch state directory (no {batch.STATE_FILE})")

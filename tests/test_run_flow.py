@@ -134,16 +134,71 @@ def test_bad_seed_lines_are_named_and_the_good_ones_run(tmp_path, small):
         orjson.dumps({"id": "bare", "instruction": "Hi."}),  # no requirement: nothing to explore
         orjson.dumps({**good, "id": "typo", "context": ["a misspelt field"]}),
     ]) + b"\n")
+    contexts = tmp_path / "contexts.jsonl"  # the first seed's contexts, and one without its context
+    contexts.write_bytes(b"\n".join((DATA / "contexts.jsonl").read_bytes().splitlines()[:6]
+                                    + [b'{"seed_id": "meeting-summary"}']) + b"\n")
     out = tmp_path / "run"
     with SimThread(SimConfig(batch_delay_s=None)) as sim:
-        p = run(argv(out, sim.base_url, small, seeds=seeds))
+        p = run(argv(out, sim.base_url, small, "--contexts", str(contexts), seeds=seeds))
     assert p.returncode == 4, p.stderr  # finished, but some items ended in an error
     for line in (2, 3, 4, 6):
         assert f"seeds.jsonl:{line}:" in p.stderr
-    assert "unknown field `context`" in p.stderr
+    assert "contexts.jsonl:7:" in p.stderr
+    assert "seeds.jsonl:6: context: unknown field" in p.stderr
+    assert "seeds.jsonl:3: instruction: missing" in p.stderr
+    # Every bad line is a failure of the run, in failures.jsonl and the report, as the message says.
     failures = lines(out / "failures.jsonl")
-    assert [(f["stage"], f["id"], f["code"]) for f in failures] == [("decompose", "bare", "no_task")]
+    assert [(f["stage"], f["id"], f["code"]) for f in failures] == [
+        *[("input", f"{seeds}:{n}", "bad_line") for n in (2, 3, 4, 6)], ("input", f"{contexts}:7", "bad_line"),
+        ("decompose", "bare", "no_task")]
+    assert "already used on line 1" in failures[2]["reason"]
+    report = orjson.loads((out / "report.json").read_bytes())
+    assert report["funnel"]["failures"] == {"input": 5, "decompose": 1}
+    assert "6 items ended in an error (bad input lines 5, decompose 1)" in p.stderr
     assert len(lines(out / "instructions.jsonl")) == 6
+
+
+def test_contexts_of_seeds_not_in_the_run_are_a_note_not_an_error(tmp_path, small):
+    seeds = tmp_path / "two.jsonl"  # the shipped contexts also hold six of the third seed's
+    seeds.write_bytes(b"\n".join((DATA / "seeds.jsonl").read_bytes().splitlines()[:2]) + b"\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run(argv(out, sim.base_url, small, seeds=seeds))
+    assert p.returncode == 0, p.stderr
+    assert "skipped" not in p.stderr and "error" not in p.stderr
+    notes = [x for x in p.stderr.splitlines() if "for seeds not in this run" in x]
+    assert len(notes) == 1 and "6 contexts" in notes[0] and "'support-email'" in notes[0], p.stderr
+    assert lines(out / "failures.jsonl") == []
+    assert orjson.loads((out / "report.json").read_bytes())["funnel"]["failures"] == {}
+
+
+def test_a_replay_keeps_the_timings_of_the_run_that_sent_the_requests(tmp_path, small):
+    seeds = tmp_path / "one.jsonl"
+    seeds.write_bytes((DATA / "seeds.jsonl").read_bytes().splitlines()[0] + b"\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        assert run(argv(out, sim.base_url, small, seeds=seeds)).returncode == 0
+        first = orjson.loads((out / "report.json").read_bytes())
+        timeline = (out / "timeline.png").read_bytes()
+        for _ in range(2):  # a replay of a replay keeps them too
+            p = run(argv(out, sim.base_url, small, seeds=seeds))
+            assert p.returncode == 0, p.stderr
+            again = orjson.loads((out / "report.json").read_bytes())
+            assert again["replay"] is True and again["requests"]["total"]["sent"] == 0
+            replay = again["time"].pop("replay")
+            assert again["time"] == first["time"] and again["stages"] == first["stages"]
+            assert replay["kept"] is True and replay["command_s"] > 0
+            assert (out / "timeline.png").read_bytes() == timeline
+            md = (out / "report.md").read_text()
+            assert (f"Pipeline {first['time']['wall_s']:.1f} s" in md and "when the requests were sent; this rerun "
+                    f"replayed every answer from the cache in {replay['command_s']:.1f} s" in md)
+        # Without the report of the run that sent them, the replay's timings are said to be the replay's.
+        (out / "report.json").unlink()
+        assert run(argv(out, sim.base_url, small, seeds=seeds)).returncode == 0
+        alone = orjson.loads((out / "report.json").read_bytes())
+        assert alone["replay"] is True and alone["time"]["replay"]["kept"] is False
+        assert alone["time"]["wall_s"] == alone["time"]["replay"]["wall_s"] != first["time"]["wall_s"]
+        assert "these are the replay's timings" in (out / "report.md").read_text()
 
 
 def test_settings_and_paths_are_checked_before_anything_is_written(tmp_path, small):

@@ -21,7 +21,8 @@ from tcia_async.flows.common import exit_for, primary, run_async, say
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = ("exit codes: 0 listed (and cancelled); 2 not a batch state directory, or a usage error; 3 the "
                 "provider refused or could not be reached; 130 interrupted.")
-    p.add_argument("dir", metavar="DIR", help="a batch state directory (generate --mode batch: RESULTS.batches)")
+    p.add_argument("dir", metavar="DIR", help="a batch state directory (generate --mode batch: RESULTS.batches; run: "
+                   "RUNDIR/batches/STAGE; db build: DBDIR/batches)")
     p.add_argument("--cancel", action="store_true", help="cancel the batches still in flight (a rerun of the "
                    "command that made them resubmits their unanswered lines)")
     p.add_argument("--base-url", help="ask this base URL instead of the one each batch was created at")
@@ -103,14 +104,31 @@ async def _main(args: argparse.Namespace, records: list[Any]) -> tuple[list[list
     return rows, cancelled
 
 
+def _not_a_state_dir(path: Any, state_file: str) -> str | None:
+    """Why `path` is not a batch state directory (None: it is), pointing to the state directories below it: a run
+    keeps one a stage (RUNDIR/batches/STAGE)."""
+    if not path.exists():
+        return f"{path}: does not exist"
+    if not path.is_dir():
+        return f"{path}: not a directory (give a batch state directory)"
+    if (path / state_file).is_file():
+        return None
+    below = sorted({p.parent for pattern in (f"*/{state_file}", f"*/*/{state_file}") for p in path.glob(pattern)})
+    if not below:
+        return f"{path}: not a batch state directory (no {state_file})"
+    shown = ", ".join(str(p) for p in below[:8]) + (", ..." if len(below) > 8 else "")
+    return (f"{path}: not a batch state directory (no {state_file}), but these are (one a stage of a run): {shown}; "
+            f"give one, e.g. `tcia-async batches {below[0]}`")
+
+
 def run_cli(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tcia_async.engine import RunStopped
     from tcia_async.engine.batch import STATE_FILE, read_state
 
-    if not (Path(args.dir) / STATE_FILE).is_file():
-        _err(f"{args.dir}: not a batch state directory (no {STATE_FILE})")
+    if (why := _not_a_state_dir(Path(args.dir), STATE_FILE)) is not None:
+        _err(why)
         return EXIT_USAGE
     try:
         records = read_state(args.dir)  # an unreadable state file is an OSError naming it: exit 2

@@ -46,8 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='seed instructions: {"id", "instruction", "contexts": [...]} one a line')
     p.add_argument("--out", required=True, metavar="RUNDIR", help="run directory (created; reruns resume in it)")
     p.add_argument("--db", metavar="DBDIR", help="task database (default: the one shipped with the package)")
-    p.add_argument("--config", metavar="TOML", help="settings: [run], [explore], [compose], [validate], "
-                   "[contexts], [respond], [judge], [evol] and [engine] tables (see the README)")
+    from tcia_async.config import RunConfig
+
+    *tables, last = (f"[{name}]" for name in RunConfig.__struct_fields__)  # every table the file may hold
+    p.add_argument("--config", metavar="TOML", help=f"settings: {', '.join(tables)} and {last} tables (see the "
+                   "README)")
     p.add_argument("--contexts", metavar="CONTEXTS.jsonl", help='more contexts: {"seed_id", "context"} one a line')
     p.add_argument("--method", choices=("tcia", "evol"), default=None,
                    help="tcia (default) or evol: the Evol-Instruct baseline, for comparison")
@@ -79,57 +82,69 @@ def _err(msg: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def read_seeds(path: str, warn: Any) -> tuple[list[Seed], int]:
-    """The usable seeds of a file; each bad line is reported as file:line: reason. (seeds, bad lines)"""
+def read_seeds(path: str, warn: Any, bad: list[BadLine]) -> list[Seed]:
+    """The usable seeds of a file; each bad line is said (file:line: reason) and added to `bad`."""
+    from tcia_async.config import dotted_key, explain
+
     seeds: list[Seed] = []
     seen: dict[str, int] = {}
-    bad = [0]
     for item in _good_lines(path, warn, bad):
         try:
             seed = msgspec.convert(item.value, Seed)
             if not seed.id.strip() or not seed.instruction.strip():
                 raise ValueError("id and instruction must not be empty")
         except (msgspec.ValidationError, ValueError) as exc:
-            warn(f"skipped {path}:{item.line}: {exc} (a seed is {{\"id\", \"instruction\", \"contexts\"?}})")
-            bad[0] += 1
+            why = str(exc)
+            if isinstance(exc, msgspec.ValidationError):
+                keys, what = explain(exc, item.value, Seed, toml=False)
+                why = f"{dotted_key(keys)}: {what}" if keys else what
+            _bad(BadLine(path=path, line=item.line, reason=f"{why} (a seed is {{\"id\", \"instruction\", "
+                         "\"contexts\"?})"), warn, bad)
             continue
         if seed.id in seen:
-            warn(f"skipped {path}:{item.line}: seed id {seed.id!r} already used on line {seen[seed.id]}")
-            bad[0] += 1
+            _bad(BadLine(path=path, line=item.line, reason=f"seed id {seed.id!r} already used on line "
+                         f"{seen[seed.id]}"), warn, bad)
             continue
         seen[seed.id] = item.line
         seeds.append(seed)
-    return seeds, bad[0]
+    return seeds
 
 
-def _good_lines(path: str, warn: Any, bad: list[int]) -> Any:
-    """The parsed lines of a JSONL file; each bad one is said (file:line: reason) and counted in bad[0]."""
+def _bad(line: BadLine, warn: Any, bad: list[BadLine]) -> None:
+    warn(f"skipped {line}")
+    bad.append(line)
+
+
+def _good_lines(path: str, warn: Any, bad: list[BadLine]) -> Any:
+    """The parsed lines of a JSONL file; each bad one is said (file:line: reason) and added to `bad`."""
     for item in iter_jsonl(path):
         if isinstance(item, BadLine):
-            warn(f"skipped {item}")
-            bad[0] += 1
+            _bad(item, warn, bad)
         else:
             yield item
 
 
-def read_contexts(path: str, seeds: list[Seed], warn: Any) -> int:
-    """Add the contexts of a `{"seed_id", "context"}` file to the seeds; returns the bad lines."""
+def read_contexts(path: str, seeds: list[Seed], warn: Any, bad: list[BadLine]) -> None:
+    """Add the contexts of a `{"seed_id", "context"}` file to the seeds; each bad line is added to `bad`.
+    Contexts of seeds not in this run are no error (one file may serve several runs): one note says so."""
     by_id = {s.id: s for s in seeds}
-    bad = [0]
+    unused: Counter[str] = Counter()
     for item in _good_lines(path, warn, bad):
         v = item.value
         if not (isinstance(v, dict) and isinstance(v.get("seed_id"), str) and isinstance(v.get("context"), str)
                 and v["context"].strip()):
-            warn(f"skipped {path}:{item.line}: expected {{\"seed_id\": str, \"context\": non-empty str}}")
-            bad[0] += 1
+            why = "expected {\"seed_id\": str, \"context\": non-empty str}"
+            _bad(BadLine(path=path, line=item.line, reason=why), warn, bad)
             continue
         seed = by_id.get(v["seed_id"])
         if seed is None:
-            warn(f"skipped {path}:{item.line}: no seed with id {v['seed_id']!r}")
-            bad[0] += 1
+            unused[v["seed_id"]] += 1
             continue
         seed.contexts.append(v["context"])
-    return bad[0]
+    if unused:
+        n = sum(unused.values())
+        ids = ", ".join(map(repr, list(unused)[:3])) + (", ..." if len(unused) > 3 else "")
+        warn(f"note: {n} context{'s are' if n != 1 else ' is'} in {path} for seeds not in this run ({ids}): unused")
 
 
 def shipped_db() -> Path:
@@ -242,6 +257,12 @@ class Recorder:
             code, reason = type(exc).__name__, str(exc) or type(exc).__name__
         self.failures[stage] += 1
         self._write("failures.jsonl", Failure(stage=stage, id=ident, seed_id=seed_id, code=code, reason=reason))
+
+    def bad_line(self, line: BadLine) -> None:
+        """A seed or context line that could not be used: a failure of stage "input", its id `file:line`."""
+        self.failures["input"] += 1
+        self._write("failures.jsonl", Failure(stage="input", id=f"{line.path}:{line.line}", code="bad_line",
+                                              reason=line.reason))
 
     def commit(self) -> None:
         for f in self.files.values():
@@ -471,9 +492,10 @@ def run_cli(args: argparse.Namespace) -> int:
     except (RetrievalError, UsageError) as exc:
         _err(str(exc))
         return EXIT_USAGE
-    seeds, bad = read_seeds(args.seeds, _err)
+    bad: list[BadLine] = []
+    seeds = read_seeds(args.seeds, _err, bad)
     if args.contexts:
-        bad += read_contexts(args.contexts, seeds, _err)
+        read_contexts(args.contexts, seeds, _err, bad)
     if not seeds:
         _err(f"{args.seeds}: no usable seed")
         return EXIT_USAGE
@@ -493,6 +515,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
         ResponseCache(eng_cfg.cache_path).close()  # busy or broken: refused before any output is touched
         rec = Recorder(out)
+        for line in bad:
+            rec.bad_line(line)
         result = run_async(_main, args, run_cfg, eng_cfg, batch_cfg, db, emb_model, seeds, rec)
     except KeyboardInterrupt:
         _err("interrupted; rerun the same command to continue")
@@ -502,10 +526,10 @@ def run_cli(args: argparse.Namespace) -> int:
     finally:
         if rec is not None:
             rec.close()
-    return _finish(args, out, rec, result, bad)
+    return _finish(args, out, rec, result)
 
 
-def _finish(args: argparse.Namespace, out: Path, rec: Recorder, result: dict[str, Any], bad: int) -> int:
+def _finish(args: argparse.Namespace, out: Path, rec: Recorder, result: dict[str, Any]) -> int:
     from tcia_async.report import write_report
 
     status = result["status"]
@@ -517,13 +541,13 @@ def _finish(args: argparse.Namespace, out: Path, rec: Recorder, result: dict[str
     rec.commit()
     result["command_s"] = time.monotonic() - args.started
     report = write_report(out, result, rec, result["diversity"])
-    failed = sum(rec.failures.values()) + bad
+    failed = sum(rec.failures.values())
     if not args.quiet:
         print(report["headline"], file=sys.stderr, flush=True)
     print(f"wrote {out}/sft.jsonl ({rec.sft} examples), preferences.jsonl ({rec.preferences}), "
           f"instructions.jsonl, report.md", flush=True)
     if failed:
-        kinds = [f"{s} {n}" for s, n in rec.failures.items()] + ([f"bad input lines {bad}"] if bad else [])
+        kinds = [f"bad input lines {n}" if s == "input" else f"{s} {n}" for s, n in rec.failures.items()]
         _err(f"{failed} item{'s' if failed != 1 else ''} ended in an error ({', '.join(kinds)}): see "
              f"{out / 'failures.jsonl'}")
         return EXIT_SOME_FAILED
