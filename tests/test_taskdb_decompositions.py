@@ -99,11 +99,15 @@ def test_decompositions_alone_and_missing_ones_are_reported(tmp_path, small, mod
     with_kinds = tmp_path / "with-kinds.jsonl"
     kinds = {json.loads(line)["id"]: json.loads(line)["kind"] for line in corpus.read_text().splitlines()}
     with_kinds.write_text("\n".join(json.dumps({**json.loads(x), "kind": kinds[json.loads(x)["id"]]})
-                                    for x in lines) + "\n{broken\n")
-    assert build("--decompositions", with_kinds, "--out", tmp_path / "alone") == 4  # the database, without its bad line
+                                    for x in lines) + "\n{broken\n"
+                          + json.dumps({"id": "z9", "decomposition": {"complex": "yes", "tasks": []}}) + "\n")
+    assert build("--decompositions", with_kinds, "--out", tmp_path / "alone") == 4  # without its bad lines
     m = TaskDB.load(tmp_path / "alone").manifest
-    assert m.counts.records == 30 and m.agreement.kinds == 30 and m.skipped == {"bad_lines": 1, "failed": 0}
-    assert f"{with_kinds}:31: not valid JSON" in capsys.readouterr().err
+    assert m.counts.records == 30 and m.agreement.kinds == 30 and m.skipped == {"bad_lines": 2, "failed": 0}
+    err = capsys.readouterr().err
+    assert f"{with_kinds}:31: not valid JSON" in err
+    assert f"{with_kinds}:32: not a decomposed record {{id, decomposition}} (decomposition.complex: expected true " \
+           "or false, got a string)" in err
     # A corpus line without its decomposition is skipped, named and counted.
     dec.write_text("\n".join(lines[1:]) + "\n")
     missing = json.loads(corpus.read_text().splitlines()[0])["id"]

@@ -287,8 +287,11 @@ def iter_decompositions(path: str | os.PathLike[str]) -> Iterator[tuple[CorpusIt
         try:
             rec = msgspec.convert(item.value, _Decomposed)
         except msgspec.ValidationError as exc:
-            yield BadLine(path=str(path), line=item.line,
-                          reason=f"not a decomposed record {{id, decomposition}} ({exc})")
+            from tcia_async.config import dotted_key, explain
+
+            keys, what = explain(exc, item.value, _Decomposed, toml=False)
+            yield BadLine(path=str(path), line=item.line, reason=f"not a decomposed record {{id, decomposition}} "
+                          f"({dotted_key(keys) + ': ' if keys else ''}{what})")
             continue
         yield CorpusItem(line=item.line, id=str(rec.id), text="", kind=rec.kind), rec.decomposition
 
