@@ -201,11 +201,11 @@ def test_db_build_in_batch_mode_builds_the_same_database(tmp_path, capsys):
             return main(["db", "build", str(corpus), "--out", str(out), "--base-url", sim.base_url, "--model",
                          "gpt-test", "--embedding-model", "emb-test", "--eps", "0.3", "--config", str(cfg), *extra])
 
-        assert build(tmp_path / "batch", "--mode", "batch") == 0
+        assert build(tmp_path / "batch", "--mode", "batch") == 4  # the corpus has 2 bad lines
         assert "batch b000001" in capsys.readouterr().err
         assert sim.stats()["batch"]["lines_ok"] == 7
         assert not any("messages" in b for b in sim.bodies())  # no decomposition went online
-        assert build(tmp_path / "online", "--quiet") == 0
+        assert build(tmp_path / "online", "--quiet") == 4
     (rec,) = read_state(tmp_path / "batch" / "batches")
     assert rec.settled and rec.lines == 7
     lines = {m: sorted((tmp_path / m / "records.jsonl").read_text().splitlines()) for m in ("batch", "online")}
