@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from tcia_async import __version__
-from tcia_async.flows import EXIT_INTERRUPTED, EXIT_USAGE
+from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 
 class _Command(NamedTuple):
@@ -139,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a Ctrl-C before a command's own handling starts (imports) or after it ends
         print("tcia-async: interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of our output left (`| head`): nothing more to say. Python would report the pipe again
+        # when it flushes stdout at exit; point stdout at /dev/null so it does not.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _main(argv: Sequence[str] | None) -> int:

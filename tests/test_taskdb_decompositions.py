@@ -274,3 +274,15 @@ def test_a_real_local_build_embeds_with_e5(tmp_path, small, monkeypatch, capsys)
     assert db.manifest.embedding_identity == embed.local_model("local").identity
     assert main(["db", "query", str(tmp_path / "db"), "translate a paragraph into French", "-k", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["kind"] == "translation"
+
+
+def test_output_read_by_a_reader_that_leaves_is_no_traceback() -> None:
+    """`tcia-async db stats DB | head -1`: the reader closes the pipe; the command ends quietly, exit 0."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tcia_async", "db", "stats", str(DATA / "taskdb"), "--top", "300"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "Broken pipe" not in err, err
