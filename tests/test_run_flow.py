@@ -172,6 +172,25 @@ def test_contexts_of_seeds_not_in_the_run_are_a_note_not_an_error(tmp_path, smal
     assert orjson.loads((out / "report.json").read_bytes())["funnel"]["failures"] == {}
 
 
+def test_a_provider_refusing_embeddings_fails_the_items_and_the_report_says_what_it_lacks(tmp_path, small):
+    """Embeddings refused (a 400): the seeds fail at retrieval (exit 4, failures.jsonl) and the report's diversity
+    is said to be missing; no traceback."""
+    from oddserver import OddServer
+
+    hosted = tmp_path / "hosted-db"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run([sys.executable, "-m", "tcia_async", "db", "reembed", str(DB[0]), "--out", str(hosted),
+                 "--embedding-model", "emb-test", "--base-url", sim.base_url, "--quiet"])
+        assert p.returncode == 0, p.stderr
+        with OddServer() as odd:
+            out = tmp_path / "run"
+            p = run(argv(out, sim.base_url, small, "--embedding-base-url", odd.base_url, "--db", str(hosted)))
+    assert p.returncode == 4 and "Traceback" not in p.stderr, p.stderr
+    assert "the report's diversity was not measured" in p.stderr
+    assert {f["stage"] for f in lines(out / "failures.jsonl")} == {"retrieve"}
+    assert orjson.loads((out / "report.json").read_bytes())["status"] == "complete"
+
+
 def test_a_replay_keeps_the_timings_of_the_run_that_sent_the_requests(tmp_path, small):
     seeds = tmp_path / "one.jsonl"
     seeds.write_bytes((DATA / "seeds.jsonl").read_bytes().splitlines()[0] + b"\n")

@@ -558,7 +558,7 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, batch_cfg:
                 seeds: list[Seed], rec: Recorder) -> dict[str, Any]:
     import anyio
 
-    from tcia_async.engine import Engine, RunStopped
+    from tcia_async.engine import Engine, RequestFailed, RunStopped
     from tcia_async.flows.progress import Progress
     from tcia_async.flows.taskdb import probe_simulator
     from tcia_async.pipeline import Pipeline
@@ -605,9 +605,12 @@ async def _main(args: argparse.Namespace, run_cfg: Any, eng_cfg: Any, batch_cfg:
         if stopped is None and not interrupts.interrupted:
             t_div = time.monotonic()
             rec.files["instructions.jsonl"].fh.flush()
-            div = await measure_diversity(engine, rec.files["instructions.jsonl"].temp, emb_model,
-                                          sample=run_cfg.run.diversity_sample, run_seed=run_cfg.run.seed,
-                                          say=None if args.quiet else _err)
+            try:
+                div = await measure_diversity(engine, rec.files["instructions.jsonl"].temp, emb_model,
+                                              sample=run_cfg.run.diversity_sample, run_seed=run_cfg.run.seed,
+                                              say=None if args.quiet else _err)
+            except (RequestFailed, RunStopped) as exc:  # the run's outputs stand; only the report lacks it
+                _err(f"the report's diversity was not measured: embedding with {emb_model!r} failed: {exc}")
             div_s = time.monotonic() - t_div
         stats = engine.stats
     status = "stopped" if stopped else ("interrupted" if interrupts.interrupted else "complete")
