@@ -267,3 +267,15 @@ async def test_identical_embedding_lines_of_generate_pay_once(tmp_path):
             third = await engine.embedding_entry(body, key)  # answered since: from the cache
             assert third.data == answered.data
         assert sim.stats()["requests"] == 1
+
+
+
+async def test_a_placeholder_key_does_not_garble_messages(tmp_path, monkeypatch):
+    """Keys are scrubbed from what the provider says, but not a placeholder of a few characters (a local server's):
+    scrubbing "x" printed "You e***ceeded your current quota". (A real key's scrubbing: test_generate_cli.)"""
+    monkeypatch.setenv("TEST_KEY", "x")
+    async with Simulator(SimConfig(quota_after=0, batch_delay_s=None)) as sim:
+        async with Engine(EngineConfig(base_url=sim.base_url, api_key_env="TEST_KEY")) as engine:
+            with pytest.raises(RunStopped):
+                await engine.chat(chat("q"))
+    assert "You exceeded your current quota" in (engine.stopped or ""), engine.stopped

@@ -193,7 +193,9 @@ class Requests:
     async def open(self) -> None:
         cfg = self.config
         key, ekey = cfg.api_key(), cfg.api_key(embeddings=True)
-        self._secrets = [s for s in (key, ekey) if s]
+        # Keys are scrubbed from messages; a key of a few characters (a local server's placeholder) would garble
+        # ordinary words instead ("e***ceeded"), and no provider issues one.
+        self._secrets = [s for s in (key, ekey) if s and len(s) >= 8]
         chat_t = Transport(cfg.base_url, key, cfg.concurrency, cfg.timeout, cfg.max_response_bytes)
         ebase = cfg.embedding_base_url or cfg.base_url
         embed_t = chat_t
