@@ -58,6 +58,17 @@ def test_compare_puts_runs_side_by_side(tmp_path):
     md = (out / "compare.md").read_text()
     assert "| diversity, hop 1 (paper: tcia 0.844, evol 0.798) | 0.840 | 0.800 |" in md
     assert (out / "compare.png").stat().st_size > 0
+    # Its own files are replaced by a second compare; a compare.md of the user's is refused untouched.
+    p = subprocess.run([sys.executable, "-m", "tcia_async", "compare", str(a), str(b), "--out", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "compare.md").write_text("my notes\n")
+    p = subprocess.run([sys.executable, "-m", "tcia_async", "compare", str(a), str(b), "--out", str(mine)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "writing would replace it" in p.stderr, p.stderr
+    assert (mine / "compare.md").read_text() == "my notes\n" and sorted(x.name for x in mine.iterdir()) == ["compare.md"]
 
 
 def test_compare_refuses_diversity_of_different_embedding_models(tmp_path):

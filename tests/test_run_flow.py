@@ -246,6 +246,14 @@ def test_a_folder_of_someone_elses_files_is_refused_untouched(tmp_path, small):
     assert p.returncode == 2 and "a folder with files of its own (sft.jsonl)" in p.stderr, p.stderr
     assert sorted(x.name for x in theirs.iterdir()) == ["sft.jsonl"]
     assert (theirs / "sft.jsonl").read_text() == "MINE\n"
+    # A file named like the run's cache is not enough: it must be a cache of tcia-async.
+    import sqlite3
+
+    with sqlite3.connect(theirs / "cache.db") as db:
+        db.execute("CREATE TABLE notes (x TEXT)")
+    p = run(argv(theirs, "http://127.0.0.1:9/v1", small))
+    assert p.returncode == 2 and "a folder with files of its own" in p.stderr, p.stderr
+    assert sorted(x.name for x in theirs.iterdir()) == ["cache.db", "sft.jsonl"]
 
 
 @pytest.mark.slow

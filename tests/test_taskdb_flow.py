@@ -177,6 +177,18 @@ def test_a_refused_embedding_request_stops_build_reembed_and_query_with_exit_3(t
     assert not (tmp_path / "db3").exists()
 
 
+def test_a_folder_with_a_manifest_of_its_own_is_not_taken_for_a_database(tmp_path: Path, simulator) -> None:
+    """A web app's manifest.json does not make its folder a task database: db build refuses it untouched."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    app = tmp_path / "webapp"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "my pwa"}')
+    (app / "records.jsonl").write_text("my records\n")
+    assert build(corpus, app, simulator.base_url) == 2
+    assert (app / "manifest.json").read_text() == '{"name": "my pwa"}'
+    assert sorted(x.name for x in app.iterdir()) == ["manifest.json", "records.jsonl"]
+
+
 def test_query_and_stats(tmp_path: Path, simulator, capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     db = tmp_path / "db"

@@ -15,8 +15,8 @@ import anyio
 from tcia_async.engine.errors import primary
 
 __all__ = ["Interrupts", "Staged", "UsageError", "batch_settings", "by_kind", "cache_files", "check_out_dir",
-           "check_paths", "check_replaceable", "engine_config", "exit_for", "is_results_file", "missing_key",
-           "primary", "run_async", "say"]
+           "check_paths", "check_replaceable", "engine_config", "exit_for", "is_results_file", "is_tcia_cache",
+           "json_with", "missing_key", "primary", "run_async", "say"]
 
 
 class UsageError(Exception):
@@ -83,6 +83,38 @@ def is_results_file(head: bytes) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(line, dict) and "custom_id" in line and ("response" in line or "error" in line)
+
+
+def is_tcia_cache(path: Path) -> bool:
+    """Whether `path` is a response cache of tcia-async (read only: a file of someone else's is not touched)."""
+    import sqlite3
+
+    from tcia_async.engine.cache import FORMAT
+
+    if not path.is_file():
+        return False
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name='format'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == FORMAT
+
+
+def json_with(*keys: str) -> Callable[[Path], bool]:
+    """A check that a file is a JSON object holding `keys` (how an output of ours is told from a namesake)."""
+    def ours(path: Path) -> bool:
+        import orjson
+
+        try:
+            doc = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return False
+        return isinstance(doc, dict) and all(k in doc for k in keys)
+    return ours
 
 
 def check_paths(reads: Mapping[str, str | os.PathLike[str] | None],

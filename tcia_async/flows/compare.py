@@ -15,7 +15,9 @@ from typing import Any
 import orjson
 
 from tcia_async.flows import EXIT_OK, EXIT_USAGE
-from tcia_async.flows.common import UsageError, check_paths, say
+from tcia_async.flows.common import UsageError, check_paths, check_replaceable, json_with, say
+
+TITLE = "# Runs compared"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,7 +91,7 @@ def render(c: dict[str, Any]) -> str:
     runs = c["runs"]
     head = "| | " + " | ".join(r["name"] for r in runs) + " |"
     sep = "|---|" + "---|" * len(runs)
-    lines = ["# Runs compared", "", head, sep]
+    lines = [TITLE, "", head, sep]
     lines.append("| method | " + " | ".join(r["method"] + (" (simulated)" if r["simulated"] else "") for r in runs) + " |")
     if c["diversity_compared"]:
         for h in c["hops"]:
@@ -140,6 +142,15 @@ def run_cli(args: argparse.Namespace) -> int:
             raise UsageError(f"--name given {len(args.name)} times for {len(args.runs)} runs")
         reports = [load(r) for r in args.runs]
         check_paths({}, {"--out/compare.md": out / "compare.md", "--out/compare.json": out / "compare.json"})
+        # Only an earlier compare's files are replaced: compare.md by its title, compare.json by its keys, and
+        # compare.png when the compare.json beside it is ours.
+        ours_json = json_with("runs", "hops", "diversity_compared")
+        check_replaceable(out / "compare.md", "--out", lambda head: head.startswith(TITLE.encode()),
+                          "a comparison of tcia-async compare")
+        check_replaceable(out / "compare.json", "--out", lambda _h: ours_json(out / "compare.json"),
+                          "a comparison of tcia-async compare")
+        check_replaceable(out / "compare.png", "--out", lambda _h: ours_json(out / "compare.json"),
+                          "a plot of tcia-async compare")
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
