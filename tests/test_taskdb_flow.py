@@ -189,6 +189,24 @@ def test_a_folder_with_a_manifest_of_its_own_is_not_taken_for_a_database(tmp_pat
     assert sorted(x.name for x in app.iterdir()) == ["manifest.json", "records.jsonl"]
 
 
+def test_reembed_never_takes_over_a_partial_folder_of_the_users(tmp_path: Path, simulator, capsys) -> None:
+    """db reembed writes OUT.partial first: a folder of that name holding someone's files is refused untouched; an
+    interrupted reembed's own files are taken up."""
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    assert build(corpus, tmp_path / "db", simulator.base_url) == 4
+    theirs = tmp_path / "new.partial"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    reembed = ["db", "reembed", str(tmp_path / "db"), "--out", str(tmp_path / "new"), "--embedding-model", "hashed",
+               "--quiet"]
+    assert main(reembed) == 2
+    assert "files of its own (notes.txt)" in capsys.readouterr().err
+    assert [x.name for x in theirs.iterdir()] == ["notes.txt"] and not (tmp_path / "new").exists()
+    (theirs / "notes.txt").unlink()
+    (theirs / "types.jsonl").write_text("an interrupted attempt's\n")
+    assert main(reembed) == 0 and TaskDB.load(tmp_path / "new").manifest.embedding_model == "hashed"
+
+
 def test_query_and_stats(tmp_path: Path, simulator, capsys) -> None:
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     db = tmp_path / "db"

@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run_dir = out / "run"
     if run_dir.is_dir():  # an earlier demo's (checked above): the run starts from nothing, so its figures mean something
+        _say(f"demo: removing the earlier demo's run in {run_dir}")
         shutil.rmtree(run_dir)
     config = out / "demo.toml"
     config.write_text(DEMO_SETTINGS.format(sample=args.sets, concurrency=args.concurrency, rpm=args.rpm))

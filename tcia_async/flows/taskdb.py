@@ -779,6 +779,14 @@ def run_reembed(args: argparse.Namespace) -> int:
                     "another name)")
     if Path(args.db).resolve() in (out.resolve(), staging.resolve()):
         return fail(f"{args.out}: the new database cannot replace the one it is made from")
+    if staging.is_dir():  # an earlier, interrupted attempt's: only its own files may be there
+        own = {*DB_FILES, *(Path(f).name for f in cache_files(staging / "cache.db"))}
+        theirs = sorted(f.name for f in staging.iterdir() if f.name not in own)
+        if theirs:
+            return fail(f"{staging}: a folder with files of its own ({', '.join(theirs[:4])}), not an interrupted "
+                        "reembed's; they would end up in the new database: move them, or choose another --out")
+    elif staging.exists():
+        return fail(f"{staging}: exists and is not a directory (the new database is written there first)")
     db = _load(args.db, "reembed")
     if db is None:
         return EXIT_USAGE
