@@ -281,6 +281,7 @@ def test_files_that_are_not_this_cache_are_refused_untouched(tmp_path):
     with pytest.raises(CacheError, match="not a tcia-async cache of this version"):
         ResponseCache(other)
     assert other.read_bytes() == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["other.db"]  # no lock file left beside it
     future = tmp_path / "future.db"
     db = sqlite3.connect(future)
     db.executescript("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL); "

@@ -64,6 +64,7 @@ class FileLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh = None
+        self._made = False  # this lock made its file (then `discard` removes it)
 
     def take(self, busy: Callable[[str], Exception]) -> None:
         """Hold the lock, or raise `busy(holder)` when another process holds it."""
@@ -71,6 +72,7 @@ class FileLock:
             import fcntl
         except ImportError:  # Windows: no fcntl; one writer is then the user's to ensure
             return
+        self._made = not self.path.exists()
         fh = open(self.path, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -89,6 +91,13 @@ class FileLock:
         if self._fh is not None:
             self._fh.close()  # closing drops the lock
             self._fh = None
+
+    def discard(self) -> None:
+        """Release, and remove the lock's file when this lock made it: a file refused leaves nothing beside it."""
+        held = self._fh is not None
+        self.release()
+        if held and self._made:
+            self.path.unlink(missing_ok=True)
 
 
 class ResponseCache:
@@ -145,10 +154,10 @@ class ResponseCache:
                 db.close()
                 raise
         except sqlite3.DatabaseError as exc:
-            self._lock.release()
+            self._lock.discard()
             raise CacheError(f"{self.path}: not a usable cache ({exc})") from None
         except BaseException:
-            self._lock.release()
+            self._lock.discard()
             raise
         return db
 
