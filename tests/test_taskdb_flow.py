@@ -173,6 +173,11 @@ def test_a_refused_embedding_request_stops_build_reembed_and_query_with_exit_3(t
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "stopped: a request failed for good: bad_request" in line]
+    # A provider whose every decomposition fails: nothing to build is its doing, exit 3 (not a usage error).
+    with OddServer() as odd:
+        assert main(["db", "build", str(few["corpus.jsonl"]), "--out", str(tmp_path / "db4"), "--base-url",
+                     odd.base_url, "--embedding-model", "hashed", "--quiet"]) == 3
+    assert "nothing to build: every decomposition failed (3 of 3 usable lines" in capsys.readouterr().err
     assert len(lines) == 3 and all("no such embedding model" in line for line in lines), err
     assert not (tmp_path / "db3").exists()
 

@@ -441,6 +441,13 @@ async def build_db(
     type_texts, example_texts, con_texts = builder.type_texts(), builder.example_texts(), builder.constraint_texts()
     summary.type_texts, summary.example_texts = len(type_texts), len(example_texts)
     summary.constraint_texts = len(con_texts)
+    if summary.decomposed == 0 and summary.failed and decompositions is None:
+        # Every line reached the provider and none came back decomposed: the provider's doing (exit 3, like a
+        # provider answering nothing but errors), not the command's arguments. The answers stay cached.
+        from tcia_async.engine import RunStopped
+
+        raise RunStopped(f"{source}: nothing to build: every decomposition failed ({summary.failed} of "
+                         f"{summary.lines} usable lines; see {Path(out) / 'failures.jsonl'})")
     if summary.decomposed == 0:
         # Writing an empty database would look like success: say why nothing could be built instead.
         raise UsageError(f"{source}: nothing to build: no instruction was decomposed ({summary.lines} usable "
