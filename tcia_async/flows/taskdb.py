@@ -663,13 +663,14 @@ def run_build(args: argparse.Namespace) -> int:
         tune_gc()
         db, summary, stats = run_async(_build_main, config, args, params, embedding_model, identity, quiet)
     except KeyboardInterrupt:
-        _say(f"interrupted; answered calls are cached in {cache}: rerun the same command to continue")
+        say("db build", f"interrupted; answered calls are cached in {cache}: rerun the same command to continue")
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
         from tcia_async.engine.batch import StateBusy
 
         if (why := _stopped(exc)) is not None:
-            _say(f"stopped: {why}; answered calls are cached in {cache}: rerun the same command to continue")
+            say("db build", f"stopped: {why}; answered calls are cached in {cache}: rerun the same command to "
+                "continue")
             return EXIT_STOPPED
         return exit_for(exc, (RetrievalError, ConfigError, StateBusy), lambda msg: say("db build", msg))
     m = db.manifest
@@ -686,7 +687,8 @@ def run_build(args: argparse.Namespace) -> int:
     if stats is not None and not args.quiet:
         _say(f"engine: {stats}")
     if summary.bad_lines or summary.failed:
-        _say(f"{summary.bad_lines + summary.failed} lines were left out of the database: see "
+        left = summary.bad_lines + summary.failed
+        _say(f"{left} line{'s were' if left != 1 else ' was'} left out of the database: see "
              f"{Path(args.out) / 'failures.jsonl'}")
         return EXIT_SOME_FAILED  # the database is written, without them
     return EXIT_OK
@@ -828,11 +830,12 @@ def run_reembed(args: argparse.Namespace) -> int:
         new.save(staging)
         os.replace(staging, out)  # the complete database appears under its name at once
     except KeyboardInterrupt:
-        _say(f"interrupted; embedded texts are cached in {cache}: rerun the same command to continue")
+        say("db reembed", f"interrupted; embedded texts are cached in {cache}: rerun the same command to continue")
         return EXIT_INTERRUPTED
     except BaseException as exc:  # noqa: BLE001 - every failure a user can reach becomes one line
         if (why := _stopped(exc)) is not None:
-            _say(f"stopped: {why}; embedded texts are cached in {cache}: rerun the same command to continue")
+            say("db reembed", f"stopped: {why}; embedded texts are cached in {cache}: rerun the same command to "
+                "continue")
             return EXIT_STOPPED
         return exit_for(exc, (RetrievalError, ConfigError), lambda msg: say("db reembed", msg))
     if not args.quiet:
@@ -911,6 +914,8 @@ def run_query(args: argparse.Namespace) -> int:
         say("db query", msg)
         return EXIT_USAGE
 
+    if args.constraint is not None and args.text is not None:
+        return fail("give a text to find task types, or --constraint to find constraints, not both")
     text = args.constraint if args.constraint is not None else args.text
     if not text:
         return fail('needs a text: db query DBDIR "meeting summarization" (or --constraint "Use bullet points")')
@@ -982,7 +987,8 @@ def run_query(args: argparse.Namespace) -> int:
     else:
         for h in rows:
             print(f"{h['distance']:.3f}  {h['name']}  (cluster {h['cluster']}: {h['queries']} queries, "
-                  f"{h['member_types']} type strings, {h['pool']} constraints; nearest member {h['matched']!r} "
+                  f"{h['member_types']} type string{'s' if h['member_types'] != 1 else ''}, {h['pool']} constraints; "
+                  f"nearest member {h['matched']!r} "
                   f"at {h['matched_distance']:.3f})")
             for s in h["samples"]:
                 print(f"         {s}")
