@@ -114,6 +114,12 @@ def test_a_file_that_generate_did_not_write_is_never_replaced(tmp_path):
                     "--quiet")
             assert p.returncode == 0, p.stderr
         assert [r["custom_id"] for r in results(tmp_path / "first.jsonl")] == ["a"]
+        # One line of an earlier result can be larger than what is read to tell (embeddings): still ours.
+        big = tmp_path / "big.jsonl"
+        big.write_bytes(b'{"id":"batch_req_1","custom_id":"a","response":{"status_code":200,"request_id":"","body":'
+                        b'{"x":"' + b"y" * (2 << 20) + b'"}},"error":null}\n')
+        p = gen(inp, "-o", big, "--base-url", sim.base_url, "--quiet")
+        assert p.returncode == 0, p.stderr
 
 
 def test_paths_that_cannot_be_used_are_one_line_errors(tmp_path):
