@@ -231,7 +231,10 @@ def _pair(*responses: tuple[str, str, float]) -> Pair:
 def test_select_best_ties_and_preference_margin():
     sft, pref = select(_pair(("a", "long answer here", 4.0), ("b", "short", 4.0), ("c", "bad", 2.6)), margin=1.0)
     assert sft["messages"][1]["content"] == "short"  # tie on the mean: the shorter wins
-    assert pref["chosen"] == "short" and pref["rejected"] == "bad" and pref["prompt"] == "Q"
+    # TRL's conversational preference format, as the SFT records: the same chat template applies to both.
+    assert pref["prompt"] == [{"role": "user", "content": "Q"}]
+    assert pref["chosen"] == [{"role": "assistant", "content": "short"}]
+    assert pref["rejected"] == [{"role": "assistant", "content": "bad"}]
     sft, _ = select(_pair(("a", "same", 4.0), ("b", "same", 4.0)), margin=1.0)
     assert sft["metadata"]["generator"] == "a"  # then the earlier generator
     _, pref = select(_pair(("a", "x", 4.0), ("b", "y", 3.2)), margin=1.0)

@@ -35,7 +35,8 @@ STAGE_ORDER = ("decompose", "retrieve", "explore", "compose", "evol", "validate"
 
 EPILOG = """Outputs in RUNDIR: instructions.jsonl (every composed instruction, kept or dropped and why), sft.jsonl
 ({"messages": [...]}: the best answer per instruction and context), preferences.jsonl (prompt, chosen,
-rejected: TRL's DPO format), failures.jsonl, report.json and report.md, cache.db (rerun to resume).
+rejected as message lists: TRL's conversational preference format), failures.jsonl, report.json and report.md,
+cache.db (rerun to resume).
 Exit codes: 0 done; 4 done, but some items ended in an error (see failures.jsonl); 2 usage or configuration
 error (nothing written); 3 stopped: quota, auth or a provider failing on everything (rerun to continue);
 130 interrupted (rerun to continue)."""

@@ -2,7 +2,8 @@
 
 The best answer has the highest mean score; ties go to the shorter answer, then to the earlier generator in the
 configured list. The worst is the lowest mean (ties: the longer, then the later generator). A preference pair
-(TRL's DPO format: prompt, chosen, rejected) is made when best and worst differ by at least `margin`.
+is made when best and worst differ by at least `margin`: TRL's conversational preference format (prompt, chosen
+and rejected as message lists), like the SFT records, so a trainer applies the same chat template to both.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def select(pair: Pair, *, margin: float = 1.0) -> tuple[dict[str, Any], dict[str
                         "candidates": len(pair.responses)}}
     pref = None
     if best is not worst and (best.mean or 0.0) - (worst.mean or 0.0) >= margin:
-        pref = {"prompt": pair.prompt, "chosen": best.text, "rejected": worst.text,
+        pref = {"prompt": [{"role": "user", "content": pair.prompt}],
+                "chosen": [{"role": "assistant", "content": best.text}],
+                "rejected": [{"role": "assistant", "content": worst.text}],
                 "chosen_model": best.generator, "rejected_model": worst.generator,
                 "chosen_scores": best.scores, "rejected_scores": worst.scores,
                 "chosen_mean": best.mean, "rejected_mean": worst.mean, "metadata": _meta(pair)}
