@@ -133,6 +133,7 @@ def test_bad_seed_lines_are_named_and_the_good_ones_run(tmp_path, small):
         orjson.dumps(good),  # the same id again
         orjson.dumps({"id": "bare", "instruction": "Hi."}),  # no requirement: nothing to explore
         orjson.dumps({**good, "id": "typo", "context": ["a misspelt field"]}),
+        orjson.dumps({**good, "id": "blank", "contexts": ["Ana: ship it Friday.", "   "]}),  # an empty context
     ]) + b"\n")
     contexts = tmp_path / "contexts.jsonl"  # the first seed's contexts, and one without its context
     contexts.write_bytes(b"\n".join((DATA / "contexts.jsonl").read_bytes().splitlines()[:6]
@@ -141,20 +142,21 @@ def test_bad_seed_lines_are_named_and_the_good_ones_run(tmp_path, small):
     with SimThread(SimConfig(batch_delay_s=None)) as sim:
         p = run(argv(out, sim.base_url, small, "--contexts", str(contexts), seeds=seeds))
     assert p.returncode == 4, p.stderr  # finished, but some items ended in an error
-    for line in (2, 3, 4, 6):
+    for line in (2, 3, 4, 6, 7):
         assert f"seeds.jsonl:{line}:" in p.stderr
+    assert "seeds.jsonl:7: contexts[1] is empty" in p.stderr
     assert "contexts.jsonl:7:" in p.stderr
     assert "seeds.jsonl:6: context: unknown field" in p.stderr
     assert "seeds.jsonl:3: instruction: missing" in p.stderr
     # Every bad line is a failure of the run, in failures.jsonl and the report, as the message says.
     failures = lines(out / "failures.jsonl")
     assert [(f["stage"], f["id"], f["code"]) for f in failures] == [
-        *[("input", f"{seeds}:{n}", "bad_line") for n in (2, 3, 4, 6)], ("input", f"{contexts}:7", "bad_line"),
+        *[("input", f"{seeds}:{n}", "bad_line") for n in (2, 3, 4, 6, 7)], ("input", f"{contexts}:7", "bad_line"),
         ("decompose", "bare", "no_task")]
     assert "already used on line 1" in failures[2]["reason"]
     report = orjson.loads((out / "report.json").read_bytes())
-    assert report["funnel"]["failures"] == {"input": 5, "decompose": 1}
-    assert "6 items ended in an error (bad input lines 5, decompose 1)" in p.stderr
+    assert report["funnel"]["failures"] == {"input": 6, "decompose": 1}
+    assert "7 items ended in an error (bad input lines 6, decompose 1)" in p.stderr
     assert len(lines(out / "instructions.jsonl")) == 6
 
 

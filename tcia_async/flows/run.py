@@ -95,6 +95,9 @@ def read_seeds(path: str, warn: Any, bad: list[BadLine]) -> list[Seed]:
             seed = msgspec.convert(item.value, Seed)
             if not seed.id.strip() or not seed.instruction.strip():
                 raise ValueError("id and instruction must not be empty")
+            blank = [i for i, c in enumerate(seed.contexts) if not c.strip()]
+            if blank:  # an empty context would make examples whose context block is empty
+                raise ValueError(f"contexts[{blank[0]}] is empty")
         except (msgspec.ValidationError, ValueError) as exc:
             why = str(exc)
             if isinstance(exc, msgspec.ValidationError):
