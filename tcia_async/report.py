@@ -147,7 +147,10 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
                  "batch_usd": round(eng.batch_cost, 6), "saved_by_batch_usd": round(eng.batch_saved, 6),
                  "cached_prompt_tokens": eng.cached_tokens, "prompt_tokens": eng.prompt_tokens,
                  "per_1000_sft_examples_usd": round(cost / kept_sft * 1000, 6) if kept_sft else None,
-                 "priced": bool(result["prices"]), "prices": result["prices"]},
+                 "priced": bool(result["prices"]), "prices": result["prices"],
+                 # Models that used tokens without a price: the cost above counts them as free.
+                 "unpriced_models": sorted(m for m, c in eng.models.items()
+                                           if m and m not in result["prices"] and (c.prompt_tokens or c.completion_tokens))},
         "time": {"wall_s": round(result["wall_s"], 3),  # the pipeline's
                  "diversity_s": _r(result.get("diversity_s"), 3),
                  "command_s": _r(result.get("command_s"), 3),  # the whole command, start-up included
@@ -279,6 +282,9 @@ def render_markdown(r: dict[str, Any], plots: list[str]) -> str:
                   f"sent cost ${co['paid_by_this_run_usd']:.4f}; at full input price, without the provider's "
                   f"prompt cache, ${co['usd_at_full_price']:.4f} (saved ${co['saved_by_prompt_cache_usd']:.4f}).",
                   ""]
+        if co.get("unpriced_models"):
+            lines += [f"**Partial cost**: no price for {', '.join(f'`{m}`' for m in co['unpriced_models'])}; their "
+                      "tokens count as free above. Add them to `[engine.prices]`.", ""]
     else:
         lines += ["No prices configured: set `[engine.prices.\"MODEL\"]` (input, output, cached_input: USD per 1M "
                   "tokens) to see the cost.", ""]

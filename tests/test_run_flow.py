@@ -193,6 +193,20 @@ def test_a_provider_refusing_embeddings_fails_the_items_and_the_report_says_what
     assert orjson.loads((out / "report.json").read_bytes())["status"] == "complete"
 
 
+def test_a_cost_with_some_models_unpriced_is_said_to_be_partial(tmp_path):
+    """Prices for the judge only: the report's cost names the models it counts as free, and the run says so."""
+    settings = tmp_path / "priced.toml"
+    settings.write_text(SMALL + '[judge]\nmodel = "gpt-4.1"\n[engine.prices."gpt-4.1"]\ninput = 2.0\noutput = 8.0\n')
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run(argv(out, sim.base_url, settings))
+    assert p.returncode == 0, p.stderr
+    cost = orjson.loads((out / "report.json").read_bytes())["cost"]
+    assert cost["priced"] and "gpt-4.1-mini" in cost["unpriced_models"] and "gpt-4.1" not in cost["unpriced_models"]
+    assert "the report's cost is partial: no price for" in p.stderr
+    assert "**Partial cost**" in (out / "report.md").read_text()
+
+
 def test_a_replay_keeps_the_timings_of_the_run_that_sent_the_requests(tmp_path, small):
     seeds = tmp_path / "one.jsonl"
     seeds.write_bytes((DATA / "seeds.jsonl").read_bytes().splitlines()[0] + b"\n")

@@ -549,6 +549,9 @@ def _finish(args: argparse.Namespace, out: Path, rec: Recorder, result: dict[str
     failed = sum(rec.failures.values())
     if not args.quiet:
         print(report["headline"], file=sys.stderr, flush=True)
+    if report["cost"]["priced"] and report["cost"]["unpriced_models"]:
+        _err(f"the report's cost is partial: no price for {', '.join(report['cost']['unpriced_models'])} "
+             "(add them to [engine.prices])")
     print(f"wrote {out}/sft.jsonl ({rec.sft} examples), preferences.jsonl ({rec.preferences}), "
           f"instructions.jsonl, report.md", flush=True)
     if failed:
