@@ -149,8 +149,8 @@ def build_report(result: dict[str, Any], rec: Any, div: dict[str, Any] | None = 
                  "per_1000_sft_examples_usd": round(cost / kept_sft * 1000, 6) if kept_sft else None,
                  "priced": bool(result["prices"]), "prices": result["prices"],
                  # Models that used tokens without a price: the cost above counts them as free.
-                 "unpriced_models": sorted(m for m, c in eng.models.items()
-                                           if m and m not in result["prices"] and (c.prompt_tokens or c.completion_tokens))},
+                 "unpriced_models": sorted(m for m, c in eng.models.items() if m and m not in result["prices"]
+                                           and (c.prompt_tokens or c.completion_tokens))},
         "time": {"wall_s": round(result["wall_s"], 3),  # the pipeline's
                  "diversity_s": _r(result.get("diversity_s"), 3),
                  "command_s": _r(result.get("command_s"), 3),  # the whole command, start-up included
