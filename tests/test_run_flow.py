@@ -193,6 +193,30 @@ def test_a_provider_refusing_embeddings_fails_the_items_and_the_report_says_what
     assert orjson.loads((out / "report.json").read_bytes())["status"] == "complete"
 
 
+def test_a_seed_that_points_at_an_input_it_lacks_is_a_failure(tmp_path, small):
+    """A seed asking about "the customer email below" with no contexts would make examples about material that is
+    not there: it goes to failures.jsonl (exit 4) instead; a seed with its contexts runs."""
+    seeds = tmp_path / "seeds.jsonl"
+    shipped = [orjson.loads(x) for x in (DATA / "seeds.jsonl").read_bytes().splitlines()]
+    contexts = {}
+    for x in (DATA / "contexts.jsonl").read_bytes().splitlines():
+        c = orjson.loads(x)
+        contexts.setdefault(c["seed_id"], []).append(c["context"])
+    with_input = {**shipped[0], "contexts": contexts[shipped[0]["id"]][:2]}
+    without = {"id": "no-input", "instruction": "Write a reply to the customer. Use the customer email provided below. "
+               "Keep the reply under 120 words. Use a friendly tone."}  # its decomposition has an Input Placeholder
+    seeds.write_bytes(orjson.dumps(with_input) + b"\n" + orjson.dumps(without) + b"\n")
+    out = tmp_path / "run"
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        p = run([sys.executable, "-m", "tcia_async", "run", str(seeds), "--out", str(out), "--base-url",
+                 sim.base_url, "--config", str(small), "--db", str(DB[0]), "--quiet"])
+    assert p.returncode == 4, p.stderr
+    failures = lines(out / "failures.jsonl")
+    assert [(f["stage"], f["id"], f["code"]) for f in failures] == [("decompose", "no-input", "no_contexts")]
+    assert "points at an input" in failures[0]["reason"]
+    assert {r["metadata"]["seed_id"] for r in lines(out / "sft.jsonl")} == {with_input["id"]}
+
+
 def test_a_cost_with_some_models_unpriced_is_said_to_be_partial(tmp_path):
     """Prices for the judge only: the report's cost names the models it counts as free, and the run says so."""
     settings = tmp_path / "priced.toml"

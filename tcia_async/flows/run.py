@@ -347,6 +347,11 @@ def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_mod
             raise Skip("no_task", "the seed states no explicit requirement, so it has no constraint set to "
                        "explore; give it at least one requirement (length, format, tone, content, ...)")
         t = d.tasks[0]
+        points = next((c.constraint for c in t.constraints if c.category == "Input Placeholder"), None)
+        if points is not None and not seed.contexts:
+            # Its instructions would ask about material that is not there, and be answered and kept anyway.
+            raise Skip("no_contexts", f"the seed points at an input ({points!r}) but has no contexts: give them in "
+                       "the seed line or with --contexts")
         rec.seeds_decomposed += 1
         await emit(SeedTask(seed_id=seed.id, instruction=seed.instruction, task_type=t.task_type,
                             base_query=t.base_query, language=d.language, contexts=list(seed.contexts),
