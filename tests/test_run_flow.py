@@ -350,6 +350,13 @@ def test_the_evol_baseline_runs_three_hops_through_the_same_stages(tmp_path):
     report = orjson.loads((out / "report.json").read_bytes())
     assert report["method"] == "evol" and [r["sampled"] for r in report["per_hop"]] == [12, 12, 12]
     assert all(r["on_task_ratio"] is not None for r in report["per_hop"])
+    # The simulator's rewrites repeat themselves: a seed's repeated instruction is dropped, never a second
+    # identical training example.
+    kept = [(i["seed_id"], " ".join(i["prompt"].split()).casefold()) for i in ins if i["kept"]]
+    assert len(kept) == len(set(kept))
+    sft = [orjson.dumps(r["messages"]) for r in lines(out / "sft.jsonl")]
+    assert len(sft) == len(set(sft))
+    assert report["funnel"]["dropped"].get("duplicate", 0) > 0
 
 
 def test_ctrl_c_twice_stops_at_once_and_a_rerun_completes(tmp_path, small):

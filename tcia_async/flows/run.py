@@ -14,6 +14,7 @@ leaves a half line or a duplicate in them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from collections import Counter
@@ -400,8 +401,18 @@ def build_stages(engine: Any, db: Any, cfg: Any, rec: Recorder, *, embedding_mod
                               workers=llm_workers,
                               on_failure=lambda ident, exc: rec.failed("evol", ident, task.seed_id, exc))
 
+    seen_prompts: set[bytes] = set()
+
     async def st_validate(item: Any, emit: Any) -> None:
         task, ins = item
+        # An instruction a seed already has, word for word, would be a second identical training example.
+        key = hashlib.blake2b(f"{ins.seed_id}\n{' '.join(ins.prompt.split()).casefold()}".encode(),
+                              digest_size=16).digest()
+        if key in seen_prompts:
+            ins.dropped = "duplicate"
+            rec.instruction(ins)
+            return
+        seen_prompts.add(key)
         await validate(E["validate"], ins, model=cfg.model_of("validate"), temperature=cfg.validate.temperature,
                        min_validity=cfg.validate.min_validity, min_consistency=cfg.validate.min_consistency,
                        priority=prio["validate"])
