@@ -25,8 +25,7 @@ import msgspec
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (Interrupts, Staged, UsageError, batch_settings, cache_files, check_out_dir,
-                                     is_tcia_cache,
-                                     check_paths, engine_config, exit_for, missing_key, primary, say)
+                                     check_paths, engine_config, exit_for, is_tcia_cache, missing_key, primary, say)
 from tcia_async.io import BadLine, iter_jsonl
 from tcia_async.records import Failure, Instruction, Pair, Seed
 

@@ -27,8 +27,7 @@ import msgspec
 from tcia_async import embed
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (UsageError, batch_settings, cache_files, check_out_dir, check_paths,
-                                     is_tcia_cache, json_with,
-                                     engine_config, exit_for, primary, run_async, say)
+                                     engine_config, exit_for, is_tcia_cache, json_with, primary, run_async, say)
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
 from tcia_async.records import Decomposition
 
