@@ -58,6 +58,22 @@ def sql_params(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
+def is_cache(path: Path) -> bool:
+    """Whether `path` is a response cache of this format, looked at read-only (someone else's file is not touched,
+    and no lock file is made beside it)."""
+    if not path.is_file():
+        return False
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name='format'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == FORMAT
+
+
 class FileLock:
     """An exclusive advisory lock on a file, naming its holder in it (fcntl; where there is none, no lock)."""
 

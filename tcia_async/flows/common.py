@@ -15,8 +15,8 @@ import anyio
 from tcia_async.engine.errors import primary
 
 __all__ = ["Interrupts", "Staged", "UsageError", "batch_settings", "by_kind", "cache_files", "check_out_dir",
-           "check_paths", "check_replaceable", "engine_config", "exit_for", "is_results_file", "is_tcia_cache",
-           "json_with", "missing_key", "primary", "run_async", "say"]
+           "check_paths", "check_replaceable", "engine_config", "exit_for", "is_results_file", "json_with",
+           "missing_key", "primary", "run_async", "say", "starts_with"]
 
 
 class UsageError(Exception):
@@ -55,48 +55,32 @@ def check_out_dir(out: Path, flag: str, markers: tuple[str, ...], what: str,
                          "replaced: choose a new or empty folder")
 
 
-def check_replaceable(path: str | os.PathLike[str] | None, role: str, ours: Callable[[bytes], bool],
+def check_replaceable(path: str | os.PathLike[str] | None, role: str, ours: Callable[[Path], bool],
                       what: str) -> None:
-    """Refuse (UsageError) an existing, non-empty file at `path` that `ours` (given its first MiB) does not
-    recognise as an earlier output of this command: it is someone else's file, and writing would replace it."""
+    """Refuse (UsageError) an existing, non-empty file at `path` that `ours` does not recognise as an earlier
+    output of this command: it is someone else's file, and writing would replace it."""
     if path is None:
         return
     p = Path(path)
-    if not p.is_file() or p.stat().st_size == 0:
-        return
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(1 << 20)
-    except OSError:
-        return  # check_paths names what cannot be read or written
-    if not ours(head):
+    if p.is_file() and p.stat().st_size > 0 and not ours(p):
         raise UsageError(f"{path}: exists and is not {what} ({role}); writing would replace it: choose another "
                          "path, or move the file away")
 
 
-def is_results_file(head: bytes) -> bool:
-    """Whether a file's first bytes begin a Batch-format results line as generate writes them (judged by its
-    start: one line of embeddings can be larger than what is read)."""
-    return head.startswith(b'{"id":"batch_req_')
-
-
-def is_tcia_cache(path: Path) -> bool:
-    """Whether `path` is a response cache of tcia-async (read only: a file of someone else's is not touched)."""
-    import sqlite3
-
-    from tcia_async.engine.cache import FORMAT
-
-    if not path.is_file():
-        return False
-    try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+def starts_with(prefix: bytes) -> Callable[[Path], bool]:
+    """A check that a file begins with `prefix` (an output of ours told by its start; an unreadable one is not)."""
+    def ours(path: Path) -> bool:
         try:
-            row = db.execute("SELECT value FROM meta WHERE name='format'").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return False
-    return row is not None and row[0] == FORMAT
+            with open(path, "rb") as fh:
+                return fh.read(len(prefix)) == prefix
+        except OSError:
+            return False
+    return ours
+
+
+# A Batch-format results line as generate writes it, told by its start: one line of embeddings can be larger
+# than anything worth reading.
+is_results_file = starts_with(b'{"id":"batch_req_')
 
 
 def json_with(*keys: str) -> Callable[[Path], bool]:

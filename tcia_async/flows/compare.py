@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from tcia_async.flows import EXIT_OK, EXIT_USAGE
-from tcia_async.flows.common import UsageError, check_paths, check_replaceable, json_with, say
+from tcia_async.flows.common import UsageError, check_paths, check_replaceable, json_with, say, starts_with
 
 TITLE = "# Runs compared"
 
@@ -145,11 +145,10 @@ def run_cli(args: argparse.Namespace) -> int:
         # Only an earlier compare's files are replaced: compare.md by its title, compare.json by its keys, and
         # compare.png when the compare.json beside it is ours.
         ours_json = json_with("runs", "hops", "diversity_compared")
-        check_replaceable(out / "compare.md", "--out", lambda head: head.startswith(TITLE.encode()),
+        check_replaceable(out / "compare.md", "--out", starts_with(TITLE.encode()),
                           "a comparison of tcia-async compare")
-        check_replaceable(out / "compare.json", "--out", lambda _h: ours_json(out / "compare.json"),
-                          "a comparison of tcia-async compare")
-        check_replaceable(out / "compare.png", "--out", lambda _h: ours_json(out / "compare.json"),
+        check_replaceable(out / "compare.json", "--out", ours_json, "a comparison of tcia-async compare")
+        check_replaceable(out / "compare.png", "--out", lambda _f: ours_json(out / "compare.json"),
                           "a plot of tcia-async compare")
     except UsageError as exc:
         _err(str(exc))

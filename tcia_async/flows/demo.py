@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from tcia_async.flows.common import UsageError, check_out_dir, say
+from tcia_async.flows.common import UsageError, check_out_dir, say, starts_with
 
 # Example prices (USD per 1M tokens; OpenAI's list prices for these models in 2025), so the report shows a cost.
 DEMO_SETTINGS = """# Settings of the demo run: small, so it finishes within a minute on two cores.
@@ -88,19 +88,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _is_demo_settings(path: Path) -> bool:
-    """Whether `path` is settings an earlier demo wrote (a demo.toml of the user's is not: it would be replaced)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.readline() == DEMO_SETTINGS.splitlines(keepends=True)[0]
-    except OSError:
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
-        check_out_dir(out, "--out", ("demo.toml",), "the folder of an earlier demo", ours=_is_demo_settings)
+        check_out_dir(out, "--out", ("demo.toml",), "the folder of an earlier demo",
+                      ours=starts_with(DEMO_SETTINGS.splitlines(keepends=True)[0].encode()))
     except UsageError as exc:
         say("demo", str(exc))
         return EXIT_USAGE

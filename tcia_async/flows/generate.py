@@ -28,7 +28,7 @@ from typing import Any
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (Interrupts, Staged, UsageError, batch_settings, by_kind, cache_files,
                                      check_paths, check_replaceable, engine_config, exit_for, is_results_file,
-                                     missing_key, say)
+                                     json_with, missing_key, say)
 
 EPILOG = """exit codes: 0 every line has its answer; 4 finished, but some lines ended in an error (the summary
 counts them by kind; each has an error result); 2 usage, configuration or path error (nothing written);
@@ -227,16 +227,6 @@ def _summary(args: argparse.Namespace, cfg: Any, state: _State, staged: Staged, 
     }
 
 
-def _is_summary(head: bytes) -> bool:
-    import orjson
-
-    try:
-        doc = orjson.loads(head)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(doc, dict) and "status" in doc and "results_written" in doc
-
-
 class _NoResults:
     """The sink of batch mode's key pass: bad lines get their results in the results pass, not here."""
 
@@ -376,7 +366,8 @@ def run_cli(args: argparse.Namespace) -> int:
         check_paths({"INPUT": args.input, "--config": args.config}, writes)
         for role in ("--output", "the partial results (--output + .partial)"):
             check_replaceable(writes[role], role, is_results_file, "a results file of tcia-async generate")
-        check_replaceable(args.summary_json, "--summary-json", _is_summary, "a summary of tcia-async generate")
+        check_replaceable(args.summary_json, "--summary-json", json_with("status", "results_written"),
+                          "a summary of tcia-async generate")
     except (ConfigError, UsageError) as exc:
         _err(str(exc))
         return EXIT_USAGE

@@ -25,7 +25,7 @@ import msgspec
 
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (Interrupts, Staged, UsageError, batch_settings, cache_files, check_out_dir,
-                                     check_paths, engine_config, exit_for, is_tcia_cache, missing_key, primary, say)
+                                     check_paths, engine_config, exit_for, missing_key, primary, say)
 from tcia_async.io import BadLine, iter_jsonl
 from tcia_async.records import Failure, Instruction, Pair, Seed
 
@@ -485,7 +485,9 @@ def run_cli(args: argparse.Namespace) -> int:
     args.started = time.monotonic()
     out = Path(args.out)
     try:
-        check_out_dir(out, "--out", ("cache.db",), "the folder of an earlier run", ours=is_tcia_cache)
+        from tcia_async.engine.cache import is_cache
+
+        check_out_dir(out, "--out", ("cache.db",), "the folder of an earlier run", ours=is_cache)
         run_cfg, eng_cfg, batch_cfg = build_configs(args)
         writes: dict[str, Any] = {f"RUNDIR/{n}": out / n for n in (*OUTPUTS, "report.json", "report.md")}
         writes.update({f"RUNDIR/{n}.partial": out / (n + ".partial") for n in OUTPUTS})

@@ -27,7 +27,7 @@ import msgspec
 from tcia_async import embed
 from tcia_async.flows import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_USAGE
 from tcia_async.flows.common import (UsageError, batch_settings, cache_files, check_out_dir, check_paths,
-                                     engine_config, exit_for, is_tcia_cache, json_with, primary, run_async, say)
+                                     engine_config, exit_for, json_with, primary, run_async, say)
 from tcia_async.io import BadLine, JsonlWriter, iter_jsonl
 from tcia_async.records import Decomposition
 
@@ -617,9 +617,11 @@ def _check_build_paths(args: argparse.Namespace, cache: str) -> None:
     writes: dict[str, str | None] = {f"--out ({name})": str(out / name) for name in DB_FILES}
     writes.update({f"--cache ({Path(f).name})" if i else "--cache": f for i, f in enumerate(cache_files(cache))})
     check_paths({"corpus": args.corpus, "--decompositions": args.decompositions}, writes)
+    from tcia_async.engine.cache import is_cache
+
     manifest = json_with("format", "embedding_model", "embedding_identity")
     check_out_dir(out, "--out", ("manifest.json", "cache.db"), "a task database or the folder of an earlier build",
-                  ours=lambda f: manifest(f) if f.name == "manifest.json" else is_tcia_cache(f))
+                  ours=lambda f: manifest(f) if f.name == "manifest.json" else is_cache(f))
 
 
 def run_build(args: argparse.Namespace) -> int:
