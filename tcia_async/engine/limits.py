@@ -84,7 +84,7 @@ class _Window:
         self.period = period
         self.merge = period / 1000.0
         self.margin = period * 0.01 + 0.02
-        self.paced_margin = period * 0.005 + 0.015
+        self.paced_margin = period * 0.005 + 0.005
         self.entries: deque[list[float]] = deque()
         self.used = 0.0
         self.learned = learned
