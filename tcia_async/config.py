@@ -484,7 +484,7 @@ class RunSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ExploreSection(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Algorithm 1 (METHOD.md): the paper's K, m, k, and our rules."""
+    """Algorithm 1 (Ma et al., arXiv 2508.20374): the paper's K, m, k, and our rules."""
 
     queue_limit: int = 2700  # K
     repeats: int = 10  # m

@@ -69,7 +69,7 @@ class Task(msgspec.Struct, kw_only=True):
 
 
 class Decomposition(msgspec.Struct, kw_only=True):
-    """The decompose stage's answer for one instruction (METHOD.md, stage 1)."""
+    """The decompose stage's answer for one instruction (README, `run`, step 1)."""
 
     complex: bool
     language: list[str] = []

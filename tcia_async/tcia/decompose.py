@@ -1,4 +1,4 @@
-"""Stage 1, decompose: an instruction -> task type, base query and categorised constraints (METHOD.md).
+"""Stage 1, decompose: an instruction -> task type, base query and categorised constraints (README, `run`, step 1).
 
 One structured-output call per instruction (schema name `tcia_decompose`, derived from `records.Decomposition`),
 then a pure normalisation pass, so that everything downstream (task DB, BFS, compose) sees the same shape

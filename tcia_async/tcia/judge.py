@@ -1,5 +1,5 @@
 """Stage 9, judge: every answer scored 1-5 on five dimensions (general quality, helpfulness, instruction
-following, honesty, truthfulness), one call per answer, each score with a reason (METHOD.md, stage 6)."""
+following, honesty, truthfulness), one call per answer, each score with a reason (README, `run`, step 6)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Stage 2, retrieve: the task-type cluster nearest to the seed's task type, and its constraint pool.
 
 The seed's task type is embedded with the task database's embedding model and matched to the nearest cluster;
-the cluster's constraints are the pool that Add and Replace draw from (METHOD.md, stage 3). The pool leaves out
-constraints that only point at input material (Input Placeholder): the context slot stays the seed's. Replace
-needs the pool constraints nearest to a constraint: for the seed's own constraints their vectors come from the
-engine (cached), for pool constraints from the database; `Retrieval.similar` answers both, exactly and
-deterministically (pools are small enough for exact search).
+the cluster's constraints are the pool that Add and Replace draw from (explore.py: the paper's Algorithm 1). The
+pool leaves out constraints that only point at input material (Input Placeholder): the context slot stays the
+seed's. Replace needs the pool constraints nearest to a constraint: for the seed's own constraints their
+vectors come from the engine (cached), for pool constraints from the database; `Retrieval.similar` answers both,
+exactly and deterministically (pools are small enough for exact search).
 """
 
 from __future__ import annotations
