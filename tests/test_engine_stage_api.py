@@ -55,7 +55,8 @@ async def test_a_model_under_a_tight_limit_never_blocks_another(tmp_path):
 
 
 async def test_a_later_stage_goes_first_when_slots_are_short(tmp_path):
-    async with Simulator(SimConfig(latency_ms=30, batch_delay_s=None)) as sim:
+    # The latency outlasts the waits below (wait_all_tasks_blocked sleeps 0.1 s when it finds a task not started).
+    async with Simulator(SimConfig(latency_ms=500, batch_delay_s=None)) as sim:
         order: list[str] = []
         async with Engine(EngineConfig(base_url=sim.base_url, concurrency=1)) as engine:
 
@@ -68,8 +69,10 @@ async def test_a_later_stage_goes_first_when_slots_are_short(tmp_path):
                 await sim.wait_requests(1)  # on the wire, holding the only slot
                 for i in range(3):
                     tg.start_soon(one, f"early-{i}", 0)
-                    await anyio.wait_all_tasks_blocked()
+                await anyio.wait_all_tasks_blocked()
                 tg.start_soon(one, "judge", 6)
+                await anyio.wait_all_tasks_blocked()
+                assert order == [] and len(engine.requests.slots._waiters) == 4  # all queued behind "first"
         assert order == ["first", "judge", "early-0", "early-1", "early-2"]
 
 
@@ -105,6 +108,31 @@ async def test_an_answer_on_its_way_is_cached_when_its_only_caller_is_gone(tmp_p
         async with Engine(cfg) as engine:
             await engine.chat(chat("alone"))
             assert engine.stats.sent == 0 and engine.stats.cached == 1
+        assert sim.stats()["requests"] == 1
+
+
+async def test_a_deadline_around_chat_fires_on_time_and_the_answer_is_kept(tmp_path):
+    async with Simulator(SimConfig(latency_ms=1000, batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))
+        async with Engine(cfg) as engine:
+            with pytest.raises(TimeoutError):
+                with anyio.fail_after(0.05):
+                    await engine.chat(chat("late"))
+            assert engine.stats.in_flight == 1  # control came back while the request was on the wire
+        async with Engine(cfg) as engine:
+            await engine.chat(chat("late"))
+            assert engine.stats.sent == 0
+        assert sim.stats()["requests"] == 1
+
+
+async def test_a_caller_gone_before_the_wire_sends_nothing(tmp_path):
+    async with Simulator(SimConfig(batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, model_limits={"m": Limits(rps=1)})
+        async with Engine(cfg) as engine:
+            await engine.chat(chat("fills the window", model="m"))
+            with anyio.move_on_after(0.05) as scope:
+                await engine.chat(chat("no longer wanted", model="m"))  # waits about a second for budget
+            assert scope.cancelled_caught
         assert sim.stats()["requests"] == 1
 
 

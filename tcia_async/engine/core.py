@@ -132,6 +132,7 @@ class Engine:
         self._local_eps = {name: Endpoint(None, "local:" + m.identity) for name, m in self.local_models.items()}
         self._local_gate = anyio.CapacityLimiter(1)  # one local model call at a time: they use every core
         self._embedding: dict[bytes, asyncio.Future] = {}  # texts being embedded now, by key
+        self._flusher = anyio.CancelScope()  # the cache's writer task: stopped when the engine closes
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -142,6 +143,7 @@ class Engine:
             # a quarter of the concurrency (or 50 ms) keep that below one round of requests in flight.
             self._cache = ResponseCache(cfg.cache_path, batch_rows=max(8, min(512, cfg.concurrency // 4)))
         self._requests = Requests(cfg, self._cache, self.stats, self._limiter)
+        self._flusher = anyio.CancelScope()
         self._requests.batch_discount = self.batch_discount
         try:
             await self._requests.open()
@@ -150,17 +152,28 @@ class Engine:
         except BaseException:
             await self._close()
             raise
+        self._requests.spawn = self._tg.start_soon
         if self._cache is not None:
-            self._tg.start_soon(self._cache.run_flusher)
+            self._tg.start_soon(self._flush, self._cache)
         return self
+
+    async def _flush(self, cache: ResponseCache) -> None:
+        with self._flusher:
+            await cache.run_flusher()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         tg, self._tg = self._tg, None
-        if exc is not None and self._requests is not None:
-            self._requests.cut()  # leaving on an error or a cancellation: do not wait for the wire
         try:
             if tg is not None:
-                tg.cancel_scope.cancel()
+                assert self._requests is not None
+                if exc is None:
+                    # Leaving normally: nothing more is sent, and the requests already on the wire (their callers
+                    # went away) are answered and cached before the engine closes: they are paid for.
+                    self._requests.halt()
+                    self._flusher.cancel()
+                else:
+                    self._requests.cut()  # leaving on an error or a cancellation: do not wait for the wire
+                    tg.cancel_scope.cancel()
                 try:
                     await tg.__aexit__(None, None, None)
                 except BaseExceptionGroup as group:
@@ -192,17 +205,20 @@ class Engine:
 
     @property
     def requests(self) -> Requests:
-        assert self._requests is not None, "use `async with Engine(...)`"
+        if self._tg is None or self._requests is None:
+            raise RuntimeError("the engine is not open: use it inside `async with Engine(...) as engine:`")
         return self._requests
 
     def halt(self) -> None:
         """Send nothing more. Requests on the wire finish; those waiting for budget, a slot or a retry, and every
         later call, raise `NotSent` (no answer, nothing recorded: a rerun sends them)."""
-        self.requests.halt()
+        if self._requests is not None:
+            self._requests.halt()
 
     def cut(self) -> None:
         """Halt, and abandon the requests on the wire (a second Ctrl-C): their answers are lost."""
-        self.requests.cut()
+        if self._requests is not None:
+            self._requests.cut()
 
     def budget(self, model: str, url: str = CHAT) -> Any:
         """The rate budget (limits.Budget) of `model` at the endpoint that serves `url`."""
@@ -285,7 +301,7 @@ class Engine:
             return packer
         req = self.requests
         cache = self._cache
-        assert self._tg is not None, "use `async with Engine(...)`"
+        assert self._tg is not None
 
         if local:
             embedder = self.local_models[model]
@@ -300,9 +316,9 @@ class Engine:
         else:
             async def send(inputs: list[Any], tokens: int, stage: str, priority: int) -> dict[str, Any]:
                 budget = req.limiter.budget(ep.provider, model)
-                _, parsed, _ = await req.exchange(ep, EMBEDDINGS, canonical({**params, "input": inputs}), budget,
-                                                  float(tokens) if budget.counts_tokens else 0.0, model,
-                                                  stage=stage, priority=priority)
+                _, parsed, _ = await req.owned(req.exchange, ep, EMBEDDINGS, canonical({**params, "input": inputs}),
+                                               budget, float(tokens) if budget.counts_tokens else 0.0, model,
+                                               stage=stage, priority=priority)
                 return parsed
 
         def on_answer(entry: Entry, result: PackResult) -> None:
@@ -355,10 +371,10 @@ class Engine:
         RunStopped after yielding what completed when the provider stops the run. To stop early, close the
         generator (`contextlib.aclosing`): the requests still running are abandoned.
         """
-        assert self._tg is not None, "use `async with Engine(...)`"
+        req = self.requests
+        assert self._tg is not None
         sink = QueueSink(limit=max(64, 2 * self.config.concurrency))
-        run = Run(self.requests, self.embedding_entry, RequestSource(self.requests, requests, sink, stage), sink,
-                  stage=stage)
+        run = Run(req, self.embedding_entry, RequestSource(req, requests, sink, stage), sink, stage=stage)
         done = anyio.Event()
 
         async def drive() -> None:

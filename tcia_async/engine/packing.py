@@ -85,22 +85,26 @@ class Packer:
         if self._open_inputs >= self._max_inputs or self._open_tokens >= self._max_tokens:
             self._close()
         elif not self._scheduled:
-            # Close at the end of this turn of the loop: every caller already woken gets to join first.
+            # Close when a task started now first runs: every caller already woken gets to join first.
             self._scheduled = True
-            loop.call_soon(self._close_scheduled)
+            self._spawn(self._close_scheduled)
         return entry.future
 
-    def _close_scheduled(self) -> None:
+    async def _close_scheduled(self) -> None:
         self._scheduled = False
         if self._open:
-            self._close()
+            entries = self._take()
+            await self._run(entries)
 
-    def _close(self) -> None:
+    def _take(self) -> list[Entry]:
         entries = self._open
         self._open = []
         self._open_inputs = 0
         self._open_tokens = 0
-        self._spawn(self._run, entries)
+        return entries
+
+    def _close(self) -> None:
+        self._spawn(self._run, self._take())
 
     async def _run(self, entries: list[Entry]) -> None:
         try:

@@ -6,20 +6,23 @@ cached one by one). In order, for one request:
 
 1. cache: an answered key is returned without a network call;
 2. sharing: when an identical key is already in flight, its answer is awaited instead of paid for again;
-3. budget: its (provider, model) budget is paid (limits.py), waiting while holding nothing else, so a model
+3. owner: the request is sent by a task of the engine, and its callers wait for the outcome. A caller that goes
+   away (a timeout, a cancelled task, Ctrl-C) stops waiting at once; the request goes on, and its answer is
+   cached, unless every caller left before it went on the wire (then it is not sent);
+4. budget: its (provider, model) budget is paid (limits.py), waiting while holding nothing else, so a model
    under a tight limit never blocks another;
-4. slot: one of `concurrency` connection slots, held only while the request is on the wire;
-5. wire: the POST and its answer, shielded from the caller's cancellation: an answer on its way is paid for,
-   so it is received and cached even when its caller is gone (only `cut()` abandons the wire);
-6. verdict: a 200 with a usable body is settled with its real usage, cached and handed to whoever shares the
+5. slot: one of `concurrency` connection slots, held only while the request is on the wire;
+6. wire: the POST and its answer;
+7. verdict: a 200 with a usable body is settled with its real usage, cached and handed to whoever shares the
    key; anything else follows retry.py: cool down, back off and retry, fail this request, or stop the run.
 
-Waits before the wire (budget, slot, backoff) end with `NotSent` when `halt()` is called.
+Waits before the wire (budget, slot, backoff) end with `NotSent` when `halt()` is called; `cut()` abandons the
+requests on the wire too. generate's workers send their lines themselves (step 3 without a task: a worker is
+cancelled only by a hard stop).
 """
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import time
 from collections.abc import Awaitable, Callable
@@ -128,11 +131,19 @@ class _Waiter:
 
     def __init__(self) -> None:
         self.event = anyio.Event()
-        self.outcome: tuple[bytes, str] | BaseException | None = None
+        self.outcome: tuple[bytes, dict[str, Any], str] | BaseException | None = None
 
 
-class _Abandoned(Exception):
-    """The request another caller was waiting on was cancelled before it was sent; the waiter sends it."""
+class _Flight:
+    """One key in flight: who waits for it, and the scope of the engine task sending it (None when its caller
+    sends it: generate's workers)."""
+
+    __slots__ = ("waiters", "scope", "wired")
+
+    def __init__(self, scope: anyio.CancelScope | None = None) -> None:
+        self.waiters: list[_Waiter] = []
+        self.scope = scope
+        self.wired = False  # it went on the wire: it is paid for, and finishes whoever still waits
 
 
 def usable(parsed: Any, chat: bool) -> bool:
@@ -160,9 +171,6 @@ def _one_line(raw: bytes, parsed: Any) -> bytes:
     return orjson.dumps(parsed) if (b"\n" in raw or b"\r" in raw) else raw
 
 
-_NO_SHIELD = contextlib.nullcontext()  # the wire of a caller whose only cancellation is a hard stop
-
-
 class Requests:
     """The request path of one Engine (see the module docstring). Owns the endpoints, budgets, slots and the
     table of requests in flight; the cache and the stats are the engine's."""
@@ -177,9 +185,10 @@ class Requests:
         self.estimator = OutputEstimator()
         self.stopped: str | None = None
         self._halted = False
-        self._inflight: dict[bytes, list[_Waiter] | None] = {}
+        self._inflight: dict[bytes, _Flight] = {}
         self._waits: set[anyio.CancelScope] = set()  # waits before the wire: cancelled by halt()
-        self._wires: set[anyio.CancelScope] = set()  # requests on the wire: cancelled by cut()
+        self._owned: set[anyio.CancelScope] = set()  # requests the engine's tasks send: cancelled by cut()
+        self.spawn: Callable[..., None] | None = None  # starts a task in the engine's task group
         self._failing_since: float | None = None  # first transient failure since the last real answer
         self._answered = False  # the provider has answered something (not a transient failure) in this run
         self._streak = 0  # which run of transient failures this is (one per _failing_since)
@@ -227,8 +236,20 @@ class Requests:
     def cut(self) -> None:
         """Halt, and abandon the requests on the wire too (their answers are lost: a rerun sends them)."""
         self.halt()
-        for scope in list(self._wires):
+        for scope in list(self._owned):
             scope.cancel()
+
+    async def owned(self, fn: Callable[..., Awaitable[Any]], *args: Any, scope: anyio.CancelScope | None = None,
+                    **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` run by an engine task, in a scope that `cut()` cancels (then NotSent)."""
+        scope = scope or anyio.CancelScope()
+        with scope:
+            self._owned.add(scope)
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                self._owned.discard(scope)
+        raise NotSent()  # reached only when the scope was cancelled
 
     async def _unless_halted(self, wait: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if self._halted:
@@ -267,50 +288,65 @@ class Requests:
         return None if hit is None else Answer(hit[0], None, hit[1], True, True)
 
     async def call(self, path: str, body: dict[str, Any], data: bytes, key: bytes, *, stage: str = "",
-                   priority: int = 0, check_cache: bool = True, shield: bool = True) -> Answer:
+                   priority: int = 0, check_cache: bool = True, inline: bool = False) -> Answer:
         """The answer to one request (`data` = canonical(body), `key` its cache key), through the whole path.
-        Counts it as ok, cached or failed in the stats. `shield=False` leaves the wire to the caller's
-        cancellation (a caller whose only cancellation is a hard stop: generate's workers)."""
+        Counts it as ok, cached or failed in the stats. `inline=True` sends it in the caller's task (a caller
+        whose only cancellation is a hard stop: generate's workers) instead of an engine task."""
         model = str(body.get("model") or "")
         counts = self.stats.view(stage, model)
-        while True:
-            if check_cache:
-                hit = self.lookup(key)
-                if hit is not None:
-                    _count(counts, hit)
-                    return hit
-            if key not in self._inflight:
-                break
-            # An identical request is in flight: wait for its outcome instead of paying twice.
-            waiters = self._inflight[key]
-            if waiters is None:
-                waiters = self._inflight[key] = []
-            me = _Waiter()
-            waiters.append(me)
-            await me.event.wait()
-            outcome = me.outcome
-            if isinstance(outcome, _Abandoned):
-                check_cache = True  # its sender was cancelled before the wire: look again, then send it
-                continue
-            if isinstance(outcome, BaseException):
-                _count(counts, None)
-                raise outcome
-            answer = Answer(outcome[0], None, outcome[1], True)
-            _count(counts, answer)
-            return answer
-        # Nothing awaits between the check above and `exchange` marking the key in flight.
-        ep = self.endpoint(path)
-        budget = self.limiter.budget(ep.provider, model)
-        tokens, fixed = self._reservation(budget, body, len(data), model) if budget.counts_tokens else (0.0, -1.0)
+        if check_cache:
+            hit = self.lookup(key)
+            if hit is not None:
+                _count(counts, hit)
+                return hit
+        flight = self._inflight.get(key)
+        shared = flight is not None  # an identical request is in flight: wait for it instead of paying twice
+        if flight is None:
+            # Nothing awaits between the cache lookup and marking the key in flight.
+            flight = self._inflight[key] = _Flight(None if inline else anyio.CancelScope())
+            ep = self.endpoint(path)
+            budget = self.limiter.budget(ep.provider, model)
+            tokens, fixed = self._reservation(budget, body, len(data), model) if budget.counts_tokens else (0.0, -1.0)
+            args = (ep, path, data, budget, tokens, model)
+            kwargs = {"fixed_out": fixed, "stage": stage, "priority": priority, "key": key}
+            if inline:
+                try:
+                    raw, parsed, rid = await self.exchange(*args, **kwargs)
+                except RequestFailed:
+                    _count(counts, None)
+                    raise
+                answer = Answer(raw, parsed, rid, False)
+                _count(counts, answer)
+                return answer
+            assert self.spawn is not None, "the engine starts its tasks"
+            self.spawn(self._send, flight, args, kwargs)
+        me = _Waiter()
+        flight.waiters.append(me)
         try:
-            raw, parsed, rid = await self.exchange(ep, path, data, budget, tokens, model, fixed_out=fixed,
-                                                   stage=stage, priority=priority, key=key, shield=shield)
-        except RequestFailed:
-            _count(counts, None)
+            await me.event.wait()
+        except BaseException:
+            if me.outcome is None:  # the caller is gone before the outcome
+                flight.waiters.remove(me)
+                if not flight.waiters and not flight.wired and flight.scope is not None:
+                    flight.scope.cancel()  # nobody waits and it is not on the wire yet: it is not sent
             raise
-        answer = Answer(raw, parsed, rid, False)
+        outcome = me.outcome
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, RequestFailed):
+                _count(counts, None)
+            raise outcome
+        assert outcome is not None
+        # A caller that shares the answer parses its own copy of the body.
+        answer = Answer(outcome[0], None if shared else outcome[1], outcome[2], shared)
         _count(counts, answer)
         return answer
+
+    async def _send(self, flight: _Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """An engine task sending one keyed request; `exchange` hands the outcome to the callers waiting."""
+        try:
+            await self.owned(self.exchange, *args, scope=flight.scope, **kwargs)
+        except Exception:  # noqa: BLE001 - already handed to the waiters
+            pass
 
     def _reservation(self, budget: Budget, body: dict[str, Any], size: int, model: str) -> tuple[float, float]:
         """(tokens to reserve, output tokens charged whatever the answer, or -1 when the real completion counts).
@@ -336,10 +372,10 @@ class Requests:
         whole = min(w.limit for w in budget.tokens)
         return float(prompt + min(guess, max(0.0, whole - prompt))), -1.0
 
-    def _share(self, key: bytes, outcome: tuple[bytes, str] | BaseException) -> None:
+    def _share(self, key: bytes, outcome: tuple[bytes, dict[str, Any], str] | BaseException) -> None:
         """`key` is no longer in flight: hand its outcome to whoever waits for it."""
-        waiters = self._inflight.pop(key, None)
-        for w in waiters or ():
+        flight = self._inflight.pop(key, None)
+        for w in flight.waiters if flight is not None else ():
             w.outcome = outcome
             w.event.set()
 
@@ -347,13 +383,13 @@ class Requests:
 
     async def exchange(self, ep: Endpoint, path: str, data: bytes, budget: Budget, tokens: float, model: str, *,
                        fixed_out: float = -1.0, stage: str = "", priority: int = 0, key: bytes | None = None,
-                       shield: bool = True) -> tuple[bytes, dict[str, Any], str]:
+                       ) -> tuple[bytes, dict[str, Any], str]:
         """Send until answered: (raw body, parsed body, request id), or RequestFailed / RunStopped / NotSent.
 
-        With a cache `key`, the key is in flight until this ends; the answer is cached and shared.
+        With a cache `key` (marked in flight by the caller), the answer is cached, and the outcome is handed to
+        the callers waiting for the key.
         """
-        if key is not None:
-            self._inflight[key] = None
+        flight = self._inflight.get(key) if key is not None else None
         try:
             cfg = self.config
             chat = path == CHAT
@@ -376,7 +412,9 @@ class Requests:
                     raise RequestFailed.make("exceeds_budget", str(exc), None, attempt - 1) from None
                 if not self.slots.take() and await self._unless_halted(self.slots.acquire, priority):
                     budget.restamp(ticket)  # it waited for a slot after paying: the provider counts it from now
-                status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, counts, shield)
+                if flight is not None:
+                    flight.wired = True
+                status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, counts)
                 if status:
                     budget.answered(ticket, elapsed)
                 if status == 200:
@@ -434,42 +472,33 @@ class Requests:
                 await self._unless_halted(anyio.sleep, wait if hint is None else max(wait, hint))
         except BaseException as exc:
             if key is not None:
-                shared = exc if isinstance(exc, (RequestFailed, RunStopped)) else _Abandoned()
-                self._share(key, shared)
+                # A cancelled sender (cut, a hard stop, the engine closing) has no answer: NotSent, as after halt.
+                self._share(key, exc if isinstance(exc, Exception) else NotSent())
             raise
         if key is not None:
             if self.cache is not None:
                 self.cache.put(key, raw, rid)
-            self._share(key, (raw, rid))
+            self._share(key, (raw, parsed, rid))
         return raw, parsed, rid
 
-    async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, counts: Counters, shield: bool
+    async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, counts: Counters
                            ) -> tuple[int, Any, bytes, Verdict | None, float]:
         """One attempt, holding a slot already taken: (status, headers, body, verdict of a failure below HTTP,
-        seconds on the wire). Shielded from the caller's cancellation unless `shield` is false; `cut()` ends a
-        shielded one with NotSent."""
+        seconds on the wire)."""
         transport = ep.transport
         assert transport is not None
         counts.sent += 1
         self.stats.in_flight += 1
-        wire = anyio.CancelScope(shield=True) if shield else _NO_SHIELD
         started = time.perf_counter()
         try:
-            with wire:
-                if shield:
-                    self._wires.add(wire)
-                try:
-                    status, headers, raw = await transport.post(url, data)
-                    return status, headers, raw, None, time.perf_counter() - started
-                except TRANSPORT_ERRORS as exc:
-                    if isinstance(exc, NOT_CONNECTED):
-                        counts.sent -= 1  # nothing reached the provider
-                    return 0, {}, b"", transport.verdict(exc), 0.0
-                except BodyTooLarge as exc:
-                    raise RequestFailed.make("response_too_large", str(exc), 200, 1) from None
-                finally:
-                    self._wires.discard(wire)
-            raise NotSent()  # reached only when cut() cancelled the wire
+            status, headers, raw = await transport.post(url, data)
+            return status, headers, raw, None, time.perf_counter() - started
+        except TRANSPORT_ERRORS as exc:
+            if isinstance(exc, NOT_CONNECTED):
+                counts.sent -= 1  # nothing reached the provider
+            return 0, {}, b"", transport.verdict(exc), 0.0
+        except BodyTooLarge as exc:
+            raise RequestFailed.make("response_too_large", str(exc), 200, 1) from None
         finally:
             self.stats.in_flight -= 1
             self.slots.release()

@@ -485,10 +485,10 @@ class Run:
 
     async def _send(self, item: WorkItem) -> Answer:
         if item.path == CHAT:
-            # The feeder looked the key up already. A worker is cancelled only by abandon() (a hard stop): its
-            # wire needs no shield.
+            # The feeder looked the key up already. A worker is cancelled only by abandon() (a hard stop): it
+            # sends its line itself.
             return await self.requests.call(CHAT, item.body, item.data, item.key, stage=self.stage,
-                                            check_cache=False, shield=False)
+                                            check_cache=False, inline=True)
         result = await self._embedding_entry(item.body, item.key, self.stage)
         self.requests.stats.view(self.stage, str(item.body.get("model") or "")).ok += 1
         body = result.body()
