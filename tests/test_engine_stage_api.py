@@ -10,8 +10,9 @@ import numpy as np
 import orjson
 import pytest
 
-from tcia_async.config import EngineConfig, Limits, Price
+from tcia_async.config import ConfigError, EngineConfig, Limits, Price
 from tcia_async.engine import Engine, NotSent, RequestFailed, RunStopped, StageEngine
+from tcia_async.records import BatchRequest
 from tcia_async.sim import SimConfig, Simulator
 
 pytestmark = pytest.mark.anyio
@@ -307,3 +308,44 @@ async def test_a_placeholder_key_does_not_garble_messages(tmp_path, monkeypatch)
             with pytest.raises(RunStopped):
                 await engine.chat(chat("q"))
     assert "You exceeded your current quota" in (engine.stopped or ""), engine.stopped
+
+
+async def test_misuse_gets_a_clear_error_before_anything_is_sent(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="concurrency"):
+        Engine(EngineConfig(base_url="http://127.0.0.1:9/v1", concurrency=0))
+    with pytest.raises(ConfigError, match="http://"):
+        Engine(EngineConfig(base_url="127.0.0.1:9/v1"))
+    engine = Engine(EngineConfig(base_url="http://127.0.0.1:9/v1"))
+    with pytest.raises(RuntimeError, match="async with"):
+        await engine.chat(chat("too early"))
+    async with Simulator(SimConfig(batch_delay_s=None, api_key="sk-right-key")) as sim:
+        async with Engine(EngineConfig(base_url=sim.base_url)) as engine:
+            with pytest.raises(TypeError, match="list of strings"):
+                await engine.embed("hello", model=EMB)
+            with pytest.raises(TypeError, match="item 1 is int"):
+                await engine.embed(["a", 1], model=EMB)  # type: ignore[list-item]
+            with pytest.raises(TypeError, match="msgspec Struct"):
+                await engine.chat_json(chat("x"), int)
+        with pytest.raises(RuntimeError, match="async with"):
+            await engine.chat(chat("too late"))
+        assert sim.stats()["requests"] == 0
+        monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+        async with Engine(EngineConfig(base_url=sim.base_url, api_key_env="NO_SUCH_KEY_VAR")) as engine:
+            with pytest.raises(RunStopped, match=r"none was sent \(\$NO_SUCH_KEY_VAR is not set\)"):
+                await engine.chat(chat("who am I"))
+    assert str(NotSent())  # says what happened
+
+
+async def test_a_cached_generate_counts_what_its_answers_cost(tmp_path):
+    async with Simulator(SimConfig(batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"),
+                           prices={"gpt-4o-mini": Price(input=1.0, output=2.0)})
+        lines = [BatchRequest(custom_id=f"r{i}", body=chat(f"line {i}")) for i in range(3)]
+        async with Engine(cfg) as engine:
+            [r async for r in engine.generate(lines)]
+            paid = engine.stats.stages["generate"].cost
+        async with Engine(cfg) as engine:
+            [r async for r in engine.generate(lines)]
+            again = engine.stats.stages["generate"]
+    assert paid > 0 and again.cost == 0 and again.sent == 0
+    assert again.cost_replayed == pytest.approx(paid)

@@ -141,11 +141,11 @@ class ResponseCache:
             raise CacheError(f"{self.path}: cannot be read ({exc.strerror or exc})") from None
         if head and head != b"SQLite format 3\x00":  # refused before its lock file is made beside it
             raise CacheError(f"{self.path}: not a usable cache (not an SQLite database); delete it or use another "
-                             "--cache")
+                             "cache file (--cache)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock.take(lambda holder: CacheBusy(
             f"{self.path}: the cache is in use by {holder}; wait for that run to finish, or give this run another "
-            "cache (--cache PATH). Two runs on one cache would pay for the same requests twice."))
+            "cache file (--cache PATH). Two runs on one cache would pay for the same requests twice."))
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
@@ -153,14 +153,16 @@ class ResponseCache:
                 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
                 if tables and "meta" not in tables:
                     raise CacheError(f"{self.path}: not a tcia-async cache of this version (tables "
-                                     f"{', '.join(sorted(tables))}); delete it or use another --cache")
+                                     f"{', '.join(sorted(tables))}); delete it or use another cache file "
+                                     "(--cache)")
                 row = db.execute("SELECT value FROM meta WHERE name='format'").fetchone() if tables else None
                 if tables and row is None:
                     raise CacheError(f"{self.path}: a cache without a format mark; delete it or use another "
-                                     "--cache")
+                                     "cache file (--cache)")
                 if row is not None and row[0] != FORMAT:
                     raise CacheError(f"{self.path}: a cache of format {row[0]!r}, this version reads {FORMAT!r}; "
-                                     "its keys would not mean the same: delete it or use another --cache")
+                                     "its keys would not mean the same: delete it or use another cache file "
+                                     "(--cache)")
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(_SCHEMA)

@@ -31,7 +31,7 @@ import msgspec
 import numpy as np
 import orjson
 
-from tcia_async.config import EngineConfig
+from tcia_async.config import EngineConfig, validate_engine
 from tcia_async.engine.cache import ResponseCache
 from tcia_async.engine.errors import EngineStats, NotSent, RequestFailed, RunStopped, primary
 from tcia_async.engine.limits import Clock, REAL_CLOCK, Limiter
@@ -111,7 +111,8 @@ async def ask_json(chat: Callable[..., Awaitable[dict[str, Any]]], attempts: int
                                          {"role": "user", "content": (
                                              f"That answer does not match the required JSON schema ({why}). "
                                              "Reply again with only a JSON object that matches it.")}]}
-    raise RequestFailed.make("schema_mismatch", f"no answer matched {body['response_format']['json_schema']['name']} in {attempts} attempts (last: {why})",
+    name = body["response_format"]["json_schema"]["name"]
+    raise RequestFailed.make("schema_mismatch", f"no answer matched {name} in {attempts} attempts (last: {why})",
                              200, attempts)
 
 
@@ -120,7 +121,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig, *, local_models: Mapping[str, LocalEmbedder] | None = None,
                  clock: Clock = REAL_CLOCK, batch_discount: float = 0.5) -> None:
-        self.config = config
+        self.config = validate_engine(config)  # a bad setting is a ConfigError naming it, not a slow failure
         self.batch_discount = batch_discount  # the [batch] discount: what a replayed batch answer cost
         self.stats = EngineStats()
         self.local_models = dict(local_models or {})
@@ -253,7 +254,7 @@ class Engine:
 
     async def embed(self, texts: Sequence[str], model: str, *, dimensions: int | None = None, stage: str = "",
                     priority: int = 0) -> np.ndarray:
-        """Embeddings of `texts` as a float32 array of shape (len(texts), d), in order.
+        """Embeddings of `texts` as a float32 array of shape (len(texts), d), in order (no texts: shape (0, 0)).
 
         Each text is its own cache entry; the texts not in the cache travel packed with those of concurrent
         calls of the same model (packing.py). A text already being embedded by another call is not sent twice.
@@ -264,10 +265,12 @@ class Engine:
         params: dict[str, Any] = {"model": model}
         if dimensions is not None:
             params["dimensions"] = dimensions
+        if isinstance(texts, str):
+            raise TypeError("embed() takes a list of strings, not one string (it would embed each character)")
         keys: list[bytes] = []
-        for t in texts:
+        for i, t in enumerate(texts):
             if not isinstance(t, str):
-                raise TypeError("embed() takes strings")
+                raise TypeError(f"embed() takes strings: item {i} is {type(t).__name__}")
             keys.append(ep.key(EMBEDDINGS, canonical({**params, "input": t})))
         counts = self.stats.view(stage, model)
         found: dict[bytes, Any] = {}
@@ -365,9 +368,11 @@ class Engine:
 
     async def generate(self, requests: Iterable[BatchRequest] | AsyncIterable[BatchRequest], *,
                        stage: str = "generate") -> AsyncIterator[BatchResult]:
-        """Results of Batch-format requests in completion order, every custom_id exactly once.
+        """Results of Batch-format requests in completion order, one per request.
 
-        A request that cannot be sent (unsupported url, repeated custom_id) gets an error result. Raises
+        A request that cannot be sent gets an error result: an unsupported url, or a custom_id an earlier request
+        used (`duplicate_custom_id`: that result carries the repeated id, so key results by id only after
+        dropping those). Raises
         RunStopped after yielding what completed when the provider stops the run. To stop early, close the
         generator (`contextlib.aclosing`): the requests still running are abandoned.
         """

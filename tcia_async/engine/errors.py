@@ -42,6 +42,10 @@ class NotSent(Exception):
     """The engine was halted (`Engine.halt`, the CLI's first Ctrl-C) or is closing before this request went out:
     it has no answer and no result; a rerun sends it."""
 
+    def __init__(self, message: str = "not sent: the engine was halted or closed before this request went out"
+                 ) -> None:
+        super().__init__(message)
+
 
 def primary(error: BaseException) -> BaseException:
     """The exception an exception group stands for: a stop first, then an interrupt, then the first other error,
@@ -67,8 +71,10 @@ def primary(error: BaseException) -> BaseException:
 
 
 class Counters(msgspec.Struct, kw_only=True):
-    """Counters of a set of requests. `ok`/`failed` count calls (a cached answer is `ok` and `cached`); `sent`
-    counts HTTP attempts, `retries` attempts after the first, `rate_limited` 429 answers. Tokens and cost are
+    """Counters of a set of requests. `ok`/`failed` count calls (a cached answer is `ok` and `cached`; a
+    `chat_json` whose answers never matched counts its calls as `ok`: it raised `schema_mismatch`); `sent` counts
+    HTTP attempts that reached the provider (a refused connection is not sent), `retries` every attempt after
+    the first (connected or not), `rate_limited` 429 answers. Tokens and cost are
     what answers from the network reported (a cached answer costs nothing); `cached_tokens` is the part of
     `prompt_tokens` the provider served from its prompt cache, and `cost_full` the cost at full input price.
     `cost_replayed` is what the chat answers replayed from the cache cost when they were paid for (an earlier

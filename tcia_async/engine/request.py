@@ -271,6 +271,8 @@ class Requests:
                 "unreachable": "no connection to the provider",
                 "failing": "the provider answered only errors (5xx, timeouts or broken answers)",
             }.get(code, f"the provider refused the run ({status} {code})")
+            if code == "unauthorized" and not self.config.api_key():
+                why = f"the provider wants an API key and none was sent (${self.config.api_key_env} is not set)"
             self.stopped = self.scrub(f"{why}: {message}".strip())
         return RunStopped(self.stopped)
 

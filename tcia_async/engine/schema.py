@@ -28,6 +28,9 @@ _DROPPED_KEYWORDS = ("default", "title")
 
 def strict_schema(struct_type: type) -> dict[str, Any]:
     """The strict-mode JSON schema of `struct_type` (a msgspec Struct), self-contained (no `$ref`)."""
+    if not (isinstance(struct_type, type) and issubclass(struct_type, msgspec.Struct)):
+        raise TypeError(f"structured output needs a msgspec Struct type, not {struct_type!r}: strict mode wants "
+                        "a JSON object at the root")
     raw = msgspec.json.schema(struct_type)
     defs = raw.get("$defs", {})
     return _rewrite(raw, defs, path="$", resolving=())
