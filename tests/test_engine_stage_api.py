@@ -349,3 +349,15 @@ async def test_a_cached_generate_counts_what_its_answers_cost(tmp_path):
             again = engine.stats.stages["generate"]
     assert paid > 0 and again.cost == 0 and again.sent == 0
     assert again.cost_replayed == pytest.approx(paid)
+
+
+async def test_a_caller_gone_before_its_request_started_sends_nothing_and_the_next_one_sends_it(tmp_path):
+    async with Simulator(SimConfig(batch_delay_s=None)) as sim:
+        async with Engine(EngineConfig(base_url=sim.base_url)) as engine:
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # cancelled at its first wait: before the engine's task ran
+                await engine.chat(chat("gone"))
+            assert sim.stats()["requests"] == 0
+            answer = await engine.chat(chat("gone"))  # a new caller is not handed the first one's NotSent
+            assert answer["choices"]
+        assert sim.stats()["requests"] == 1

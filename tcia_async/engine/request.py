@@ -304,13 +304,13 @@ class Requests:
         flight = self._inflight.get(key)
         shared = flight is not None  # an identical request is in flight: wait for it instead of paying twice
         if flight is None:
-            # Nothing awaits between the cache lookup and marking the key in flight.
-            flight = self._inflight[key] = _Flight(None if inline else anyio.CancelScope())
             ep = self.endpoint(path)
             budget = self.limiter.budget(ep.provider, model)
             tokens, fixed = self._reservation(budget, body, len(data), model) if budget.counts_tokens else (0.0, -1.0)
+            # Nothing awaits between the cache lookup and marking the key in flight.
+            flight = self._inflight[key] = _Flight(None if inline else anyio.CancelScope())
             args = (ep, path, data, budget, tokens, model)
-            kwargs = {"fixed_out": fixed, "stage": stage, "priority": priority, "key": key}
+            kwargs = {"fixed_out": fixed, "stage": stage, "priority": priority, "key": key, "flight": flight}
             if inline:
                 try:
                     raw, parsed, rid = await self.exchange(*args, **kwargs)
@@ -330,7 +330,10 @@ class Requests:
             if me.outcome is None:  # the caller is gone before the outcome
                 flight.waiters.remove(me)
                 if not flight.waiters and not flight.wired and flight.scope is not None:
-                    flight.scope.cancel()  # nobody waits and it is not on the wire yet: it is not sent
+                    # Nobody waits and it is not on the wire yet: it is not sent. A later caller starts anew.
+                    flight.scope.cancel()
+                    if self._inflight.get(key) is flight:
+                        del self._inflight[key]
             raise
         outcome = me.outcome
         if isinstance(outcome, BaseException):
@@ -374,10 +377,12 @@ class Requests:
         whole = min(w.limit for w in budget.tokens)
         return float(prompt + min(guess, max(0.0, whole - prompt))), -1.0
 
-    def _share(self, key: bytes, outcome: tuple[bytes, dict[str, Any], str] | BaseException) -> None:
-        """`key` is no longer in flight: hand its outcome to whoever waits for it."""
-        flight = self._inflight.pop(key, None)
-        for w in flight.waiters if flight is not None else ():
+    def _share(self, key: bytes, flight: _Flight, outcome: tuple[bytes, dict[str, Any], str] | BaseException
+               ) -> None:
+        """`flight` of `key` has ended: hand its outcome to whoever waits for it."""
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+        for w in flight.waiters:
             w.outcome = outcome
             w.event.set()
 
@@ -385,13 +390,12 @@ class Requests:
 
     async def exchange(self, ep: Endpoint, path: str, data: bytes, budget: Budget, tokens: float, model: str, *,
                        fixed_out: float = -1.0, stage: str = "", priority: int = 0, key: bytes | None = None,
-                       ) -> tuple[bytes, dict[str, Any], str]:
+                       flight: _Flight | None = None) -> tuple[bytes, dict[str, Any], str]:
         """Send until answered: (raw body, parsed body, request id), or RequestFailed / RunStopped / NotSent.
 
-        With a cache `key` (marked in flight by the caller), the answer is cached, and the outcome is handed to
-        the callers waiting for the key.
+        With a cache `key` and its `flight` (marked in flight by `call`), the answer is cached, and the outcome
+        is handed to the callers waiting for it.
         """
-        flight = self._inflight.get(key) if key is not None else None
         try:
             cfg = self.config
             chat = path == CHAT
@@ -404,8 +408,8 @@ class Requests:
                 if self.stopped is not None:
                     raise RunStopped(self.stopped)
                 attempt += 1
-                if self._halted:
-                    raise NotSent()
+                if self._halted or (flight is not None and flight.scope is not None and flight.scope.cancel_called):
+                    raise NotSent()  # halted, or every caller left before it started
                 try:
                     ticket = budget.pay_now(tokens, priority)  # most payments need no wait: no wait is set up
                     if ticket is WAIT:
@@ -473,14 +477,15 @@ class Requests:
                 wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap)
                 await self._unless_halted(anyio.sleep, wait if hint is None else max(wait, hint))
         except BaseException as exc:
-            if key is not None:
+            if key is not None and flight is not None:
                 # A cancelled sender (cut, a hard stop, the engine closing) has no answer: NotSent, as after halt.
-                self._share(key, exc if isinstance(exc, Exception) else NotSent())
+                self._share(key, flight, exc if isinstance(exc, Exception) else NotSent())
             raise
         if key is not None:
             if self.cache is not None:
                 self.cache.put(key, raw, rid)
-            self._share(key, (raw, parsed, rid))
+            if flight is not None:
+                self._share(key, flight, (raw, parsed, rid))
         return raw, parsed, rid
 
     async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, counts: Counters
