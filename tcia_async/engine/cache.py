@@ -96,6 +96,8 @@ class FileLock:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
+            if holder == f"tcia-async process {os.getpid()}":
+                holder = "this process (another Engine or command of it holds the file)"
             raise busy(holder) from None
         fh.seek(0)
         fh.truncate()
