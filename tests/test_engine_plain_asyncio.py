@@ -9,6 +9,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+
+import numpy as np
 
 from tcia_async.config import EngineConfig
 from tcia_async.engine import Engine
@@ -95,3 +98,96 @@ def test_ctrl_c_during_a_chat_interrupts_at_once(tmp_path):
         proc.kill()
         proc.wait()
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
+
+
+def test_leaving_the_engine_does_not_wait_for_an_open_generate_or_queued_local_batches():
+    class Slow:
+        identity = "slow-v1"
+        calls = 0
+
+        def embed(self, texts):
+            Slow.calls += 1
+            time.sleep(0.2)
+            return np.zeros((len(texts), 4), dtype=np.float32)
+
+    async def main():
+        async with Simulator(SimConfig(latency_ms=10, batch_delay_s=None)) as sim:
+            lines = [BatchRequest(custom_id=f"r{i}", body=chat(f"q{i}")) for i in range(300)]
+            async with Engine(EngineConfig(base_url=sim.base_url, concurrency=4), local_models={"slow": Slow()}
+                              ) as engine:
+                gen = engine.generate(lines)
+                async for _ in gen:
+                    break  # kept, not closed: its workers fill the result queue and wait for a reader
+                try:
+                    await asyncio.wait_for(engine.embed([f"t{i}" for i in range(32 * 10)], model="slow"), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+            await gen.aclose()
+        return Slow.calls
+
+    # Before, the first case never left the block; the second ran all ten batches of the local model.
+    calls = asyncio.run(asyncio.wait_for(main(), 60))
+    assert calls <= 2
+
+
+def test_closing_generate_early_caches_what_is_on_the_wire_and_a_sharing_caller_still_gets_its_answer(tmp_path):
+    async def main():
+        async with Simulator(SimConfig(latency_ms=300, batch_delay_s=None)) as sim:
+            cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"), concurrency=8)
+            lines = [BatchRequest(custom_id=f"r{i}", body=chat(f"q{i}")) for i in range(8)]
+            async with Engine(cfg) as engine:
+                gen = engine.generate(lines)
+                first = asyncio.ensure_future(gen.__anext__())  # starts the run
+                await sim.wait_requests(8)  # every line on the wire
+                shared = asyncio.ensure_future(engine.chat(chat("q0")))  # joins line r0's request
+                await asyncio.sleep(0)
+                first = await first
+                await gen.aclose()  # the other lines' answers are on their way
+                answer = await shared
+            async with Engine(cfg) as engine:
+                results = [r async for r in engine.generate(lines)]
+                sent_again = engine.stats.sent
+        return first, answer, results, sent_again, sim.stats()["requests"]
+
+    first, answer, results, sent_again, requests = asyncio.run(main())
+    assert first.response.status_code == 200 and answer["choices"]
+    assert len(results) == 8 and sent_again == 0 and requests == 8  # nothing paid twice
+
+
+def test_a_caller_leaving_as_its_request_gets_a_slot_sends_nothing(monkeypatch):
+    """The last caller's cancellation and the slot's release land in one turn of the loop: the engine's task
+    resumes before the cancellation reaches it, and must not write the request."""
+    from tcia_async.engine import client
+
+    gate: asyncio.Event | None = None
+    real_post = client.Transport.post
+
+    async def post(self, url, data):
+        if b'"content":"X"' in data:  # answered as soon as the gate opens: the slot is free in that same turn
+            await gate.wait()
+            return 200, {}, b'{"choices":[{"message":{"role":"assistant","content":"x"}}],"usage":{}}'
+        return await real_post(self, url, data)
+
+    monkeypatch.setattr(client.Transport, "post", post)
+
+    async def main():
+        nonlocal gate
+        gate = asyncio.Event()
+        async with Simulator(SimConfig(batch_delay_s=None, record_bodies=16)) as sim:
+            async with Engine(EngineConfig(base_url=sim.base_url, concurrency=1)) as engine:
+                await engine.chat(chat("warm"))  # an open connection: K would be written before any wait
+                x = asyncio.ensure_future(engine.chat(chat("X")))
+                await asyncio.sleep(0.05)  # X holds the only slot
+                a = asyncio.ensure_future(engine.chat(chat("K")))
+                await asyncio.sleep(0.05)  # K's task waits for the slot
+                asyncio.get_running_loop().call_soon(lambda: (gate.set(), a.cancel()))
+                await x
+                await asyncio.gather(a, return_exceptions=True)
+                await asyncio.sleep(0.1)
+                k_sent = [b for b in sim.bodies() if b["messages"][0]["content"] == "K"]
+                await engine.chat(chat("K"))  # a new caller sends it
+                total = [b for b in sim.bodies() if b["messages"][0]["content"] == "K"]
+        return len(k_sent), len(total), a.cancelled()
+
+    k_sent, total, cancelled = asyncio.run(main())
+    assert cancelled and k_sent == 0 and total == 1

@@ -133,7 +133,6 @@ class Engine:
         self._local_eps = {name: Endpoint(None, "local:" + m.identity) for name, m in self.local_models.items()}
         self._local_gate = anyio.CapacityLimiter(1)  # one local model call at a time: they use every core
         self._embedding: dict[bytes, asyncio.Future] = {}  # texts being embedded now, by key
-        self._flusher = anyio.CancelScope()  # the cache's writer task: stopped when the engine closes
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -144,7 +143,6 @@ class Engine:
             # a quarter of the concurrency (or 50 ms) keep that below one round of requests in flight.
             self._cache = ResponseCache(cfg.cache_path, batch_rows=max(8, min(512, cfg.concurrency // 4)))
         self._requests = Requests(cfg, self._cache, self.stats, self._limiter)
-        self._flusher = anyio.CancelScope()
         self._requests.batch_discount = self.batch_discount
         try:
             await self._requests.open()
@@ -155,32 +153,31 @@ class Engine:
             raise
         self._requests.spawn = self._tg.start_soon
         if self._cache is not None:
-            self._tg.start_soon(self._flush, self._cache)
+            self._tg.start_soon(self._cache.run_flusher)
         return self
-
-    async def _flush(self, cache: ResponseCache) -> None:
-        with self._flusher:
-            await cache.run_flusher()
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         tg, self._tg = self._tg, None
         try:
             if tg is not None:
-                assert self._requests is not None
-                if exc is None:
-                    # Leaving normally: nothing more is sent, and the requests already on the wire (their callers
-                    # went away) are answered and cached before the engine closes: they are paid for.
-                    self._requests.halt()
-                    self._flusher.cancel()
-                else:
-                    self._requests.cut()  # leaving on an error or a cancellation: do not wait for the wire
-                    tg.cancel_scope.cancel()
+                req = self._requests
+                assert req is not None
                 try:
-                    await tg.__aexit__(None, None, None)
-                except BaseExceptionGroup as group:
-                    failure = primary(group)
-                    if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
-                        raise failure from None  # the engine's own task failed (the cache, most likely)
+                    if exc is None:
+                        # Leaving normally: nothing more is sent, and the requests already on the wire (their
+                        # callers went away) get up to `drain_timeout` to be answered and cached: they are paid for.
+                        req.halt()
+                        with anyio.move_on_after(self.config.drain_timeout):
+                            await req.settle()
+                finally:
+                    req.cut()  # what is left (or, leaving on an error or a cancellation, all): not waited for
+                    tg.cancel_scope.cancel()
+                    try:
+                        await tg.__aexit__(None, None, None)
+                    except BaseExceptionGroup as group:
+                        failure = primary(group)
+                        if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
+                            raise failure from None  # the engine's own task failed (the cache, most likely)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close()
@@ -311,6 +308,8 @@ class Engine:
 
             async def send(inputs: list[Any], tokens: int, stage: str, priority: int) -> dict[str, Any]:
                 async with self._local_gate:
+                    if req.halted:
+                        raise NotSent()  # a batch that has not started yet is not run after halt()
                     vectors = await anyio.to_thread.run_sync(embedder.embed, list(inputs))
                 self.stats.view(stage, model).sent += 1
                 return {"object": "list", "model": model, "usage": {"prompt_tokens": 0, "total_tokens": 0},
@@ -374,7 +373,8 @@ class Engine:
         used (`duplicate_custom_id`: that result carries the repeated id, so key results by id only after
         dropping those). Raises
         RunStopped after yielding what completed when the provider stops the run. To stop early, close the
-        generator (`contextlib.aclosing`): the requests still running are abandoned.
+        generator (`contextlib.aclosing`): nothing more is sent, and the requests on the wire are cached as they
+        are answered (up to `drain_timeout`); cancelling the consumer abandons them instead.
         """
         req = self.requests
         assert self._tg is not None
@@ -404,9 +404,18 @@ class Engine:
                 raise RunStopped(run.stopped)
         finally:
             if not done.is_set():
-                run.abandon()
-                with anyio.CancelScope(shield=True):
-                    await done.wait()
+                # Closed early: no new requests; those on the wire get up to `drain_timeout` to be answered and
+                # cached (they are paid for; their results have no reader). Cancelled: abandon them at once.
+                sink.finish()
+                run.drain()
+                try:
+                    with anyio.move_on_after(self.config.drain_timeout):
+                        await done.wait()
+                finally:
+                    if not done.is_set():
+                        run.abandon()
+                        with anyio.CancelScope(shield=True):
+                            await done.wait()
 
 
 __all__ = ["Engine", "EngineStats", "LocalEmbedder", "NotSent", "RequestFailed", "RunStopped", "StageEngine",

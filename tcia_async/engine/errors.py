@@ -39,8 +39,8 @@ class RunStopped(Exception):
 
 
 class NotSent(Exception):
-    """The engine was halted (`Engine.halt`, the CLI's first Ctrl-C) or is closing before this request went out:
-    it has no answer and no result; a rerun sends it."""
+    """This request has no answer and no result, and a rerun sends it: the engine was halted (`Engine.halt`, the
+    CLI's first Ctrl-C) or closed before it went out, or it was cut off the wire (`Engine.cut`)."""
 
     def __init__(self, message: str = "not sent: the engine was halted or closed before this request went out"
                  ) -> None:

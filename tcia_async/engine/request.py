@@ -18,7 +18,7 @@ cached one by one). In order, for one request:
 
 Waits before the wire (budget, slot, backoff) end with `NotSent` when `halt()` is called; `cut()` abandons the
 requests on the wire too. generate's workers send their lines themselves (step 3 without a task: a worker is
-cancelled only by a hard stop).
+cancelled only when its run stops; a caller sharing its request then sends it).
 """
 
 from __future__ import annotations
@@ -134,6 +134,10 @@ class _Waiter:
         self.outcome: tuple[bytes, dict[str, Any], str] | BaseException | None = None
 
 
+class _Again(Exception):
+    """The generate worker sending a request others wait for was stopped: they send it themselves."""
+
+
 class _Flight:
     """One key in flight: who waits for it, and the scope of the engine task sending it (None when its caller
     sends it: generate's workers)."""
@@ -185,6 +189,8 @@ class Requests:
         self.estimator = OutputEstimator()
         self.stopped: str | None = None
         self._halted = False
+        self._sending = 0  # keyed requests the engine's tasks are sending (see settle)
+        self._settled: anyio.Event | None = None
         self._inflight: dict[bytes, _Flight] = {}
         self._waits: set[anyio.CancelScope] = set()  # waits before the wire: cancelled by halt()
         self._owned: set[anyio.CancelScope] = set()  # requests the engine's tasks send: cancelled by cut()
@@ -225,6 +231,16 @@ class Requests:
         return self.embed_ep if path == EMBEDDINGS else self.chat_ep
 
     # -- stopping ---------------------------------------------------------------------------------------------
+
+    @property
+    def halted(self) -> bool:
+        return self._halted
+
+    async def settle(self) -> None:
+        """Wait until the engine's tasks send no keyed request (after `halt()`: until those on the wire end)."""
+        while self._sending:
+            self._settled = anyio.Event()
+            await self._settled.wait()
 
     def halt(self) -> None:
         """Send nothing more: requests on the wire finish; waits for budget, a slot or a retry, and every later
@@ -337,6 +353,8 @@ class Requests:
             raise
         outcome = me.outcome
         if isinstance(outcome, BaseException):
+            if isinstance(outcome, _Again):
+                return await self.call(path, body, data, key, stage=stage, priority=priority)
             if isinstance(outcome, RequestFailed):
                 _count(counts, None)
             raise outcome
@@ -348,10 +366,15 @@ class Requests:
 
     async def _send(self, flight: _Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """An engine task sending one keyed request; `exchange` hands the outcome to the callers waiting."""
+        self._sending += 1
         try:
             await self.owned(self.exchange, *args, scope=flight.scope, **kwargs)
         except Exception:  # noqa: BLE001 - already handed to the waiters
             pass
+        finally:
+            self._sending -= 1
+            if not self._sending and self._settled is not None:
+                self._settled.set()
 
     def _reservation(self, budget: Budget, body: dict[str, Any], size: int, model: str) -> tuple[float, float]:
         """(tokens to reserve, output tokens charged whatever the answer, or -1 when the real completion counts).
@@ -408,8 +431,8 @@ class Requests:
                 if self.stopped is not None:
                     raise RunStopped(self.stopped)
                 attempt += 1
-                if self._halted or (flight is not None and flight.scope is not None and flight.scope.cancel_called):
-                    raise NotSent()  # halted, or every caller left before it started
+                if self._halted:
+                    raise NotSent()
                 try:
                     ticket = budget.pay_now(tokens, priority)  # most payments need no wait: no wait is set up
                     if ticket is WAIT:
@@ -419,6 +442,11 @@ class Requests:
                 if not self.slots.take() and await self._unless_halted(self.slots.acquire, priority):
                     budget.restamp(ticket)  # it waited for a slot after paying: the provider counts it from now
                 if flight is not None:
+                    if flight.scope is not None and flight.scope.cancel_called:
+                        # Every caller left before it went out (their cancellation reaches this task only at its
+                        # next wait, after the write): it is not sent.
+                        self.slots.release()
+                        raise NotSent()
                     flight.wired = True
                 status, headers, raw, verdict, elapsed = await self._on_the_wire(ep, url, data, counts)
                 if status:
@@ -478,8 +506,10 @@ class Requests:
                 await self._unless_halted(anyio.sleep, wait if hint is None else max(wait, hint))
         except BaseException as exc:
             if key is not None and flight is not None:
-                # A cancelled sender (cut, a hard stop, the engine closing) has no answer: NotSent, as after halt.
-                self._share(key, flight, exc if isinstance(exc, Exception) else NotSent())
+                # A cancelled sender has no answer. The engine's (cut, the engine closing): NotSent, as after halt.
+                # A generate worker's (its run stopped): whoever shares the request sends it themselves.
+                stopped = NotSent() if flight.scope is not None or self._halted else _Again()
+                self._share(key, flight, exc if isinstance(exc, Exception) else stopped)
             raise
         if key is not None:
             if self.cache is not None:

@@ -435,8 +435,8 @@ class Run:
         self._wake_feeder()
 
     def abandon(self) -> None:
-        """Cancel everything that waits now (requests still on the wire finish first; their answers are cached,
-        and get no result line: a rerun writes them from the cache)."""
+        """Cancel everything now, the requests on the wire included (their answers are lost: a rerun sends them).
+        To let those finish and be cached, `drain()` and wait instead."""
         self.drain()
         if self._scope is not None:
             self._scope.cancel()
