@@ -361,3 +361,15 @@ async def test_a_caller_gone_before_its_request_started_sends_nothing_and_the_ne
             answer = await engine.chat(chat("gone"))  # a new caller is not handed the first one's NotSent
             assert answer["choices"]
         assert sim.stats()["requests"] == 1
+
+
+async def test_leaving_the_engine_keeps_a_packed_embedding_on_the_wire(tmp_path):
+    async with Simulator(SimConfig(latency_ms=300, batch_delay_s=None)) as sim:
+        cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))
+        async with Engine(cfg) as engine:
+            with anyio.move_on_after(0.05):
+                await engine.embed(["kept"], model=EMB)  # the caller leaves; the engine closes right after
+        async with Engine(cfg) as engine:
+            await engine.embed(["kept"], model=EMB)
+            assert engine.stats.sent == 0
+        assert sim.stats()["requests"] == 1

@@ -189,7 +189,7 @@ class Requests:
         self.estimator = OutputEstimator()
         self.stopped: str | None = None
         self._halted = False
-        self._sending = 0  # keyed requests the engine's tasks are sending (see settle)
+        self._sending = 0  # requests the engine's own tasks are sending (`owned`; see settle)
         self._settled: anyio.Event | None = None
         self._inflight: dict[bytes, _Flight] = {}
         self._waits: set[anyio.CancelScope] = set()  # waits before the wire: cancelled by halt()
@@ -237,7 +237,7 @@ class Requests:
         return self._halted
 
     async def settle(self) -> None:
-        """Wait until the engine's tasks send no keyed request (after `halt()`: until those on the wire end)."""
+        """Wait until the engine's own tasks send nothing (after `halt()`: until those on the wire end)."""
         while self._sending:
             self._settled = anyio.Event()
             await self._settled.wait()
@@ -259,12 +259,18 @@ class Requests:
                     **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` run by an engine task, in a scope that `cut()` cancels (then NotSent)."""
         scope = scope or anyio.CancelScope()
-        with scope:
-            self._owned.add(scope)
-            try:
-                return await fn(*args, **kwargs)
-            finally:
-                self._owned.discard(scope)
+        self._sending += 1
+        try:
+            with scope:
+                self._owned.add(scope)
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    self._owned.discard(scope)
+        finally:
+            self._sending -= 1
+            if not self._sending and self._settled is not None:
+                self._settled.set()
         raise NotSent()  # reached only when the scope was cancelled
 
     async def _unless_halted(self, wait: Callable[..., Awaitable[Any]], *args: Any) -> Any:
@@ -366,15 +372,10 @@ class Requests:
 
     async def _send(self, flight: _Flight, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """An engine task sending one keyed request; `exchange` hands the outcome to the callers waiting."""
-        self._sending += 1
         try:
             await self.owned(self.exchange, *args, scope=flight.scope, **kwargs)
         except Exception:  # noqa: BLE001 - already handed to the waiters
             pass
-        finally:
-            self._sending -= 1
-            if not self._sending and self._settled is not None:
-                self._settled.set()
 
     def _reservation(self, budget: Budget, body: dict[str, Any], size: int, model: str) -> tuple[float, float]:
         """(tokens to reserve, output tokens charged whatever the answer, or -1 when the real completion counts).
