@@ -1,4 +1,4 @@
-"""The one request path: cache -> sharing -> budget -> connection slot -> wire -> verdict, retried until answered.
+"""The one request path: cache -> sharing -> an engine task -> budget -> slot -> wire -> verdict, retried until answered.
 
 Every request of the engine goes through `Requests.call` (a request with its own cache key: chat, and the lines
 of `generate`) or `Requests.exchange` (the network part alone: a packed embeddings call, whose entries are
@@ -314,8 +314,8 @@ class Requests:
     async def call(self, path: str, body: dict[str, Any], data: bytes, key: bytes, *, stage: str = "",
                    priority: int = 0, check_cache: bool = True, inline: bool = False) -> Answer:
         """The answer to one request (`data` = canonical(body), `key` its cache key), through the whole path.
-        Counts it as ok, cached or failed in the stats. `inline=True` sends it in the caller's task (a caller
-        whose only cancellation is a hard stop: generate's workers) instead of an engine task."""
+        Counts it as ok, cached or failed in the stats. `inline=True` sends it in the caller's task instead of an
+        engine task (generate's workers: cancelled only when their run is abandoned)."""
         model = str(body.get("model") or "")
         counts = self.stats.view(stage, model)
         if check_cache:

@@ -491,8 +491,8 @@ class Run:
 
     async def _send(self, item: WorkItem) -> Answer:
         if item.path == CHAT:
-            # The feeder looked the key up already. A worker is cancelled only by abandon() (a hard stop): it
-            # sends its line itself.
+            # The feeder looked the key up already. A worker sends its line itself: it is cancelled only when the
+            # run is abandoned, and a caller sharing the request then sends it (request.py).
             return await self.requests.call(CHAT, item.body, item.data, item.key, stage=self.stage,
                                             check_cache=False, inline=True)
         result = await self._embedding_entry(item.body, item.key, self.stage)
