@@ -1,4 +1,4 @@
-"""The one request path: cache -> sharing -> an engine task -> budget -> slot -> wire -> verdict, retried until answered.
+"""The one request path: cache -> sharing -> an engine task -> budget -> slot -> wire -> verdict, with retries.
 
 Every request of the engine goes through `Requests.call` (a request with its own cache key: chat, and the lines
 of `generate`) or `Requests.exchange` (the network part alone: a packed embeddings call, whose entries are
