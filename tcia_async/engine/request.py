@@ -342,8 +342,13 @@ class Requests:
                 answer = Answer(raw, parsed, rid, False)
                 _count(counts, answer)
                 return answer
-            assert self.spawn is not None, "the engine starts its tasks"
-            self.spawn(self._send, flight, args, kwargs)
+            try:
+                if self.spawn is None:
+                    raise RuntimeError("the engine is not open: use it inside `async with Engine(...)`")
+                self.spawn(self._send, flight, args, kwargs)
+            except BaseException:
+                del self._inflight[key]  # nobody sends it: a later caller must not wait for it
+                raise
         me = _Waiter()
         flight.waiters.append(me)
         try:
