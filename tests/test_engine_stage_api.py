@@ -99,15 +99,25 @@ async def test_a_cancelled_caller_never_makes_a_second_paid_call(tmp_path):
         assert sim.stats()["requests"] == 1
 
 
-async def test_an_answer_on_its_way_is_cached_when_its_only_caller_is_gone(tmp_path):
-    async with Simulator(SimConfig(latency_ms=100, batch_delay_s=None)) as sim:
+@pytest.mark.parametrize("kind", ["chat", "embed"])
+async def test_an_answer_on_its_way_is_cached_when_its_only_caller_is_gone(tmp_path, kind):
+    """The caller leaves while its request (or packed embeddings call) is on the wire, and the engine closes right
+    after: the answer is still cached, so the next run sends nothing."""
+
+    async def ask(engine: Engine) -> None:
+        if kind == "chat":
+            await engine.chat(chat("alone"))
+        else:
+            await engine.embed(["alone"], model=EMB)
+
+    async with Simulator(SimConfig(latency_ms=300, batch_delay_s=None)) as sim:
         cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))
         async with Engine(cfg) as engine:
             with anyio.move_on_after(0.03):
-                await engine.chat(chat("alone"))
+                await ask(engine)
             assert engine.stats.cached == 0
         async with Engine(cfg) as engine:
-            await engine.chat(chat("alone"))
+            await ask(engine)
             assert engine.stats.sent == 0 and engine.stats.cached == 1
         assert sim.stats()["requests"] == 1
 
@@ -360,16 +370,4 @@ async def test_a_caller_gone_before_its_request_started_sends_nothing_and_the_ne
             assert sim.stats()["requests"] == 0
             answer = await engine.chat(chat("gone"))  # a new caller is not handed the first one's NotSent
             assert answer["choices"]
-        assert sim.stats()["requests"] == 1
-
-
-async def test_leaving_the_engine_keeps_a_packed_embedding_on_the_wire(tmp_path):
-    async with Simulator(SimConfig(latency_ms=300, batch_delay_s=None)) as sim:
-        cfg = EngineConfig(base_url=sim.base_url, cache_path=str(tmp_path / "c.db"))
-        async with Engine(cfg) as engine:
-            with anyio.move_on_after(0.05):
-                await engine.embed(["kept"], model=EMB)  # the caller leaves; the engine closes right after
-        async with Engine(cfg) as engine:
-            await engine.embed(["kept"], model=EMB)
-            assert engine.stats.sent == 0
         assert sim.stats()["requests"] == 1
