@@ -236,8 +236,8 @@ class Engine:
         key = req.chat_ep.key(CHAT, data, sample)
         answer = await req.call(CHAT, body, data, key, stage=stage, priority=priority)
         parsed = answer.parsed()
-        if answer.replayed and key not in req.paid_by_batch:
-            req.replayed(parsed, str(body.get("model") or ""), stage, answer.request_id)
+        if answer.replayed:
+            req.replayed(key, answer.raw, str(body.get("model") or ""), stage, answer.request_id, parsed)
         return parsed
 
     async def chat_json(self, body: dict[str, Any], typ: type[T], *, schema_name: str | None = None,

@@ -562,11 +562,18 @@ class Requests:
         full = (p * price.input + c * price.output) / 1e6
         return p, c, cached, full - cached * (price.input - cached_price) / 1e6, full
 
-    def replayed(self, parsed: dict[str, Any], model: str, stage: str, request_id: str = "") -> None:
+    def replayed(self, key: bytes, raw: bytes, model: str, stage: str, request_id: str,
+                 parsed: dict[str, Any] | None = None) -> None:
         """Count what a chat answer replayed from the cache cost when it was paid for (at the batch price when
-        the Batch API gave it)."""
+        the Batch API gave it). Answers a batch gave in this process were counted then; without prices only the
+        batch count moves, so the body is parsed (from `raw`, unless `parsed` is given) only when it is priced."""
         by_batch = request_id.startswith(BATCH_ID)
-        cost = self.usage(parsed, model)[3] if self.config.prices else 0.0
+        if key in self.paid_by_batch or not (self.config.prices or by_batch):
+            return
+        if self.config.prices:
+            cost = self.usage(parsed if parsed is not None else orjson.loads(raw), model)[3]
+        else:
+            cost = 0.0
         if by_batch:
             cost *= self.batch_discount
         c = self.stats.view(stage, model)

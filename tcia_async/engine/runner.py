@@ -25,7 +25,7 @@ import orjson
 
 from tcia_async.engine.cache import sql_params
 from tcia_async.engine.errors import NotSent, RequestFailed, RunStopped
-from tcia_async.engine.request import BATCH_ID, CHAT, Answer, Requests, canonical, unsupported_url
+from tcia_async.engine.request import CHAT, Answer, Requests, canonical, unsupported_url
 from tcia_async.io import MAX_LINE_BYTES
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut, ResponseOut
 
@@ -454,8 +454,6 @@ class Run:
     async def _feed(self) -> None:
         cache = self.requests.cache
         stats = self.requests.stats
-        prices = bool(self.requests.config.prices)
-        by_batch = self.requests.paid_by_batch
         try:
             while not self.draining:
                 while len(self._queue) >= self._high and not self.draining:
@@ -476,9 +474,8 @@ class Run:
                     c = stats.view(self.stage, model)
                     c.ok += 1
                     c.cached += 1
-                    if it.path == CHAT and (prices or hit[1].startswith(BATCH_ID)) and it.key not in by_batch:
-                        # What the replayed answer cost when it was paid for, as Engine.chat counts it.
-                        self.requests.replayed(orjson.loads(hit[0]) if prices else {}, model, self.stage, hit[1])
+                    if it.path == CHAT:  # what the replayed answer cost when it was paid for, as Engine.chat counts
+                        self.requests.replayed(it.key, hit[0], model, self.stage, hit[1])
                     self.sink.ok(it, Answer(hit[0], None, hit[1], True))
                 if self._queue:
                     self._wake_workers()
