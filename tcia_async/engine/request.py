@@ -142,9 +142,10 @@ class _Flight:
     """One key in flight: who waits for it, and the scope of the engine task sending it (None when its caller
     sends it: generate's workers)."""
 
-    __slots__ = ("waiters", "scope", "wired")
+    __slots__ = ("key", "waiters", "scope", "wired")
 
-    def __init__(self, scope: anyio.CancelScope | None = None) -> None:
+    def __init__(self, key: bytes, scope: anyio.CancelScope | None = None) -> None:
+        self.key = key
         self.waiters: list[_Waiter] = []
         self.scope = scope
         self.wired = False  # it went on the wire: it is paid for, and finishes whoever still waits
@@ -330,9 +331,9 @@ class Requests:
             budget = self.limiter.budget(ep.provider, model)
             tokens, fixed = self._reservation(budget, body, len(data), model) if budget.counts_tokens else (0.0, -1.0)
             # Nothing awaits between the cache lookup and marking the key in flight.
-            flight = self._inflight[key] = _Flight(None if inline else anyio.CancelScope())
+            flight = self._inflight[key] = _Flight(key, None if inline else anyio.CancelScope())
             args = (ep, path, data, budget, tokens, model)
-            kwargs = {"fixed_out": fixed, "stage": stage, "priority": priority, "key": key, "flight": flight}
+            kwargs = {"fixed_out": fixed, "stage": stage, "priority": priority, "flight": flight}
             if inline:
                 try:
                     raw, parsed, rid = await self.exchange(*args, **kwargs)
@@ -406,11 +407,10 @@ class Requests:
         whole = min(w.limit for w in budget.tokens)
         return float(prompt + min(guess, max(0.0, whole - prompt))), -1.0
 
-    def _share(self, key: bytes, flight: _Flight, outcome: tuple[bytes, dict[str, Any], str] | BaseException
-               ) -> None:
-        """`flight` of `key` has ended: hand its outcome to whoever waits for it."""
-        if self._inflight.get(key) is flight:
-            del self._inflight[key]
+    def _share(self, flight: _Flight, outcome: tuple[bytes, dict[str, Any], str] | BaseException) -> None:
+        """`flight` has ended: hand its outcome to whoever waits for it."""
+        if self._inflight.get(flight.key) is flight:
+            del self._inflight[flight.key]
         for w in flight.waiters:
             w.outcome = outcome
             w.event.set()
@@ -418,12 +418,12 @@ class Requests:
     # -- the network part -------------------------------------------------------------------------------------
 
     async def exchange(self, ep: Endpoint, path: str, data: bytes, budget: Budget, tokens: float, model: str, *,
-                       fixed_out: float = -1.0, stage: str = "", priority: int = 0, key: bytes | None = None,
-                       flight: _Flight | None = None) -> tuple[bytes, dict[str, Any], str]:
+                       fixed_out: float = -1.0, stage: str = "", priority: int = 0, flight: _Flight | None = None
+                       ) -> tuple[bytes, dict[str, Any], str]:
         """Send until answered: (raw body, parsed body, request id), or RequestFailed / RunStopped / NotSent.
 
-        With a cache `key` and its `flight` (marked in flight by `call`), the answer is cached, and the outcome
-        is handed to the callers waiting for it.
+        With the `flight` of a cache key (marked in flight by `call`), the answer is cached under its key, and the
+        outcome is handed to the callers waiting for it.
         """
         try:
             cfg = self.config
@@ -511,17 +511,16 @@ class Requests:
                 wait = backoff(attempt, cfg.backoff_base, cfg.backoff_cap)
                 await self._unless_halted(anyio.sleep, wait if hint is None else max(wait, hint))
         except BaseException as exc:
-            if key is not None and flight is not None:
+            if flight is not None:
                 # A cancelled sender has no answer. The engine's (cut, the engine closing): NotSent, as after halt.
                 # A generate worker's (its run stopped): whoever shares the request sends it themselves.
                 stopped = NotSent() if flight.scope is not None or self._halted else _Again()
-                self._share(key, flight, exc if isinstance(exc, Exception) else stopped)
+                self._share(flight, exc if isinstance(exc, Exception) else stopped)
             raise
-        if key is not None:
+        if flight is not None:
             if self.cache is not None:
-                self.cache.put(key, raw, rid)
-            if flight is not None:
-                self._share(key, flight, (raw, parsed, rid))
+                self.cache.put(flight.key, raw, rid)
+            self._share(flight, (raw, parsed, rid))
         return raw, parsed, rid
 
     async def _on_the_wire(self, ep: Endpoint, url: str, data: bytes, counts: Counters
