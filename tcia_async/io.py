@@ -7,7 +7,7 @@ chunks. A bad line never stops a read; it comes back as a `BadLine` naming the f
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -15,14 +15,17 @@ import msgspec
 import orjson
 
 MAX_LINE_BYTES = 10 * 1024 * 1024  # a line over 10 MB is an error, not a memory spike
+_BOM = b"\xef\xbb\xbf"
 
 
 class BadLine(msgspec.Struct, kw_only=True):
-    """An input line that could not be used. `str()` reads `file:line: reason`."""
+    """An input line that could not be used. `str()` reads `file:line: reason`; `code` is "line_too_long" or
+    "bad_input"."""
 
     path: str
     line: int
     reason: str
+    code: str = "bad_input"
 
     def __str__(self) -> str:
         return f"{self.path}:{self.line}: {self.reason}"
@@ -33,11 +36,13 @@ class Line(msgspec.Struct, kw_only=True):
     value: Any
 
 
-def iter_jsonl(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Line | BadLine]:
+def iter_jsonl(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTES,
+               decode: Callable[[bytes], Any] = orjson.loads) -> Iterator[Line | BadLine]:
     """Yield each non-blank line of a JSONL file parsed, or a `BadLine` saying why it could not be.
 
     Lines are numbered from 1 as an editor shows them. An over-long line is skipped without being held in
-    memory whole.
+    memory whole. A UTF-8 byte-order mark at the start of the file is ignored (editors on Windows write one).
+    `decode` parses one line; it raises orjson.JSONDecodeError for a line that is not JSON.
     """
     name = str(path)
     with open(path, "rb") as fh:
@@ -47,19 +52,22 @@ def iter_jsonl(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTE
             if not raw:
                 return
             lineno += 1
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                 # Swallow the rest of the long line in bounded pieces.
                 while True:
                     more = fh.readline(1 << 20)
                     if not more or more.endswith(b"\n"):
                         break
-                yield BadLine(path=name, line=lineno, reason=f"line longer than {max_line_bytes} bytes")
-                continue
-            if not raw.strip():
+                yield BadLine(path=name, line=lineno, reason=f"line longer than {max_line_bytes} bytes",
+                              code="line_too_long")
                 continue
             try:
-                yield Line(line=lineno, value=orjson.loads(raw))
+                yield Line(line=lineno, value=decode(raw))
             except orjson.JSONDecodeError as exc:
+                if not raw.strip():
+                    continue  # blank lines are skipped (looked at only here: most lines are not blank)
                 yield BadLine(path=name, line=lineno, reason=f"not valid JSON ({exc.msg}, at character {exc.pos + 1})")
 
 

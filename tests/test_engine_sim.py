@@ -273,3 +273,49 @@ async def test_api_key_is_never_stored(tmp_path, monkeypatch):
             await e.embed(["also secret"], model="text-embedding-3-small")
     for f in tmp_path.iterdir():
         assert secret.encode() not in f.read_bytes(), f
+
+
+async def test_generate_sends_an_async_sources_requests_as_they_come(sim, tmp_path):
+    # Each request is made only after the previous one's result is back: a source that needs its results to go
+    # on. Gathering 256 requests before sending any would wait forever here.
+    import anyio
+
+    got = []
+    next_one = anyio.Event()
+
+    async def source():
+        for i in range(5):
+            yield BatchRequest(custom_id=f"r{i}", body=chat(f"step {i}"))
+            await next_one.wait()
+
+    async with Engine(cfg(sim, tmp_path)) as e:
+        with anyio.fail_after(10):
+            async for r in e.generate(source()):
+                got.append(r.custom_id)
+                next_one.set()
+                next_one = anyio.Event()
+    assert got == [f"r{i}" for i in range(5)]
+    assert sim.stats()["requests"] == 5
+
+
+async def test_generate_closed_early_stops_reading_a_waiting_async_source(sim, tmp_path):
+    import contextlib
+
+    import anyio
+
+    finished = []
+
+    async def source():
+        try:
+            yield BatchRequest(custom_id="r0", body=chat("only"))
+            await anyio.sleep_forever()  # a producer with nothing more to say, yet
+        finally:
+            finished.append(True)
+
+    async with Engine(cfg(sim, tmp_path)) as e:
+        with anyio.fail_after(10):
+            async with contextlib.aclosing(e.generate(source())) as results:
+                async for r in results:
+                    assert r.custom_id == "r0"
+                    break
+    assert finished == [True]  # the producer was stopped, not left waiting

@@ -430,3 +430,18 @@ def test_ctrl_c_while_batches_wait_and_a_rerun_collects_them(tmp_path, small):
         st = sim.stats()
     assert st["duplicates"] == 0  # each line answered once: the rerun reattached, nothing was uploaded twice
     assert len(lines(out / "sft.jsonl")) == 2 * len([i for i in lines(out / "instructions.jsonl") if i["kept"]])
+
+
+def test_seeds_saved_with_a_byte_order_mark_keep_their_first_line(tmp_path: Path) -> None:
+    # Windows editors start UTF-8 files with a BOM; every JSONL reader shares io.iter_jsonl, which drops it.
+    from tcia_async.flows.run import read_seeds
+
+    path = tmp_path / "seeds.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"id": "a", "instruction": "Summarise the meeting."}\n'
+                     b"\n"
+                     b'{"id": "b", "instruction": "Review the diff."}\n')
+    warned: list[str] = []
+    bad: list = []
+    seeds = read_seeds(str(path), warned.append, bad)
+    assert [s.id for s in seeds] == ["a", "b"]
+    assert bad == [] and warned == []

@@ -37,7 +37,7 @@ from tcia_async.engine.errors import EngineStats, NotSent, RequestFailed, RunSto
 from tcia_async.engine.limits import Clock, REAL_CLOCK, Limiter
 from tcia_async.engine.packing import Entry, Packer, PackResult
 from tcia_async.engine.request import CHAT, EMBEDDINGS, Endpoint, Requests, canonical
-from tcia_async.engine.runner import QueueSink, RequestSource, Run
+from tcia_async.engine.runner import QueueSink, Run, Source
 from tcia_async.engine.schema import response_format_for
 from tcia_async.engine.tokens import byte_estimate, count_embedding_input
 from tcia_async.records import BatchRequest, BatchResult
@@ -379,7 +379,7 @@ class Engine:
         req = self.requests
         assert self._tg is not None
         sink = QueueSink(limit=max(64, 2 * self.config.concurrency))
-        run = Run(req, self.embedding_entry, RequestSource(req, requests, sink, stage), sink, stage=stage)
+        run = Run(req, self.embedding_entry, Source(req, requests, sink, stage=stage), sink, stage=stage)
         done = anyio.Event()
 
         async def drive() -> None:

@@ -1,8 +1,9 @@
 """`generate`: Batch-format requests in, one result per line out, through the engine's one request path.
 
-Shape (no task and no record per input line):
-- a source reads requests lazily in chunks of 256, turns bad lines into error results at once (naming the line),
-  computes cache keys and looks each chunk up in the cache with one query; cached answers go straight out;
+Shape (no task per input line):
+- a source reads requests lazily in chunks of up to 256 (a file through io.iter_jsonl; an async iterable as its
+  items come), turns bad lines into error results at once (naming the line) and computes cache keys; each
+  chunk is looked up in the cache with one query; cached answers go straight out;
 - a feeder keeps a bounded queue of the rest filled (at most 2 x workers waiting);
 - a fixed pool of `concurrency` workers takes requests from the queue and sends them (request.py; a worker
   waiting for its model's budget holds no connection slot);
@@ -14,6 +15,7 @@ Repeated custom_ids are found with `Dedup`, whose memory stays flat in the numbe
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
@@ -26,11 +28,11 @@ import orjson
 from tcia_async.engine.cache import sql_params
 from tcia_async.engine.errors import NotSent, RequestFailed, RunStopped
 from tcia_async.engine.request import CHAT, Answer, Requests, canonical, unsupported_url
-from tcia_async.io import MAX_LINE_BYTES
+from tcia_async.io import MAX_LINE_BYTES, BadLine, Line, iter_jsonl
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut, ResponseOut
 
 CHUNK = 256
-_BOM = b"\xef\xbb\xbf"
+_END = object()
 
 # embedding_entry(body, key, stage) -> a future of the line's PackResult (Engine.embedding_entry)
 EmbedEntry = Callable[[dict[str, Any], bytes, str], Awaitable[Any]]
@@ -253,28 +255,84 @@ class FileSink:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Source:
-    def __init__(self, requests: Requests, sink: Any, name: str, stage: str) -> None:
+class Source:
+    """Batch-format requests for a run, in chunks of CHUNK work items, from a sync or async iterable of
+    BatchRequest Structs, dicts of the same shape, or the `Line`/`BadLine` items of io.iter_jsonl (a file:
+    see `FileSource`). A line that cannot be sent becomes an error result at once, naming `name` and its line
+    (an item's position, counted from 1, where it has no line number)."""
+
+    def __init__(self, requests: Requests, items: Iterable[Any] | AsyncIterable[Any], sink: Any,
+                 name: str = "<requests>", stage: str = "generate") -> None:
         self._requests = requests
         self._sink = sink
         self._name = name
         self._stage = stage
         self._dedup = Dedup()
         self._claims: list[tuple[str, int]] = []  # (custom_id, line) of bad lines since the last chunk
+        self._ait = items.__aiter__() if hasattr(items, "__aiter__") else None  # type: ignore[union-attr]
+        self._it = None if self._ait is not None else iter(items)  # type: ignore[arg-type]
+        # An async iterable is read by `pump` (a task of the run) into this buffer, so that a chunk holds what
+        # has come so far: a slow producer's requests go out as they come, not 256 at a time.
+        if self._ait is not None:
+            self._put, self._items = anyio.create_memory_object_stream[Any](CHUNK)
+        self._pumping = anyio.CancelScope()
         self.lines = 0  # input lines seen (requests and bad lines)
+
+    async def pump(self) -> None:
+        """Read an async iterable into the buffer until it ends or `stop()` (Run starts this in its task group)."""
+        if self._ait is None:
+            return
+        with self._pumping:
+            async with self._put:
+                try:
+                    async for item in self._ait:
+                        await self._put.send(item)
+                except anyio.BrokenResourceError:
+                    pass  # the run takes no more
+
+    def stop(self) -> None:
+        """The run takes no more items: stop reading an async iterable."""
+        self._pumping.cancel()
+        if self._ait is not None:
+            self._put.close()
+            self._items.close()
+
+    async def next_chunk(self) -> list[WorkItem] | None:
+        pending: list[tuple[str, str, dict[str, Any], int]] = []
+        n = 0
+        while n < CHUNK:
+            if self._it is not None:
+                item = next(self._it, _END)
+                if item is _END:
+                    break
+            else:
+                try:  # the first item of a chunk is waited for; the others are taken as far as they have come
+                    item = self._items.receive_nowait() if n else await self._items.receive()
+                except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                    break
+            n += 1
+            if type(item) is Line:
+                lineno, item = item.line, item.value
+            elif type(item) is BadLine:
+                self._bad(None, item.line, item.code, item.reason)
+                continue
+            else:
+                lineno = self.lines + n
+            if type(item) is BatchRequest:
+                item = {"custom_id": item.custom_id, "url": item.url, "body": item.body, "method": item.method}
+            cid, url, body, problem = check_request(item)
+            if problem is not None:
+                self._bad(cid, lineno, "bad_input", problem)
+            else:
+                pending.append((cid, url, body, lineno))  # type: ignore[arg-type]
+        self.lines += n
+        return self._finish(pending) if n else None
 
     def _bad(self, custom_id: Any, line: int, code: str, reason: str) -> None:
         self._requests.stats.view(self._stage, "").failed += 1
         if isinstance(custom_id, str) and custom_id and code == "bad_input":
             self._claims.append((custom_id, line))  # its result is out: a later line may not use the id again
         self._sink.bad(custom_id, line, ErrorOut(code=code, message=f"{self._name}:{line}: {reason}", line=line))
-
-    def _line(self, value: Any, lineno: int, pending: list[tuple[str, str, dict[str, Any], int]]) -> None:
-        cid, url, body, problem = check_request(value)
-        if problem is not None:
-            self._bad(cid, lineno, "bad_input", problem)
-        else:
-            pending.append((cid, url, body, lineno))  # type: ignore[arg-type]
 
     def _finish(self, pending: list[tuple[str, str, dict[str, Any], int]]) -> list[WorkItem]:
         """Checked lines -> work items; a repeated custom_id is an error (the first line with an id owns it,
@@ -307,88 +365,32 @@ class _Source:
         return items
 
     def close(self) -> None:
+        self.stop()
         self._dedup.close()
 
 
-class FileSource(_Source):
-    """Batch-format lines from a JSONL file, read lazily (blank lines are skipped; lines numbered from 1; a
-    UTF-8 byte-order mark at the start is ignored)."""
+def _decode_request(raw: bytes) -> Any:
+    """One input line: a Batch request through msgspec (the common case, fast), anything else as plain JSON
+    (check_request then says what is wrong with it)."""
+    try:
+        return _decode_line(raw)
+    except msgspec.DecodeError:  # a ValidationError too
+        return orjson.loads(raw)
 
-    def __init__(self, requests: Requests, path: str, sink: Any, max_line_bytes: int = MAX_LINE_BYTES,
-                 stage: str = "generate") -> None:
-        super().__init__(requests, sink, str(path), stage)
-        self._fh = open(path, "rb")
-        self._lineno = 0
-        self._max = max_line_bytes
 
-    async def next_chunk(self) -> list[WorkItem] | None:
-        pending: list[tuple[str, str, dict[str, Any], int]] = []
-        n = 0
-        while n < CHUNK:
-            raw = self._fh.readline(self._max + 1)
-            if not raw:
-                break
-            self._lineno += 1
-            if self._lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
-            if len(raw) > self._max and not raw.endswith(b"\n"):
-                while True:  # swallow the rest of the long line in bounded pieces
-                    more = self._fh.readline(1 << 20)
-                    if not more or more.endswith(b"\n"):
-                        break
-                n += 1
-                self._bad(None, self._lineno, "line_too_long", f"line longer than {self._max} bytes")
-                continue
-            try:
-                req = _decode_line(raw)
-                value: Any = {"custom_id": req.custom_id, "url": req.url, "body": req.body, "method": req.method}
-            except msgspec.DecodeError:  # a ValidationError too: parsed as plain JSON, check_request says why
-                try:
-                    value = orjson.loads(raw)
-                except orjson.JSONDecodeError as exc:
-                    if raw.isspace():
-                        continue
-                    n += 1
-                    self._bad(None, self._lineno, "bad_input", f"not valid JSON ({exc})")
-                    continue
-            n += 1
-            self._line(value, self._lineno, pending)
-        self.lines += n
-        return self._finish(pending) if n else None
+class FileSource(Source):
+    """Batch-format lines from a JSONL file, read lazily (io.iter_jsonl: blank lines skipped, lines numbered from
+    1, a UTF-8 byte-order mark at the start ignored)."""
+
+    def __init__(self, requests: Requests, path: str | os.PathLike[str], sink: Any,
+                 max_line_bytes: int = MAX_LINE_BYTES, stage: str = "generate") -> None:
+        open(path, "rb").close()  # a missing or unreadable file fails here, before the run starts
+        self._lines = iter_jsonl(path, max_line_bytes, _decode_request)
+        super().__init__(requests, self._lines, sink, str(path), stage)
 
     def close(self) -> None:
         super().close()
-        self._fh.close()
-
-
-class RequestSource(_Source):
-    """BatchRequest Structs (or dicts of the same shape) from a sync or async iterable."""
-
-    def __init__(self, requests: Requests, items: Iterable[Any] | AsyncIterable[Any], sink: Any,
-                 stage: str = "generate") -> None:
-        super().__init__(requests, sink, "<requests>", stage)
-        self._ait = items.__aiter__() if hasattr(items, "__aiter__") else None  # type: ignore[union-attr]
-        self._it = None if self._ait is not None else iter(items)  # type: ignore[arg-type]
-
-    async def next_chunk(self) -> list[WorkItem] | None:
-        pending: list[tuple[str, str, dict[str, Any], int]] = []
-        n = 0
-        while n < CHUNK:
-            if self._it is not None:
-                req = next(self._it, None)
-                if req is None:
-                    break
-            else:
-                try:
-                    req = await self._ait.__anext__()  # type: ignore[union-attr]
-                except StopAsyncIteration:
-                    break
-            n += 1
-            if isinstance(req, BatchRequest):
-                req = {"custom_id": req.custom_id, "url": req.url, "body": req.body, "method": req.method}
-            self._line(req, self.lines + n, pending)
-        self.lines += n
-        return self._finish(pending) if n else None
+        self._lines.close()  # closes the file
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -421,6 +423,7 @@ class Run:
         try:
             async with anyio.create_task_group() as tg:
                 self._scope = tg.cancel_scope
+                tg.start_soon(self.source.pump)
                 tg.start_soon(self._feed)
                 for _ in range(self.workers):
                     tg.start_soon(self._work)
@@ -431,6 +434,7 @@ class Run:
         """Take no new requests; requests in flight finish (their results are written)."""
         self.draining = True
         self._queue.clear()
+        self.source.stop()  # a feeder waiting for an async source's next item gets none
         self._wake_workers()
         self._wake_feeder()
 
@@ -462,7 +466,7 @@ class Run:
                 if self.draining:
                     break
                 chunk = await self.source.next_chunk()
-                if chunk is None:
+                if chunk is None or self.draining:  # drained while an async source was read: nothing more goes
                     break
                 hits = cache.get_many([it.key for it in chunk]) if (cache is not None and chunk) else {}
                 for it in chunk:
@@ -484,6 +488,7 @@ class Run:
                 await anyio.lowlevel.checkpoint()
         finally:
             self._feeding = False
+            self.source.stop()
             self._wake_workers()
 
     async def _send(self, item: WorkItem) -> Answer:

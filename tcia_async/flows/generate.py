@@ -249,6 +249,12 @@ class _FromBatches:
     def lines(self) -> int:
         return self._source.lines
 
+    async def pump(self) -> None:
+        await self._source.pump()
+
+    def stop(self) -> None:
+        self._source.stop()
+
     async def next_chunk(self) -> Any:
         from tcia_async.records import ErrorOut
 
