@@ -45,21 +45,22 @@ def iter_jsonl(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTE
     `decode` parses one line; it raises orjson.JSONDecodeError for a line that is not JSON.
     """
     name = str(path)
+    # A line of the maximum length may come with a byte-order mark before it and a \r\n after it.
+    limit = max_line_bytes + len(_BOM) + 2
     with open(path, "rb") as fh:
         lineno = 0
         while True:
-            raw = fh.readline(max_line_bytes + 1)
+            raw = fh.readline(limit)
             if not raw:
                 return
             lineno += 1
+            too_long = len(raw) == limit and not raw.endswith(b"\n")
+            if too_long:
+                while (more := fh.readline(1 << 20)) and not more.endswith(b"\n"):
+                    pass  # swallow the rest of the long line in bounded pieces
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
-            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                # Swallow the rest of the long line in bounded pieces.
-                while True:
-                    more = fh.readline(1 << 20)
-                    if not more or more.endswith(b"\n"):
-                        break
+            if too_long or len(raw) - (2 if raw.endswith(b"\r\n") else raw.endswith(b"\n")) > max_line_bytes:
                 yield BadLine(path=name, line=lineno, reason=f"line longer than {max_line_bytes} bytes",
                               code="line_too_long")
                 continue
@@ -68,7 +69,15 @@ def iter_jsonl(path: str | os.PathLike[str], max_line_bytes: int = MAX_LINE_BYTE
             except orjson.JSONDecodeError as exc:
                 if not raw.strip():
                     continue  # blank lines are skipped (looked at only here: most lines are not blank)
-                yield BadLine(path=name, line=lineno, reason=f"not valid JSON ({exc.msg}, at character {exc.pos + 1})")
+                yield BadLine(path=name, line=lineno, reason=_why_not_json(raw, exc))
+
+
+def _why_not_json(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as bad:  # orjson's own message names surrogates and the wrong place
+        return f"not valid UTF-8 text (byte {bad.start + 1} of the line)"
+    return f"not valid JSON ({exc.msg}, at character {exc.pos + 1})"
 
 
 _encoder = msgspec.json.Encoder()

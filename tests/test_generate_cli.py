@@ -301,3 +301,29 @@ def test_wrong_key_stops_with_exit_3_and_key_is_not_printed(tmp_path):
         assert p.returncode == 3
         assert "API key" in p.stderr and SECRET not in p.stderr
     assert_no_secret(out, tmp_path / "out.jsonl.summary.json", Path(str(out) + ".cache.db"))
+
+
+def test_a_named_pipe_as_input_is_read_once(tmp_path):
+    # A pipe can be read only once: the run reads it, and the progress display does not count its lines (a
+    # second reader would take lines from the run, or wait for a writer forever). Batch mode, which reads
+    # INPUT twice, refuses a pipe up front.
+    import threading
+
+    src = write_input(tmp_path / "src.jsonl", 30)
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+
+    def writer() -> None:
+        with open(fifo, "wb") as fh:  # blocks until the command opens the pipe for reading
+            fh.write(src.read_bytes())
+
+    with SimThread(SimConfig(batch_delay_s=None)) as sim:
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        p = run(argv(fifo, tmp_path / "o.jsonl", sim.base_url), timeout=60)
+        t.join(10)
+        assert p.returncode == 0, p.stderr
+        assert sorted(r["custom_id"] for r in results(tmp_path / "o.jsonl")) == sorted(f"q{i}" for i in range(30))
+        assert sim.stats()["requests"] == 30
+        p = run(argv(fifo, tmp_path / "b.jsonl", sim.base_url, "--mode", "batch"), timeout=60)
+        assert p.returncode == 2 and "must be a regular file" in p.stderr

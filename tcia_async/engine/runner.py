@@ -26,7 +26,7 @@ import msgspec
 import orjson
 
 from tcia_async.engine.cache import sql_params
-from tcia_async.engine.errors import NotSent, RequestFailed, RunStopped
+from tcia_async.engine.errors import NotSent, RequestFailed, RunStopped, primary
 from tcia_async.engine.request import CHAT, Answer, Requests, canonical, unsupported_url
 from tcia_async.io import MAX_LINE_BYTES, BadLine, Line, iter_jsonl
 from tcia_async.records import BatchRequest, BatchResult, ErrorOut, ResponseOut
@@ -276,6 +276,7 @@ class Source:
         if self._ait is not None:
             self._put, self._items = anyio.create_memory_object_stream[Any](CHUNK)
         self._pumping = anyio.CancelScope()
+        self._failed: Exception | None = None  # what the producer raised
         self.lines = 0  # input lines seen (requests and bad lines)
 
     async def pump(self) -> None:
@@ -289,6 +290,8 @@ class Source:
                         await self._put.send(item)
                 except anyio.BrokenResourceError:
                     pass  # the run takes no more
+                except Exception as exc:  # the producer failed: next_chunk raises it after the items before it
+                    self._failed = exc
 
     def stop(self) -> None:
         """The run takes no more items: stop reading an async iterable."""
@@ -298,11 +301,19 @@ class Source:
             self._items.close()
 
     async def next_chunk(self) -> list[WorkItem] | None:
+        """The next chunk of work items, or None at the end. A producer's exception is raised here, once the items
+        it made before it have been returned."""
+        if self._failed is not None:
+            raise self._failed
         pending: list[tuple[str, str, dict[str, Any], int]] = []
         n = 0
         while n < CHUNK:
             if self._it is not None:
-                item = next(self._it, _END)
+                try:
+                    item = next(self._it, _END)
+                except Exception as exc:
+                    self._failed = exc
+                    break
                 if item is _END:
                     break
             else:
@@ -326,7 +337,11 @@ class Source:
             else:
                 pending.append((cid, url, body, lineno))  # type: ignore[arg-type]
         self.lines += n
-        return self._finish(pending) if n else None
+        if n:
+            return self._finish(pending)
+        if self._failed is not None:
+            raise self._failed
+        return None
 
     def _bad(self, custom_id: Any, line: int, code: str, reason: str) -> None:
         self._requests.stats.view(self._stage, "").failed += 1
@@ -384,7 +399,6 @@ class FileSource(Source):
 
     def __init__(self, requests: Requests, path: str | os.PathLike[str], sink: Any,
                  max_line_bytes: int = MAX_LINE_BYTES, stage: str = "generate") -> None:
-        open(path, "rb").close()  # a missing or unreadable file fails here, before the run starts
         self._lines = iter_jsonl(path, max_line_bytes, _decode_request)
         super().__init__(requests, self._lines, sink, str(path), stage)
 
@@ -410,6 +424,7 @@ class Run:
         self.stage = stage
         self.workers = max(1, workers or requests.config.concurrency)
         self.stopped: str | None = None  # RunStopped message
+        self.failure: Exception | None = None  # what stopped the source, raised by `run` after the drain
         self.draining = False
         self.in_flight = 0
         self._queue: deque[WorkItem] = deque()
@@ -427,8 +442,12 @@ class Run:
                 tg.start_soon(self._feed)
                 for _ in range(self.workers):
                     tg.start_soon(self._work)
+        except BaseExceptionGroup as group:
+            raise primary(group) from None  # the error itself, not the group it came out of
         finally:
             self.source.close()
+        if self.failure is not None:
+            raise self.failure
 
     def drain(self) -> None:
         """Take no new requests; requests in flight finish (their results are written)."""
@@ -486,6 +505,11 @@ class Run:
                 await self.sink.wait_space()
                 # Let workers and answers in: a fully cached rerun must not hold the loop for the whole file.
                 await anyio.lowlevel.checkpoint()
+        except Exception as exc:
+            # The source failed (a producer's exception, an unreadable file): the requests on the wire are paid
+            # for, so they finish and are written; `run` raises the failure then.
+            self.failure = exc
+            self.drain()
         finally:
             self._feeding = False
             self.source.stop()

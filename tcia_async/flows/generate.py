@@ -104,9 +104,10 @@ def _err(msg: str) -> None:
 
 
 class _State:
-    SHOWN_BAD = 10  # bad input lines named on stderr; all of them are in RESULTS
+    SHOWN_BAD = 10  # bad input lines named on stderr; all of them are in the results file
 
-    def __init__(self) -> None:
+    def __init__(self, output: str) -> None:
+        self.output = output
         self.total: int | None = None
         self.started = time.perf_counter()
         self.bad = 0
@@ -116,7 +117,8 @@ class _State:
         if self.bad <= self.SHOWN_BAD:
             _err(f"skipped {error.message}")
         elif self.bad == self.SHOWN_BAD + 1:
-            _err("more bad input lines: each has an error result in RESULTS (code bad_input or duplicate_custom_id)")
+            _err(f"more bad input lines: each has an error result in {self.output} (code bad_input, "
+                 "line_too_long or duplicate_custom_id)")
 
 
 def _count_lines(path: str) -> int:
@@ -170,7 +172,9 @@ async def _main(args: argparse.Namespace, cfg: Any, state: _State, staged: Stage
             second()
 
         async def count_total() -> None:
-            state.total = await anyio.to_thread.run_sync(_count_lines, args.input, abandon_on_cancel=True)
+            # Only a regular file can be read twice: a second reader of a pipe would take lines from the run.
+            if Path(args.input).is_file():
+                state.total = await anyio.to_thread.run_sync(_count_lines, args.input, abandon_on_cancel=True)
 
         async def progress() -> None:
             every = 0.5 if tty else 10.0
@@ -365,6 +369,9 @@ def run_cli(args: argparse.Namespace) -> int:
             settings = batch_settings(args, toml)
             if not cfg.cache_path:
                 raise UsageError("--mode batch needs the cache (its answers go there): drop --no-cache")
+            if Path(args.input).exists() and not Path(args.input).is_file():
+                raise UsageError(f"{args.input}: --mode batch reads INPUT twice (to send it, then to write the "
+                                 "results): it must be a regular file, not a pipe or a device")
             args.batch_dir = args.batch_dir or default_batch_dir(args.output)
             _check_batch_dir(args.batch_dir, {"INPUT": args.input, "--config": args.config, **writes})
         elif args.batch_dir or args.poll_interval is not None:
@@ -385,7 +392,7 @@ def run_cli(args: argparse.Namespace) -> int:
     from tcia_async.flows.common import run_async
 
     tune_gc()
-    state = _State()
+    state = _State(args.output)
     staged: Staged | None = None
     try:
         if cfg.cache_path:
