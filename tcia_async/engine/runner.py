@@ -424,7 +424,7 @@ class Run:
         self.stage = stage
         self.workers = max(1, workers or requests.config.concurrency)
         self.stopped: str | None = None  # RunStopped message
-        self.failure: Exception | None = None  # what stopped the source, raised by `run` after the drain
+        self.failure: Exception | None = None  # what ended the source, raised by `run` at the end
         self.draining = False
         self.in_flight = 0
         self._queue: deque[WorkItem] = deque()
@@ -506,10 +506,9 @@ class Run:
                 # Let workers and answers in: a fully cached rerun must not hold the loop for the whole file.
                 await anyio.lowlevel.checkpoint()
         except Exception as exc:
-            # The source failed (a producer's exception, an unreadable file): the requests on the wire are paid
-            # for, so they finish and are written; `run` raises the failure then.
+            # The source failed (a producer's exception, an unreadable file): it ends here, as at the end of its
+            # input. What it made before is sent and written, then `run` raises the failure.
             self.failure = exc
-            self.drain()
         finally:
             self._feeding = False
             self.source.stop()
