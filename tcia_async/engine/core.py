@@ -369,12 +369,15 @@ class Engine:
                        stage: str = "generate") -> AsyncIterator[BatchResult]:
         """Results of Batch-format requests in completion order, one per request.
 
+        `requests` may be a list, an iterator or an async iterator; an async one's requests are sent as they come.
+        If it raises, the requests it made before are sent and their results come out, then its exception is
+        raised as itself.
+
         A request that cannot be sent gets an error result: an unsupported url, or a custom_id an earlier request
         used (`duplicate_custom_id`: that result carries the repeated id, so key results by id only after
-        dropping those). Raises
-        RunStopped after yielding what completed when the provider stops the run. To stop early, close the
-        generator (`contextlib.aclosing`): nothing more is sent, and the requests on the wire are cached as they
-        are answered (up to `drain_timeout`); cancelling the consumer abandons them instead.
+        dropping those). Raises RunStopped after yielding what completed when the provider stops the run. To stop
+        early, close the generator (`contextlib.aclosing`): nothing more is sent, and the requests on the wire
+        are cached as they are answered (up to `drain_timeout`); cancelling the consumer abandons them instead.
         """
         req = self.requests
         assert self._tg is not None
