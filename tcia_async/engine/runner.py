@@ -275,27 +275,33 @@ class Source:
         # has come so far: a slow producer's requests go out as they come, not 256 at a time.
         if self._ait is not None:
             self._put, self._items = anyio.create_memory_object_stream[Any](CHUNK)
-        self._pumping = anyio.CancelScope()
+        self._pumping: anyio.CancelScope | None = None  # the pump's scope while it runs
+        self._stopped = False
         self._failed: Exception | None = None  # what the producer raised
         self.lines = 0  # input lines seen (requests and bad lines)
 
     async def pump(self) -> None:
         """Read an async iterable into the buffer until it ends or `stop()` (Run starts this in its task group)."""
-        if self._ait is None:
+        if self._ait is None or self._stopped:
             return
-        with self._pumping:
+        with anyio.CancelScope() as self._pumping:
             async with self._put:
                 try:
                     async for item in self._ait:
-                        await self._put.send(item)
-                except anyio.BrokenResourceError:
-                    pass  # the run takes no more
+                        try:
+                            self._put.send_nowait(item)  # no pause per item: a fast producer fills whole chunks
+                        except anyio.WouldBlock:
+                            await self._put.send(item)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass  # the run takes no more (stop)
                 except Exception as exc:  # the producer failed: next_chunk raises it after the items before it
                     self._failed = exc
 
     def stop(self) -> None:
         """The run takes no more items: stop reading an async iterable."""
-        self._pumping.cancel()
+        self._stopped = True
+        if self._pumping is not None:
+            self._pumping.cancel()
         if self._ait is not None:
             self._put.close()
             self._items.close()
@@ -303,8 +309,8 @@ class Source:
     async def next_chunk(self) -> list[WorkItem] | None:
         """The next chunk of work items, or None at the end. A producer's exception is raised here, once the items
         it made before it have been returned."""
-        if self._failed is not None:
-            raise self._failed
+        if self._failed is not None and self._it is not None:
+            raise self._failed  # a failed iterator is not asked again (an async one's buffer is read to its end)
         pending: list[tuple[str, str, dict[str, Any], int]] = []
         n = 0
         while n < CHUNK:
@@ -329,7 +335,7 @@ class Source:
                 continue
             else:
                 lineno = self.lines + n
-            if type(item) is BatchRequest:
+            if isinstance(item, BatchRequest):
                 item = {"custom_id": item.custom_id, "url": item.url, "body": item.body, "method": item.method}
             cid, url, body, problem = check_request(item)
             if problem is not None:
