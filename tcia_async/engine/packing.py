@@ -93,8 +93,7 @@ class Packer:
     async def _close_scheduled(self) -> None:
         self._scheduled = False
         if self._open:
-            entries = self._take()
-            await self._run(entries)
+            await self._run(self._take())
 
     def _take(self) -> list[Entry]:
         entries = self._open

@@ -176,6 +176,19 @@ def _one_line(raw: bytes, parsed: Any) -> bytes:
     return orjson.dumps(parsed) if (b"\n" in raw or b"\r" in raw) else raw
 
 
+async def _in_scope(scopes: set[anyio.CancelScope], scope: anyio.CancelScope, fn: Callable[..., Awaitable[Any]],
+                    *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in `scope`, kept in `scopes` while it runs (for `halt()` or `cut()` to cancel);
+    NotSent when it is cancelled so."""
+    with scope:
+        scopes.add(scope)
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            scopes.discard(scope)
+    raise NotSent()  # reached only when the scope was cancelled
+
+
 class Requests:
     """The request path of one Engine (see the module docstring). Owns the endpoints, budgets, slots and the
     table of requests in flight; the cache and the stats are the engine's."""
@@ -259,31 +272,18 @@ class Requests:
     async def owned(self, fn: Callable[..., Awaitable[Any]], *args: Any, scope: anyio.CancelScope | None = None,
                     **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` run by an engine task, in a scope that `cut()` cancels (then NotSent)."""
-        scope = scope or anyio.CancelScope()
         self._sending += 1
         try:
-            with scope:
-                self._owned.add(scope)
-                try:
-                    return await fn(*args, **kwargs)
-                finally:
-                    self._owned.discard(scope)
+            return await _in_scope(self._owned, scope or anyio.CancelScope(), fn, *args, **kwargs)
         finally:
             self._sending -= 1
             if not self._sending and self._settled is not None:
                 self._settled.set()
-        raise NotSent()  # reached only when the scope was cancelled
 
     async def _unless_halted(self, wait: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if self._halted:
             raise NotSent()
-        with anyio.CancelScope() as scope:
-            self._waits.add(scope)
-            try:
-                return await wait(*args)
-            finally:
-                self._waits.discard(scope)
-        raise NotSent()  # reached only when halt() cancelled the wait
+        return await _in_scope(self._waits, anyio.CancelScope(), wait, *args)
 
     def _stop(self, code: str, status: int | None, message: str) -> RunStopped:
         if self.stopped is None:

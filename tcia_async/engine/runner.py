@@ -405,12 +405,11 @@ class FileSource(Source):
 
     def __init__(self, requests: Requests, path: str | os.PathLike[str], sink: Any,
                  max_line_bytes: int = MAX_LINE_BYTES, stage: str = "generate") -> None:
-        self._lines = iter_jsonl(path, max_line_bytes, _decode_request)
-        super().__init__(requests, self._lines, sink, str(path), stage)
+        super().__init__(requests, iter_jsonl(path, max_line_bytes, _decode_request), sink, str(path), stage)
 
     def close(self) -> None:
         super().close()
-        self._lines.close()  # closes the file
+        self._it.close()  # type: ignore[union-attr]  # the reading generator: closes the file
 
 
 # ----------------------------------------------------------------------------------------------------------------
